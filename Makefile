@@ -1,0 +1,28 @@
+# Two entry points: `make demo` (the main job) and `make test` (the whole suite).
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test bench clean
+
+$(BIN)/prep: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and alone, pinned, so pip takes the local wheels and no resolver picks another build
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/prep
+
+install: $(BIN)/prep
+
+demo: install
+	$(BIN)/prep demo --out demo-out
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/bench_extract.py
+
+clean:
+	rm -rf demo-out .pytest_cache

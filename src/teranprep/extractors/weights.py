@@ -1,0 +1,44 @@
+"""Loading checkpoint files safely: never unrestricted unpickling."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from ..errors import PrepError
+from ..manifests.atomic import sha256_file
+
+
+def load_torch_file(path, extra_safe_globals=()):
+    """torch.load with weights_only=True; a file that needs arbitrary code is refused by name."""
+    path = Path(path)
+    if not path.is_file():
+        raise PrepError(f"{path}: checkpoint not found; pass an existing file to --weights")
+    try:
+        with torch.serialization.safe_globals(list(extra_safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PrepError(f"{path}: refused to load: the checkpoint needs objects outside plain "
+                        f"tensors and containers ({first}); re-save it as a plain state dict") from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise PrepError(f"{path}: not a readable torch checkpoint ({exc}); check the file "
+                        "(truncated download?)") from exc
+
+
+def load_state_dict_file(path) -> dict:
+    """A state dict from a file holding it bare or under 'model' / 'state_dict'."""
+    obj = load_torch_file(path)
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise PrepError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return obj
+
+
+def state_dict_sha256(path) -> str:
+    return sha256_file(Path(path))

@@ -1,0 +1,175 @@
+"""features/: manifest.json + index.parquet + shards/, and the reader that maps image_key -> Regions."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import PrepError
+from .shards import Regions, ShardReader
+
+FEATURES_FORMAT = "teranprep.features"
+FEATURES_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+INDEX_NAME = "index.parquet"
+SHARDS_DIR = "shards"
+INDEX_COLUMNS = {
+    "image_key": "string", "status": "string", "error": "string", "shard": "string",
+    "row": "int64", "width": "int64", "height": "int64", "num_boxes": "int64",
+    "file_size": "int64", "file_mtime_ns": "int64", "file_sha256": "string",
+}
+
+
+def read_features_manifest(features_dir: Path) -> dict:
+    path = Path(features_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise PrepError(f"{path}: no features manifest; run `prep extract-regions` or "
+                        "`prep import-features` into this directory first (or finish the run)")
+    try:
+        manifest = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PrepError(f"{path}: unreadable features manifest ({exc}); re-run the stage "
+                        "that wrote it") from exc
+    if manifest.get("format") != FEATURES_FORMAT:
+        raise PrepError(f"{path}: not a teranprep features manifest (format "
+                        f"{manifest.get('format')!r})")
+    return manifest
+
+
+def index_frame(rows: list[dict]) -> pd.DataFrame:
+    """The index as a DataFrame with the documented column types, sorted by image key."""
+    frame = pd.DataFrame(rows, columns=list(INDEX_COLUMNS))
+    frame = frame.astype(INDEX_COLUMNS)
+    return frame.sort_values("image_key", kind="stable").reset_index(drop=True)
+
+
+class FeatureStore:
+    """Read-only, random-access view of a features/ directory.
+
+    `store[key]` reads one image's rows from its shard (never the whole shard). Shard handles are
+    opened lazily and reopened after a fork, so a store can be shared with DataLoader workers.
+    """
+
+    def __init__(self, features_dir: Path):
+        self.root = Path(features_dir)
+        self.manifest = read_features_manifest(self.root)
+        index_path = self.root / INDEX_NAME
+        try:
+            self.index = pd.read_parquet(index_path)
+        except (OSError, ValueError) as exc:
+            raise PrepError(f"{index_path}: unreadable index ({exc}); re-run the stage") from exc
+        ok = self.index[self.index["status"] == "ok"]
+        self._where = dict(zip(ok["image_key"], zip(ok["shard"], ok["row"].astype(int))))
+        self.feature_dim = int(self.manifest.get("feature_dim", 0))
+        self._readers: dict[str, ShardReader] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def keys(self) -> list[str]:
+        return sorted(self._where)
+
+    def _reader(self, shard: str) -> ShardReader:
+        if os.getpid() != self._pid:  # HDF5 handles must not cross a fork
+            self._readers = {}
+            self._pid = os.getpid()
+        reader = self._readers.get(shard)
+        if reader is None:
+            reader = self._readers[shard] = ShardReader(self.root / shard)
+        return reader
+
+    def __getitem__(self, key: str) -> Regions:
+        try:
+            shard, row = self._where[key]
+        except KeyError:
+            raise KeyError(f"{key!r} has no ok regions in {self.root}") from None
+        regions = self._reader(shard).read(row)
+        if regions.image_key != key:
+            raise PrepError(f"{self.root / shard}: row {row} holds {regions.image_key!r}, the index "
+                            f"says {key!r}; run `prep verify {self.root}`")
+        return regions
+
+    def __iter__(self):
+        for key in self.keys():
+            yield self[key]
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_readers"] = {}
+        return state
+
+
+def write_index_and_manifest(out: Path, *, stage: str, rows: list[dict], shard_stats: list[dict],
+                             parameters: dict, parameters_fingerprint: str, detector: dict,
+                             feature_dim: int, dtype: str, input_info: dict, timings: dict,
+                             extra: dict | None = None) -> dict:
+    """Writes index.parquet then manifest.json (last, atomically) for a features/ directory.
+
+    `shard_stats` are the per-shard stats dicts (shard, n_images, n_boxes, bytes, sha256) in shard
+    order; `rows` the index rows of every input item. Returns the manifest written.
+    """
+    import hashlib
+    import platform
+    import sys
+    import time
+
+    import torch
+    import torchvision
+
+    from .. import __version__
+    from .atomic import atomic_write_bytes, canonical_json
+
+    out = Path(out)
+    frame = index_frame(rows)
+    index_tmp = out / f".{INDEX_NAME}.build"
+    frame.to_parquet(index_tmp, index=False)
+    index_bytes = index_tmp.read_bytes()
+    index_tmp.unlink()
+    atomic_write_bytes(out / INDEX_NAME, index_bytes)
+    manifest = {
+        "format": FEATURES_FORMAT, "format_version": FEATURES_FORMAT_VERSION, "stage": stage,
+        "teranprep_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "parameters": parameters, "parameters_fingerprint": parameters_fingerprint,
+        "detector": detector, "feature_dim": int(feature_dim), "dtype": dtype,
+        "input": {**input_info, "n_images": len(rows)},
+        "counts": {"ok": int((frame["status"] == "ok").sum()),
+                   "error": int((frame["status"] == "error").sum()),
+                   "skipped": int((frame["status"] == "skipped").sum())},
+        "index": {"path": INDEX_NAME, "sha256": hashlib.sha256(index_bytes).hexdigest()},
+        "shards": [{"path": s["shard"], "n_images": s["n_images"], "n_boxes": s["n_boxes"],
+                    "bytes": s["bytes"], "sha256": s["sha256"]} for s in shard_stats],
+        "timings": timings,
+        "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
+                        "torchvision": torchvision.__version__, "platform": platform.platform()},
+        **(extra or {}),
+    }
+    atomic_write_bytes(out / MANIFEST_NAME, canonical_json(manifest))
+    return manifest
+
+
+def manifest_sha256(features_dir: Path) -> str:
+    """sha256 of features/manifest.json's bytes: what later stages record as lineage."""
+    from .atomic import sha256_file
+    path = Path(features_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise PrepError(f"{path}: no features manifest; run `prep extract-regions` first")
+    return sha256_file(path)

@@ -1,0 +1,92 @@
+"""Running independent tasks: in this process, on a local dask cluster, or on a remote scheduler.
+
+Every backend has the same signature and the same retry rule, so a stage never knows which one
+ran its tasks. Tasks are plain picklable objects; workers build heavy things (models) themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import Callable, Iterable
+
+from ..errors import PrepError
+
+
+def default_threads(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def run_tasks(fn: Callable, tasks: Iterable, *, workers: int = 1, scheduler: str | None = None,
+              retries: int = 2, on_result: Callable | None = None) -> list:
+    """Runs fn(task) for every task; returns results in task order.
+
+    workers == 0 runs in this process (no dask); otherwise a dask LocalCluster of `workers`
+    single-threaded processes, or the cluster at `scheduler` (tcp://host:port) when given.
+    A task that raises is retried `retries` times; a task that still fails raises PrepError.
+    """
+    tasks = list(tasks)
+    if not tasks:
+        return []
+    if scheduler is None and workers == 0:
+        return _run_inline(fn, tasks, retries, on_result)
+    return _run_dask(fn, tasks, workers, scheduler, retries, on_result)
+
+
+def _run_inline(fn, tasks, retries, on_result):
+    results = []
+    for task in tasks:
+        for attempt in range(retries + 1):
+            try:
+                result = fn(task)
+                break
+            except PrepError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - retried, then reported
+                if attempt == retries:
+                    raise PrepError(f"task {task!r} failed after {retries + 1} attempts: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+        results.append(result)
+        if on_result:
+            on_result(result)
+    return results
+
+
+def _run_dask(fn, tasks, workers, scheduler, retries, on_result):
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    cluster = None
+    if scheduler is None:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=logging.ERROR)
+        client = Client(cluster)
+    else:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except OSError as exc:
+            raise PrepError(f"cannot reach the dask scheduler at {scheduler} ({exc}); start one "
+                            "with `dask scheduler` or drop --scheduler") from exc
+    try:
+        run_id = f"teranprep-{uuid.uuid4().hex[:8]}"
+        futures = [client.submit(fn, task, retries=retries, pure=False, key=f"{run_id}-{i}")
+                   for i, task in enumerate(tasks)]
+        position = {f.key: i for i, f in enumerate(futures)}
+        results = [None] * len(tasks)
+        for future in as_completed(futures):
+            i = position[future.key]
+            try:
+                results[i] = future.result()
+            except PrepError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise PrepError(f"task {tasks[i]!r} failed after {retries + 1} attempts: "
+                                f"{type(exc).__name__}: {exc}") from exc
+            if on_result:
+                on_result(results[i])
+        return results
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

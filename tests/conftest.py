@@ -1,0 +1,36 @@
+"""Shared fixtures: small inputs generated at test time (never downloaded, never committed)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def make_features(tmp_path):
+    """make_features(keys, n_boxes=5, dim=8, seed=0, shard_size=2) -> (features_dir, {key: Regions})."""
+    from teranprep.manifests.build import write_features
+    from teranprep.manifests.shards import Regions
+
+    def make(keys, n_boxes=5, dim=8, seed=0, shard_size=2, dtype="float32", name="features"):
+        rng = np.random.default_rng(seed)
+        regions = {}
+        for key in sorted(keys):
+            n = n_boxes if np.isscalar(n_boxes) else n_boxes[key]
+            xy = rng.uniform(0, 50, (n, 2)).astype(np.float32)
+            wh = rng.uniform(5, 50, (n, 2)).astype(np.float32)
+            regions[key] = Regions(key, 100, 120, np.concatenate([xy, xy + wh], 1),
+                                   rng.standard_normal((n, dim)).astype(np.float32),
+                                   class_ids=rng.integers(0, 10, n).astype(np.int32),
+                                   class_scores=rng.uniform(0, 1, n).astype(np.float32))
+        out = tmp_path / name
+        write_features(out, regions.values(), feature_dim=dim, dtype=dtype, shard_size=shard_size,
+                       columns=("class_ids", "class_scores"), stage="test-fixture")
+        return out, regions
+
+    return make
