@@ -34,3 +34,31 @@ def make_features(tmp_path):
         return out, regions
 
     return make
+
+
+def write_images(root, n, seed=0, size=(96, 128), formats=("jpg", "png")):
+    """n small RGB images with shapes on noise, under root (some in a subfolder); returns their keys."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    keys = []
+    for i in range(n):
+        h, w = size
+        arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        img = Image.fromarray(arr)
+        draw = ImageDraw.Draw(img)
+        x, y = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+        draw.rectangle([x, y, x + w // 3, y + h // 3], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        key = f"{'sub/' if i % 3 == 2 else ''}img{i:03d}.{formats[i % len(formats)]}"
+        path = root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+        keys.append(key)
+    return sorted(keys)
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    return root

@@ -42,3 +42,4 @@ def _load_commands():
 
 
 _load_commands()
+

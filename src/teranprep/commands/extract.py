@@ -34,7 +34,7 @@ def _default_model():
 @click.option("--workers", default=1, show_default=True,
               help="Local dask worker processes (0 = run in this process, no dask).")
 @click.option("--scheduler", help="tcp://HOST:PORT of an existing dask.distributed scheduler.")
-@click.option("--threads-per-worker", type=int, help="torch threads per worker (default cores/workers).")
+@click.option("--threads-per-worker", type=int, help="torch threads per task (default 1: byte-identical features for any --workers).")
 @click.option("--retries", default=2, show_default=True, help="Retries of a failed shard task.")
 @click.option("--max-error-rate", default=0.01, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Delete previous outputs in OUT and start afresh.")

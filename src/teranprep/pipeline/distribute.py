@@ -7,15 +7,10 @@ ran its tasks. Tasks are plain picklable objects; workers build heavy things (mo
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from typing import Callable, Iterable
 
 from ..errors import PrepError
-
-
-def default_threads(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 def run_tasks(fn: Callable, tasks: Iterable, *, workers: int = 1, scheduler: str | None = None,
@@ -64,7 +59,7 @@ def _run_dask(fn, tasks, workers, scheduler, retries, on_result):
         client = Client(cluster)
     else:
         try:
-            client = Client(scheduler, timeout="20s")
+            client = Client(scheduler, timeout="10s")
         except OSError as exc:
             raise PrepError(f"cannot reach the dask scheduler at {scheduler} ({exc}); start one "
                             "with `dask scheduler` or drop --scheduler") from exc

@@ -22,7 +22,7 @@ from ..extractors import DEFAULT_MODEL, MODELS, DetectorSpec, build_detector
 from ..manifests import atomic_write_json, fingerprint, sha256_file
 from ..manifests.features import INDEX_NAME, MANIFEST_NAME, SHARDS_DIR, write_index_and_manifest
 from ..manifests.shards import Regions, ShardWriter, remove_stale_temps, shard_name
-from .distribute import default_threads, run_tasks
+from .distribute import run_tasks
 from .images import ImageEntry, discover_images, listing_sha256, read_image
 
 RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: these features are meaningless; use them only to "
@@ -144,6 +144,7 @@ def run_shard(task: ShardTask, progress=None) -> dict:
         "n_images": writer.n_images, "n_boxes": writer.n_boxes,
         "bytes": task.h5_path.stat().st_size, "sha256": sha256_file(task.h5_path),
         "params_fingerprint": task.params_fingerprint, "device": str(getattr(detector, "device", "")),
+        "threads": task.threads,
         "detector": {"name": detector.name, "weights_sha256": detector.weights_sha256,
                      "feature_dim": detector.feature_dim, "columns": list(detector.columns)},
         "timings": timings, "rows": rows,
@@ -275,8 +276,9 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
             raise PrepError(f"{out}: holds features made with other parameters (fingerprint "
                             f"{sorted(stale)[0]}, now {params_fp}); use another OUT or pass "
                             "--overwrite to start afresh")
-    n_workers = 1 if workers == 0 else workers
-    threads = threads_per_worker or default_threads(n_workers)
+    # torch's CPU kernels round differently with different thread counts: a fixed count per task
+    # (1 by default) is what makes features byte-identical whatever the number of workers.
+    threads = threads_per_worker or 1
     tasks = [ShardTask(index=i, root=str(images.resolve()), out=str(out.resolve()),
                        entries=tuple(entries[s:s + shard_size]), spec=spec, dtype=dtype,
                        batch_size=batch_size, params_fingerprint=params_fp, threads=threads,
@@ -373,7 +375,8 @@ def _write_outputs(out, images, tasks, done, params, params_fp, listing, run_s, 
     compute = {k: round(sum(s["timings"].get(k, 0.0) for s in stats), 3)
                for k in ("build_s", "decode_s", "detect_s", "write_s", "total_s")}
     extra = {"warning": RANDOM_WEIGHTS_WARNING} if random_weights else {}
-    extra["devices"] = {"requested": device, "used": sorted({s.get("device", "") for s in stats})}
+    extra["devices"] = {"requested": device, "used": sorted({s.get("device", "") for s in stats}),
+                        "threads_per_task": sorted({s.get("threads", 0) for s in stats})}
     return write_index_and_manifest(
         out, stage="extract-regions", rows=[row for s in stats for row in s["rows"]],
         shard_stats=stats, parameters=params, parameters_fingerprint=params_fp,

@@ -1,0 +1,5 @@
+"""`python -m teranprep` is `prep`."""
+
+from teranprep.cli import main
+
+main()

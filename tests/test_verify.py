@@ -1,0 +1,79 @@
+"""prep verify names each kind of damage with the file it is in, and exits non-zero."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from teranprep.cli import main
+
+
+@pytest.fixture
+def features(make_features):
+    out, _ = make_features(["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"], n_boxes=4, dim=16, shard_size=2)
+    return out
+
+
+def run_verify(path):
+    return CliRunner().invoke(main, ["verify", str(path)])
+
+
+def test_intact_output_passes(features):
+    res = run_verify(features)
+    assert res.exit_code == 0, res.output
+    assert "consistent (3 files checked)" in res.output
+
+
+def test_truncated_shard(features):
+    shard = features / "shards/regions-00001.h5"
+    shard.write_bytes(shard.read_bytes()[:-500])
+    res = run_verify(features)
+    assert res.exit_code == 1
+    assert f"{shard}: size" in res.output and "truncated" in res.output
+
+
+def test_missing_shard(features):
+    shard = features / "shards/regions-00002.h5"
+    shard.unlink()
+    res = run_verify(features)
+    assert res.exit_code == 1
+    assert f"{shard}: listed in the manifest but missing" in res.output
+    assert "'e.jpg' is in no listed shard" in res.output
+
+
+def test_flipped_bytes(features):
+    shard = features / "shards/regions-00000.h5"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF  # inside the feature data: structure intact, content changed
+    shard.write_bytes(bytes(data))
+    res = run_verify(features)
+    assert res.exit_code == 1
+    assert f"{shard}: sha256" in res.output
+
+
+def test_edited_index(features):
+    index_path = features / "index.parquet"
+    index = pd.read_parquet(index_path)
+    index.loc[index["image_key"] == "c.jpg", "row"] = 1  # points at another image's row
+    index.to_parquet(index_path, index=False)
+    res = run_verify(features)
+    assert res.exit_code == 1
+    assert f"{index_path}: sha256 differs" in res.output
+    assert "'c.jpg' points at shards/regions-00001.h5 row 1, it is stored at shards/regions-00001.h5 row 0" in res.output
+
+
+def test_duplicated_image_across_shards(features):
+    manifest = json.loads((features / "manifest.json").read_text())
+    shutil.copy(features / "shards/regions-00000.h5", features / "shards/regions-00003.h5")
+    manifest["shards"].append(dict(manifest["shards"][0], path="shards/regions-00003.h5"))
+    (features / "manifest.json").write_text(json.dumps(manifest))
+    res = run_verify(features)
+    assert res.exit_code == 1
+    assert "'a.jpg' also stored in shards/regions-00000.h5" in res.output
+
+
+def test_no_manifest(tmp_path):
+    res = run_verify(tmp_path)
+    assert res.exit_code == 1 and "manifest.json: missing" in res.output
