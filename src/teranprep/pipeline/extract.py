@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ItemError, PrepError
-from ..extractors import DEFAULT_MODEL, MODELS, DetectorSpec, build_detector
+from ..extractors import DEFAULT_MODEL, MODELS, DetectorSpec, build_detector, resolve_model
 from ..manifests import atomic_write_json, fingerprint, sha256_file
 from ..manifests.features import INDEX_NAME, MANIFEST_NAME, SHARDS_DIR, write_index_and_manifest
 from ..manifests.shards import Regions, ShardWriter, remove_stale_temps, shard_name
-from .distribute import run_tasks
+from .distribute import report_progress, run_tasks
 from .images import ImageEntry, discover_images, listing_sha256, read_image
 
 RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: these features are meaningless; use them only to "
@@ -80,7 +80,7 @@ class ExtractResult:
 
 # ---------------------------------------------------------------- worker side
 
-def run_shard(task: ShardTask, progress=None) -> dict:
+def run_shard(task: ShardTask) -> dict:
     """Extracts one shard and writes it; returns (and writes) its stats. Runs inside a worker."""
     import torch
     torch.set_num_threads(task.threads)
@@ -130,8 +130,8 @@ def run_shard(task: ShardTask, progress=None) -> dict:
             timings["decode_s"] += t1 - t
             timings["detect_s"] += t2 - t1
             timings["write_s"] += t3 - t2
-            if progress:
-                progress(len(batch), sum(r["status"] == "error" for r in rows[-len(batch):]))
+            report_progress({"run": task.out, "shard": task.index, "done": len(rows),
+                             "errors": sum(r["status"] == "error" for r in rows)})
         t = time.perf_counter()
         writer.close()
         timings["write_s"] += time.perf_counter() - t
@@ -239,8 +239,8 @@ def _validate(images, batch_size, shard_size, dtype, workers, retries, max_error
 def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
                     weights: str | None = None, random_weights: int | None = None,
                     batch_size: int = 2, device: str = "auto", shard_size: int = 1000,
-                    dtype: str = "float16", conf_thresh: float = 0.2, min_boxes: int = 10,
-                    max_boxes: int = 100, limit: int | None = None, workers: int = 1,
+                    dtype: str = "float16", conf_thresh: float = 0.2, min_boxes: int | None = None,
+                    max_boxes: int | None = None, limit: int | None = None, workers: int = 1,
                     scheduler: str | None = None, threads_per_worker: int | None = None,
                     retries: int = 2, max_error_rate: float = 0.01, overwrite: bool = False,
                     dry_run: bool = False, quiet: bool = False, given_boxes: dict | None = None,
@@ -252,6 +252,8 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
     """
     t_start = time.perf_counter()
     images, out = Path(images), Path(out)
+    # registry names (butd-vg-r101-k36) -> architecture + cached weights + their box policy
+    model, weights, min_boxes, max_boxes = resolve_model(model, weights, random_weights, min_boxes, max_boxes)
     _validate(images, batch_size, shard_size, dtype, workers, retries, max_error_rate, min_boxes,
               max_boxes, conf_thresh, model, weights, random_weights, limit)
     entries = discover_images(images, limit)
@@ -310,11 +312,9 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
     bar = ExtractProgress(total_images, quiet=quiet)
     t_run = time.perf_counter()
     try:
-        if workers == 0 and scheduler is None:
-            results = [run_shard(t, progress=bar.update_batch) for t in pending]
-        else:
-            results = run_tasks(run_shard, pending, workers=workers, scheduler=scheduler,
-                                 retries=retries, on_result=bar.update_shard)
+        results = run_tasks(run_shard, pending, workers=workers, scheduler=scheduler,
+                            retries=retries, on_result=bar.shard_done,
+                            on_progress=lambda p: p.get("run") == str(out.resolve()) and bar.shard_progress(p))
     finally:
         bar.close()
     run_s = time.perf_counter() - t_run
