@@ -4,6 +4,9 @@ Columns: image_key (str), caption_id (int64, unique across splits), raw (str), w
 spaCy tokens, lower-cased), input_ids (list[int32], WordPiece ids incl. [CLS]/[SEP]).
 manifest.json: format, version, features {path (relative to splits/ when possible),
 manifest_sha256}, tokenizer {name, vocab_sha256}, seed, counts per split, dropped captions.
+missing.csv / dropped.csv: the captions left out (no ok features / empty, duplicate, bad UTF-8).
+Writers put each file under a temporary name and rename it; manifest.json goes last and lists
+every file with its sha256, so a directory whose files do not match it is not a finished build.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ SPLITS_FORMAT = "teranprep.splits"
 SPLITS_FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "val", "test")
 SPLIT_COLUMNS = ("image_key", "caption_id", "raw", "words", "input_ids")
+SPLITS_MANIFEST = "manifest.json"
+MISSING_NAME = "missing.csv"
+MISSING_COLUMNS = ("caption_id", "image_key", "raw")
+DROPPED_NAME = "dropped.csv"
+DROPPED_COLUMNS = ("caption_id", "image_key", "reason", "detail", "raw")
 
 
 def split_path(splits_dir: Path, name: str) -> Path:
@@ -80,3 +88,107 @@ def check_lineage(splits_dir: Path, features_dir: Path | None = None) -> Path:
                         "features changed since build-splits; re-run `prep build-splits` or point "
                         "--features at the features the splits were built from")
     return features
+
+
+# ---- writer side (build-splits) ----
+
+def split_schema():
+    import pyarrow as pa
+    return pa.schema([("image_key", pa.string()), ("caption_id", pa.int64()), ("raw", pa.string()),
+                      ("words", pa.list_(pa.string())), ("input_ids", pa.list_(pa.int32()))])
+
+
+def _commit_file(splits_dir: Path, name: str, write) -> dict:
+    """Runs write(tmp_path), then renames tmp into place; returns {rows?, bytes, sha256} of the file."""
+    from .atomic import commit_temp, sha256_file, temp_path_for
+    final = Path(splits_dir) / name
+    tmp = temp_path_for(final)
+    try:
+        write(tmp)
+        commit_temp(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"bytes": final.stat().st_size, "sha256": sha256_file(final)}
+
+
+def _arrow_column(values, type_):
+    import pyarrow as pa
+    if isinstance(values, pa.Array):  # built columnar already (the tokenizer's output)
+        return values if values.type == type_ else values.cast(type_)
+    return pa.array(values, type_)
+
+
+def write_split(splits_dir: Path, name: str, batches) -> dict:
+    """Writes {name}.parquet atomically from `batches`, each a dict of SPLIT_COLUMNS (lists or
+    pyarrow arrays; one row group per batch, so memory stays bounded by a batch); returns
+    {rows, bytes, sha256}."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    schema = split_schema()
+    rows = 0
+
+    def write(tmp):
+        nonlocal rows
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for batch in batches:
+                table = pa.Table.from_arrays(
+                    [_arrow_column(batch[field.name], field.type) for field in schema], schema=schema)
+                writer.write_table(table)
+                rows += table.num_rows
+
+    stats = _commit_file(splits_dir, split_path(splits_dir, name).name, write)
+    return {"rows": rows, **stats}
+
+
+def write_report_csv(splits_dir: Path, name: str, columns, rows) -> dict:
+    """Writes a CSV report (header `columns`, then `rows`) atomically; returns its stats."""
+    import csv
+    import io
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+    data = buffer.getvalue().encode("utf-8")
+    stats = _commit_file(splits_dir, name, lambda tmp: Path(tmp).write_bytes(data))
+    return {"rows": len(rows), **stats}
+
+
+def write_splits_manifest(splits_dir: Path, manifest: dict) -> None:
+    """manifest.json, written last: its presence is what makes splits/ complete."""
+    from .atomic import atomic_write_json
+    atomic_write_json(Path(splits_dir) / SPLITS_MANIFEST, manifest)
+
+
+def existing_splits_manifest(splits_dir: Path) -> dict | None:
+    """The manifest of a finished build in `splits_dir`, or None (absent, unreadable, foreign)."""
+    try:
+        manifest = json.loads((Path(splits_dir) / SPLITS_MANIFEST).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == SPLITS_FORMAT else None
+
+
+def splits_files_intact(splits_dir: Path, manifest: dict) -> bool:
+    """True when every file the manifest lists is there with the recorded sha256."""
+    from .atomic import sha256_file
+    files = manifest.get("files") or {}
+    if not all(split_path(splits_dir, n).name in files for n in SPLIT_NAMES):
+        return False
+    for name, info in files.items():
+        path = Path(splits_dir) / name
+        if not path.is_file() or path.stat().st_size != info.get("bytes"):
+            return False
+        if sha256_file(path) != info.get("sha256"):
+            return False
+    return True
+
+
+def clear_splits(splits_dir: Path) -> None:
+    """Removes a previous build: the manifest first, so a half-cleared directory is never complete."""
+    from .shards import remove_stale_temps
+    splits_dir = Path(splits_dir)
+    (splits_dir / SPLITS_MANIFEST).unlink(missing_ok=True)
+    for name in (*(split_path(splits_dir, n).name for n in SPLIT_NAMES), MISSING_NAME, DROPPED_NAME):
+        (splits_dir / name).unlink(missing_ok=True)
+    remove_stale_temps(splits_dir)
