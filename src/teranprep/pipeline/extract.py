@@ -9,10 +9,8 @@ marker and carries the shard's index rows. The driver assembles index and manife
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,8 @@ import numpy as np
 from ..errors import ItemError, PrepError
 from ..extractors import DEFAULT_MODEL, MODELS, DetectorSpec, build_detector, resolve_model
 from ..manifests import atomic_write_json, fingerprint, sha256_file
-from ..manifests.features import INDEX_NAME, MANIFEST_NAME, SHARDS_DIR, write_index_and_manifest
+from ..manifests.features import (INDEX_NAME, SHARDS_DIR, completed_shard, current_manifest,
+                                  prepare_output, write_index_and_manifest)
 from ..manifests.shards import Regions, ShardWriter, remove_stale_temps, shard_name
 from .distribute import report_progress, run_tasks
 from .images import ImageEntry, discover_images, listing_sha256, read_image
@@ -183,35 +182,9 @@ def _detect_isolating_failures(detector, decoded, given):
 
 def shard_is_complete(task: ShardTask) -> dict | None:
     """The shard's stats when it was completed for exactly these inputs and parameters."""
-    try:
-        stats = json.loads(task.stats_path.read_text("utf-8"))
-        size = task.h5_path.stat().st_size
-    except (OSError, ValueError):
-        return None
     planned = [(e.key, e.size, e.mtime_ns) for e in task.entries]
-    recorded = [(r["image_key"], r["file_size"], r["file_mtime_ns"]) for r in stats.get("rows", [])]
-    if (stats.get("params_fingerprint") != task.params_fingerprint or planned != recorded
-            or size != stats.get("bytes")):
-        return None
-    return stats
-
-
-def _existing_fingerprints(out: Path) -> set[str]:
-    found = set()
-    manifest = out / MANIFEST_NAME
-    if manifest.is_file():
-        try:
-            found.add(json.loads(manifest.read_text("utf-8"))["parameters_fingerprint"])
-        except (ValueError, KeyError, OSError):
-            pass
-    shard_dir = out / SHARDS_DIR
-    if shard_dir.is_dir():
-        for stats_file in sorted(shard_dir.glob("regions-*.json")):
-            try:
-                found.add(json.loads(stats_file.read_text("utf-8"))["params_fingerprint"])
-            except (ValueError, KeyError, OSError):
-                continue
-    return found
+    return completed_shard(task.h5_path, task.params_fingerprint, lambda stats: planned == [
+        (r["image_key"], r["file_size"], r["file_mtime_ns"]) for r in stats.get("rows", [])])
 
 
 def _validate(images, batch_size, shard_size, dtype, workers, retries, max_error_rate,
@@ -270,14 +243,7 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
               "min_boxes": min_boxes, "max_boxes": max_boxes, "options": dict(spec.options),
               "given_boxes_sha256": _given_boxes_digest(given_boxes)}
     params_fp = fingerprint(params)
-    if overwrite and not dry_run:
-        _clear_outputs(out)
-    else:
-        stale = _existing_fingerprints(out) - {params_fp}
-        if stale:
-            raise PrepError(f"{out}: holds features made with other parameters (fingerprint "
-                            f"{sorted(stale)[0]}, now {params_fp}); use another OUT or pass "
-                            "--overwrite to start afresh")
+    prepare_output(out, params_fp, overwrite and not dry_run)
     # torch's CPU kernels round differently with different thread counts: a fixed count per task
     # (1 by default) is what makes features byte-identical whatever the number of workers.
     threads = threads_per_worker or 1
@@ -300,7 +266,7 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
         echo(f"WARNING: {RANDOM_WEIGHTS_WARNING}")
     listing = listing_sha256(entries)
     if not pending:
-        existing = _read_manifest_if_current(out, params_fp, listing)
+        existing = current_manifest(out, params_fp, listing)
         if existing is not None:
             return _result(out, existing, 0, time.perf_counter() - t_start)
     (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
@@ -347,25 +313,6 @@ def _boxes_for(entries, given_boxes):
         return ()
     return tuple((e.key, np.asarray(given_boxes.get(e.key, np.zeros((0, 4))), np.float32).tolist())
                  for e in entries)
-
-
-def _clear_outputs(out: Path) -> None:
-    for name in (MANIFEST_NAME, INDEX_NAME):
-        (out / name).unlink(missing_ok=True)
-    if (out / SHARDS_DIR).is_dir():
-        shutil.rmtree(out / SHARDS_DIR)
-
-
-def _read_manifest_if_current(out, params_fp, listing):
-    try:
-        manifest = json.loads((out / MANIFEST_NAME).read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
-    if (manifest.get("parameters_fingerprint") == params_fp
-            and manifest.get("input", {}).get("listing_sha256") == listing
-            and (out / INDEX_NAME).is_file()):
-        return manifest
-    return None
 
 
 def _write_outputs(out, images, tasks, done, params, params_fp, listing, run_s, images_run,

@@ -12,6 +12,7 @@ import pandas as pd
 from ..manifests import sha256_file
 from ..manifests.features import FEATURES_FORMAT, INDEX_COLUMNS, INDEX_NAME, MANIFEST_NAME, SHARDS_DIR
 from ..manifests.shards import ShardReader
+from ..manifests.splits import SPLITS_FORMAT
 
 
 @dataclass
@@ -29,11 +30,22 @@ class VerifyReport:
         self.problems.append(f"{path}: {message}")
 
 
+RUN_CONFIG = "config.yaml"
+
+
 def verify(path: Path) -> VerifyReport:
-    """Checks a features/ directory (more kinds of outputs register in VERIFIERS)."""
+    """Checks features/ or splits/ (by their manifest's format, see VERIFIERS), a training run
+    (runs/NAME: config.yaml + checkpoints) or a runs/ folder of them."""
     path = Path(path)
     report = VerifyReport(path)
     manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file() and path.is_dir():
+        runs = [path] if (path / RUN_CONFIG).is_file() else sorted(
+            d for d in path.iterdir() if d.is_dir() and (d / RUN_CONFIG).is_file())
+        if runs:
+            for run in runs:
+                verify_run(run, report)
+            return report
     if not manifest_path.is_file():
         report.problem(manifest_path, "missing: the stage never finished here (re-run it)")
         return report
@@ -141,4 +153,178 @@ def _check_index(root: Path, manifest: dict, stored: dict, report: VerifyReport)
         report.problem(index_path, f"{len(ok)} ok rows, manifest counts {counts.get('ok')}")
 
 
-VERIFIERS = {FEATURES_FORMAT: verify_features}
+def verify_splits(root: Path, manifest: dict, report: VerifyReport) -> None:
+    """splits/: files match the manifest, lineage to features/, schema, disjoint splits, unique ids."""
+    import pyarrow.parquet as pq
+
+    from ..errors import PrepError
+    from ..manifests.features import FeatureStore
+    from ..manifests.splits import SPLIT_NAMES, check_lineage, split_path, split_schema
+
+    for name, info in sorted((manifest.get("files") or {}).items()):
+        path = root / name
+        if not path.is_file():
+            report.problem(path, "listed in the manifest but missing")
+        elif path.stat().st_size != info.get("bytes") or sha256_file(path) != info.get("sha256"):
+            report.problem(path, "size or sha256 differs from the manifest's (edited or damaged; "
+                                 "re-run `prep build-splits`)")
+    features = None
+    try:
+        features = check_lineage(root)
+    except PrepError as exc:
+        report.problems.append(str(exc))
+    expected = split_schema()
+    owner: dict[str, str] = {}
+    clashes, caption_ids, n_ids = [], set(), 0
+    counts = manifest.get("counts") or {}
+    keys_seen = set()
+    for name in SPLIT_NAMES:
+        path = split_path(root, name)
+        if not path.is_file():
+            report.problem(path, "missing: build-splits writes train, val and test")
+            continue
+        try:
+            schema = pq.read_schema(path)
+            table = pq.read_table(path, columns=["image_key", "caption_id"])
+        except Exception as exc:  # noqa: BLE001 - any failure to read is the finding
+            report.problem(path, f"unreadable parquet ({exc})")
+            continue
+        for field in expected:
+            if field.name not in schema.names:
+                report.problem(path, f"missing column {field.name!r}")
+            elif not _same_arrow_type(schema.field(field.name).type, field.type):
+                report.problem(path, f"column {field.name!r} is {schema.field(field.name).type}, "
+                                     f"expected {field.type}")
+        split_keys = set(table.column("image_key").to_pylist())
+        ids = table.column("caption_id").to_pylist()
+        n_ids += len(ids)
+        caption_ids.update(ids)
+        for key in split_keys:
+            if key in owner:
+                clashes.append(f"{key!r} ({owner[key]} and {name})")
+            owner.setdefault(key, name)
+        keys_seen |= split_keys
+        want = counts.get(name)
+        if isinstance(want, int):  # an older manifest counted captions only
+            want = {"captions": want, "images": len(split_keys)}
+        if want and (want.get("captions"), want.get("images")) != (len(ids), len(split_keys)):
+            report.problem(path, f"{len(ids)} captions of {len(split_keys)} images, manifest counts "
+                                 f"{want.get('captions')} of {want.get('images')}")
+        report.checked.append(path.name)
+    if clashes:
+        report.problem(root, f"{len(clashes)} images are in two splits: {', '.join(clashes[:10])}")
+    if len(caption_ids) != n_ids:
+        report.problem(root, f"caption_id is not unique across splits ({n_ids - len(caption_ids)} "
+                             "repeated ids)")
+    if features is not None:
+        try:
+            with FeatureStore(features) as store:
+                absent = sorted(k for k in keys_seen if k not in store)
+        except PrepError as exc:
+            report.problems.append(str(exc))
+            absent = []
+        if absent:
+            report.problem(root, f"{len(absent)} images have no ok features in {features}: "
+                                 f"{', '.join(map(repr, absent[:10]))}")
+
+
+def verify_run(root: Path, report: VerifyReport) -> None:
+    """runs/NAME: every checkpoint loads with weights_only and into the model it describes, its
+    config is config.yaml's, its lineage is lineage.json's and the splits it names are unchanged."""
+    import yaml
+
+    from ..errors import PrepError
+    from .train import BEST, LAST, load_checkpoint
+
+    config_path = root / RUN_CONFIG
+    try:
+        written = yaml.safe_load(config_path.read_text("utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        report.problem(config_path, f"unreadable ({exc})")
+        written = None
+    lineage_path = root / "lineage.json"
+    lineage = None
+    if lineage_path.is_file():
+        try:
+            lineage = json.loads(lineage_path.read_text("utf-8"))
+        except ValueError as exc:
+            report.problem(lineage_path, f"not valid JSON ({exc})")
+    if not (root / LAST).is_file():
+        report.problem(root / LAST, "missing: the run never saved a checkpoint (re-run `prep train`)")
+    for path in (root / LAST, root / BEST):
+        if not path.is_file():
+            continue
+        try:
+            ckpt = load_checkpoint(path)
+        except PrepError as exc:
+            report.problems.append(str(exc))
+            continue
+        if written is not None and _normal_yaml(ckpt.get("config")) != written:
+            report.problem(path, f"its config differs from {config_path.name} (edited after "
+                                 "training?); eval reads the checkpoint's copy")
+        if lineage is not None and ckpt.get("lineage") != lineage:
+            report.problem(path, f"its lineage differs from {lineage_path.name}")
+        message = _state_dict_problem(ckpt)
+        if message:
+            report.problem(path, message)
+        lineage = lineage or ckpt.get("lineage")
+        report.checked.append(str(path.relative_to(report.root)) if path.is_relative_to(report.root)
+                              else str(path))
+    splits_manifest = Path((lineage or {}).get("splits", "")) / "manifest.json"
+    if lineage and splits_manifest.is_file():
+        if sha256_file(splits_manifest) != lineage.get("splits_manifest_sha256"):
+            report.problem(splits_manifest, f"changed since the run {root} was trained on it; "
+                                            "evaluate with the splits it was trained on")
+    elif lineage:
+        report.warnings.append(f"{splits_manifest}: not found; the run's lineage cannot be checked here")
+    metrics = root / "metrics.jsonl"
+    if metrics.is_file():
+        for number, line in enumerate(metrics.read_text("utf-8").splitlines(), 1):
+            try:
+                line.strip() and json.loads(line)
+            except ValueError:
+                report.problem(metrics, f"line {number} is not JSON")
+                break
+
+
+def _normal_yaml(config):
+    """A config as config.yaml would read back: through the same YAML dump and safe_load."""
+    import yaml
+
+    from ..teran.config import dump_config
+    try:
+        return yaml.safe_load(dump_config(config))
+    except Exception:  # noqa: BLE001 - a config that does not even dump differs
+        return None
+
+
+def _state_dict_problem(ckpt: dict) -> str | None:
+    """None when ckpt['model'] loads strictly into the TERAN its config describes (the text
+    encoder is rebuilt from the stored text_config, so no encoder files are needed)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from ..teran.model import TERAN
+    try:
+        text = BertModel(BertConfig.from_dict(ckpt["text_config"]), add_pooling_layer=False)
+        model = TERAN(ckpt["config"], int(ckpt["feature_dim"]), text)
+        model.load_state_dict(ckpt["model"], strict=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to rebuild is the finding
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"the model state does not load into the model its config describes ({first})"
+    bad = [name for name, t in ckpt["model"].items()
+           if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        return f"non-finite values in {len(bad)} tensors, e.g. {bad[0]}"
+    return None
+
+
+def _same_arrow_type(got, want) -> bool:
+    """Type equality that ignores the name of a list's item field (writers call it item or element)."""
+    import pyarrow as pa
+    if pa.types.is_list(got) and pa.types.is_list(want):
+        return got.value_type.equals(want.value_type)
+    return got.equals(want)
+
+
+VERIFIERS = {FEATURES_FORMAT: verify_features, SPLITS_FORMAT: verify_splits}
