@@ -28,8 +28,17 @@ def _default_model():
 @click.option("--shard-size", default=1000, show_default=True, help="Images per HDF5 shard.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--conf-thresh", default=0.2, show_default=True)
-@click.option("--min-boxes", default=10, show_default=True)
-@click.option("--max-boxes", default=100, show_default=True)
+@click.option("--min-boxes", type=int, help="Default 10, or the named weights' policy (36 for -k36).")
+@click.option("--max-boxes", type=int, help="Default 100, or the named weights' policy.")
+@click.option("--given-boxes", type=click.Path(path_type=Path),
+              help="JSON {image_key: [[x1,y1,x2,y2],...]} or parquet (image_key, boxes): features "
+                   "for exactly these pixel boxes, no detection.")
+@click.option("--box-source", type=click.Choice(["proposals", "regressed"]), default="proposals",
+              show_default=True, help="BUTD: save the proposal boxes (Caffe tool, MILVLG) or the "
+                                      "class-regressed boxes (py-bottom-up-attention).")
+@click.option("--backend", type=click.Choice(["native", "detectron2"]), default="native", show_default=True,
+              help="detectron2: run detectron2's own model (needs detectron2 installed, --d2-config, --weights).")
+@click.option("--d2-config", type=click.Path(path_type=Path), help="detectron2 config YAML (--backend detectron2).")
 @click.option("--limit", type=int, help="Only the first N images (in key order).")
 @click.option("--workers", default=1, show_default=True,
               help="Local dask worker processes (0 = run in this process, no dask).")
@@ -40,11 +49,23 @@ def _default_model():
 @click.option("--overwrite", is_flag=True, help="Delete previous outputs in OUT and start afresh.")
 @click.option("--dry-run", is_flag=True, help="Print the shard plan and exit.")
 @click.option("--quiet", is_flag=True)
-def extract_regions_cmd(images, out, weights, random_weights, quiet, **options):
+def extract_regions_cmd(images, out, weights, random_weights, quiet, given_boxes, box_source, backend,
+                        d2_config, **options):
     """Detect regions in every image under IMAGES and write HDF5 shards + index + manifest to OUT."""
     from ..pipeline.extract import extract_regions
+    model_options = {} if box_source == "proposals" else {"box_source": box_source}
+    if backend == "detectron2":
+        from ..errors import PrepError
+        if d2_config is None:
+            raise PrepError("--backend detectron2 needs --d2-config CONFIG.yaml (and --weights)")
+        options["model"] = "detectron2"
+        model_options["d2_config"] = str(Path(d2_config).resolve())
+    if given_boxes is not None:
+        from ..pipeline.regions import read_given_boxes
+        given_boxes = read_given_boxes(given_boxes)
     result = extract_regions(images, out, weights=str(weights) if weights else None,
-                             random_weights=random_weights, quiet=quiet, echo=click.echo, **options)
+                             random_weights=random_weights, quiet=quiet, echo=click.echo,
+                             given_boxes=given_boxes, model_options=model_options or None, **options)
     if not options["dry_run"]:
         click.echo(result.summary())
 
@@ -52,7 +73,8 @@ def extract_regions_cmd(images, out, weights, random_weights, quiet, **options):
 @main.command("verify")
 @click.argument("path", type=click.Path(path_type=Path))
 def verify_cmd(path):
-    """Check an output directory (features/): hashes, counts, offsets, index consistency."""
+    """Check an output directory: features/ (hashes, offsets, index), splits/ (lineage, schema,
+    disjoint splits) or runs/NAME (checkpoints load, config and lineage match)."""
     from ..pipeline.verify import verify
     report = verify(path)
     for line in report.warnings:

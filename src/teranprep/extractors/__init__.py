@@ -12,12 +12,43 @@ def _torchvision(spec):
     return TorchvisionFasterRCNN(spec)
 
 
+def _butd(spec):
+    from .butd.detector import ButdDetector
+    return ButdDetector(spec)
+
+
+def _detectron2(spec):
+    from .detectron2_backend import Detectron2Detector
+    return Detectron2Detector(spec)
+
+
 # model name -> builder(spec) -> Detector. Backends register here; heavy imports stay lazy.
 MODELS = {
     "tv-frcnn-r50-fpn": _torchvision,
     "tv-frcnn-mbv3-320": _torchvision,
+    "butd-r101": _butd,
+    "butd-tiny": _butd,
+    "detectron2": _detectron2,
 }
-DEFAULT_MODEL = "tv-frcnn-r50-fpn"
+DEFAULT_MODEL = "butd-r101"
+DEFAULT_MIN_BOXES, DEFAULT_MAX_BOXES = 10, 100
+
+
+def resolve_model(model: str, weights, random_weights, min_boxes=None, max_boxes=None):
+    """A registry name (butd-vg-r101-k36, ...) -> (architecture, cached weights path, its box
+    policy); an architecture name passes through. None boxes mean the default policy."""
+    from .registry import WEIGHTS, resolve_weights
+    entry = WEIGHTS.get(model)
+    if entry is None:
+        return (model, weights, DEFAULT_MIN_BOXES if min_boxes is None else min_boxes,
+                DEFAULT_MAX_BOXES if max_boxes is None else max_boxes)
+    from ..errors import PrepError
+    if random_weights is not None:
+        raise PrepError(f"--model {model} names published weights; drop --random-weights, or use "
+                        f"--model {entry.architecture} --random-weights SEED")
+    path = weights if weights is not None else str(resolve_weights(model))
+    return (entry.architecture, path, entry.min_boxes if min_boxes is None else min_boxes,
+            entry.max_boxes if max_boxes is None else max_boxes)
 
 _CACHE: dict = {}
 
@@ -35,5 +66,5 @@ def build_detector(spec: DetectorSpec) -> Detector:
     return detector
 
 
-__all__ = ["Detections", "Detector", "DetectorSpec", "MODELS", "DEFAULT_MODEL", "build_detector",
+__all__ = ["Detections", "Detector", "DetectorSpec", "MODELS", "DEFAULT_MODEL", "build_detector", "resolve_model",
            "resolve_device"]

@@ -1,0 +1,222 @@
+"""The BUTD network as separate callable pieces: backbone to res4, RPN, ROI pooling + res5, predictors.
+
+Module and parameter names follow detectron2 / MILVLG (backbone.res4.22.conv2.norm.running_var, ...)
+so a MILVLG checkpoint loads without renaming. Training code (issue 7) uses `rpn_raw` (logits,
+deltas, anchors) and `head_outputs` (class logits, box deltas, attribute logits for given
+proposals) and computes its losses outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_pool
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from .config import ButdConfig
+from .ops import caffe_cell_anchors, caffe_nms, clip_boxes, decode_boxes, descending_order, grid_anchors
+
+
+class ConvNorm(nn.Conv2d):
+    """A bias-free conv with its frozen batch norm as `.norm` (detectron2's key layout)."""
+
+    def __init__(self, cin, cout, kernel, stride=1, padding=0, dilation=1, eps=1e-5):
+        super().__init__(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, bias=False)
+        self.norm = FrozenBatchNorm2d(cout, eps=eps)
+
+    def forward(self, x):
+        return self.norm(super().forward(x))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin, bottleneck, cout, stride, dilation, stride_in_1x1, eps):
+        super().__init__()
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.shortcut = ConvNorm(cin, cout, 1, stride=stride, eps=eps) if cin != cout else None
+        self.conv1 = ConvNorm(cin, bottleneck, 1, stride=s1, eps=eps)
+        self.conv2 = ConvNorm(bottleneck, bottleneck, 3, stride=s3, padding=dilation,
+                              dilation=dilation, eps=eps)
+        self.conv3 = ConvNorm(bottleneck, cout, 1, eps=eps)
+
+    def forward(self, x):
+        out = F.relu_(self.conv1(x))
+        out = F.relu_(self.conv2(out))
+        out = self.conv3(out)
+        out = out + (self.shortcut(x) if self.shortcut is not None else x)
+        return F.relu_(out)
+
+
+def make_stage(cfg: ButdConfig, stage: int, blocks: int, cin: int, first_stride: int, dilation: int = 1):
+    bottleneck = cfg.res2_bottleneck * 2 ** (stage - 2)
+    cout = cfg.stage_out(stage)
+    layers = []
+    for i in range(blocks):
+        layers.append(Bottleneck(cin, bottleneck, cout, first_stride if i == 0 else 1, dilation,
+                                 cfg.stride_in_1x1, cfg.bn_eps))
+        cin = cout
+    return nn.Sequential(*layers)
+
+
+class Stem(nn.Module):
+    def __init__(self, cfg: ButdConfig):
+        super().__init__()
+        self.conv1 = ConvNorm(3, cfg.stem_channels, 7, stride=2, padding=3, eps=cfg.bn_eps)
+
+    def forward(self, x):
+        # Caffe's pooling: no padding, output size rounded up (ceil mode)
+        return F.max_pool2d(F.relu_(self.conv1(x)), kernel_size=3, stride=2, padding=0, ceil_mode=True)
+
+
+class Backbone(nn.Module):
+    """Stem + res2..res4: image (1, 3, H, W) -> res4 (1, C4, ~H/16, ~W/16)."""
+
+    def __init__(self, cfg: ButdConfig):
+        super().__init__()
+        self.stem = Stem(cfg)
+        self.res2 = make_stage(cfg, 2, cfg.stage_blocks[0], cfg.stem_channels, 1)
+        self.res3 = make_stage(cfg, 3, cfg.stage_blocks[1], cfg.stage_out(2), 2)
+        self.res4 = make_stage(cfg, 4, cfg.stage_blocks[2], cfg.stage_out(3), 2)
+
+    def forward(self, x):
+        return self.res4(self.res3(self.res2(self.stem(x))))
+
+
+class _BufferList(nn.Module):
+    def __init__(self, *tensors):
+        super().__init__()
+        for i, t in enumerate(tensors):
+            self.register_buffer(str(i), t)
+
+    def __getitem__(self, i):
+        return getattr(self, str(i))
+
+
+class AnchorGenerator(nn.Module):
+    def __init__(self, cfg: ButdConfig):
+        super().__init__()
+        # Replaced by the checkpoint's anchors when it has them (MILVLG's config sizes are
+        # placeholders); these are Caffe's generate_anchors values, which those hold.
+        self.cell_anchors = _BufferList(caffe_cell_anchors(cfg.anchor_base, cfg.anchor_ratios,
+                                                           cfg.anchor_scales))
+
+
+class RPNHead(nn.Module):
+    """3x3 conv + ReLU, then 2A objectness logits (first A background, last A foreground) and 4A deltas."""
+
+    def __init__(self, cfg: ButdConfig, cin: int):
+        super().__init__()
+        a = cfg.num_anchors
+        self.conv = nn.Conv2d(cin, cfg.rpn_channels, 3, padding=1)
+        self.objectness_logits = nn.Conv2d(cfg.rpn_channels, 2 * a, 1)
+        self.anchor_deltas = nn.Conv2d(cfg.rpn_channels, 4 * a, 1)
+
+    def forward(self, x):
+        t = F.relu(self.conv(x))
+        return self.objectness_logits(t), self.anchor_deltas(t)
+
+
+class ProposalGenerator(nn.Module):
+    def __init__(self, cfg: ButdConfig, cin: int):
+        super().__init__()
+        self.anchor_generator = AnchorGenerator(cfg)
+        self.rpn_head = RPNHead(cfg, cin)
+
+
+class BoxPredictor(nn.Module):
+    def __init__(self, cfg: ButdConfig, dim: int):
+        super().__init__()
+        self.cls_score = nn.Linear(dim, cfg.num_classes)
+        self.bbox_pred = nn.Linear(dim, 4 * cfg.num_classes)
+        self.has_attributes = cfg.num_attrs > 0
+        if self.has_attributes:
+            self.cls_embed = nn.Embedding(cfg.num_classes, cfg.cls_embed_dim)
+            self.attr_linear1 = nn.Linear(dim + cfg.cls_embed_dim, cfg.attr_hidden)
+            self.attr_linear2 = nn.Linear(cfg.attr_hidden, cfg.num_attrs)
+
+    def forward(self, features):
+        logits = self.cls_score(features)
+        deltas = self.bbox_pred(features)
+        attr_logits = None
+        if self.has_attributes:
+            # fed the argmax over ALL classes, background included, as the original does
+            embed = self.cls_embed(torch.argmax(logits, dim=1))
+            attr_logits = self.attr_linear2(F.relu(self.attr_linear1(torch.cat([features, embed], 1))))
+        return logits, deltas, attr_logits
+
+
+class ROIHeads(nn.Module):
+    def __init__(self, cfg: ButdConfig):
+        super().__init__()
+        self.res5 = make_stage(cfg, 5, cfg.res5_blocks, cfg.stage_out(4), cfg.res5_stride, cfg.res5_dilation)
+        self.box_predictor = BoxPredictor(cfg, cfg.feature_dim)
+
+
+@dataclass
+class RPNRaw:
+    """Raw RPN outputs for one image, flattened in (H, W, A) order, with their anchors."""
+
+    objectness_logits: torch.Tensor  # (H*W*A, 2): background, foreground
+    anchor_deltas: torch.Tensor  # (H*W*A, 4)
+    anchors: torch.Tensor  # (H*W*A, 4) in resized-image pixels
+
+
+@dataclass
+class HeadOutputs:
+    features: torch.Tensor  # (R, D) mean-pooled res5 output
+    class_logits: torch.Tensor  # (R, num_classes)
+    box_deltas: torch.Tensor  # (R, 4 * num_classes)
+    attr_logits: torch.Tensor | None  # (R, num_attrs)
+
+
+class ButdModel(nn.Module):
+    def __init__(self, cfg: ButdConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg)
+        self.proposal_generator = ProposalGenerator(cfg, cfg.stage_out(4))
+        self.roi_heads = ROIHeads(cfg)
+
+    # -- pieces -----------------------------------------------------------------------------
+    def rpn_raw(self, res4: torch.Tensor) -> RPNRaw:
+        """RPN logits/deltas of one image's res4 map, and the matching anchors."""
+        logits, deltas = self.proposal_generator.rpn_head(res4)
+        a = self.cfg.num_anchors
+        _, _, h, w = logits.shape
+        # (1, 2A, H, W) -> (1, 2, A, H, W) -> (H, W, A, 2): Caffe's bg/fg halves
+        logits = logits.view(2, a, h, w).permute(2, 3, 1, 0).reshape(-1, 2)
+        deltas = deltas.view(a, 4, h, w).permute(2, 3, 0, 1).reshape(-1, 4)
+        cell = self.proposal_generator.anchor_generator.cell_anchors[0]
+        return RPNRaw(logits, deltas, grid_anchors(cell, h, w, self.cfg.feature_stride))
+
+    def proposals(self, raw: RPNRaw, image_hw: tuple[int, int], scale: float):
+        """MILVLG's order: decode, clip, drop degenerate and small boxes, top pre_nms by
+        foreground probability, Caffe NMS, first post_nms kept. -> (boxes (P, 4), scores (P,))."""
+        cfg = self.cfg
+        scores = torch.softmax(raw.objectness_logits, dim=1)[:, 1]
+        boxes = clip_boxes(decode_boxes(raw.anchor_deltas, raw.anchors, scale_clamp=cfg.scale_clamp),
+                           *image_hw)
+        keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
+        min_side = cfg.rpn_min_size * scale
+        keep &= ((boxes[:, 2] - boxes[:, 0] + 1) > min_side) & ((boxes[:, 3] - boxes[:, 1] + 1) > min_side)
+        boxes, scores = boxes[keep], scores[keep]
+        top = descending_order(scores)[:cfg.pre_nms_topk]
+        boxes, scores = boxes[top], scores[top]
+        kept = caffe_nms(boxes, scores, cfg.rpn_nms, max_keep=cfg.post_nms_topk)
+        return boxes[kept], scores[kept]
+
+    def box_features(self, res4: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """ROIPool 14x14 of `boxes` (resized-image pixels) on res4, res5, mean over 14x14 -> (R, D)."""
+        r = self.cfg.pooler_resolution
+        pooled = roi_pool(res4, [boxes.to(res4.dtype)], output_size=(r, r),
+                          spatial_scale=1.0 / self.cfg.feature_stride)
+        return self.roi_heads.res5(pooled).mean(dim=(2, 3))
+
+    def predict(self, features: torch.Tensor):
+        return self.roi_heads.box_predictor(features)
+
+    def head_outputs(self, res4: torch.Tensor, boxes: torch.Tensor) -> HeadOutputs:
+        features = self.box_features(res4, boxes)
+        return HeadOutputs(features, *self.predict(features))
