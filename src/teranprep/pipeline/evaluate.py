@@ -1,0 +1,147 @@
+"""The eval stage: a run or checkpoint + splits/ -> R@1/5/10 both ways, rsum, medr, meanr, rankings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import PrepError
+from ..manifests.atomic import atomic_write_bytes, canonical_json
+from .train import BEST, CHECKPOINT_FORMAT, LAST
+
+PROTOCOLS = ("all", "1k", "5k")
+TOP_K_SAVED = 10
+
+
+def checkpoint_path(source: Path) -> Path:
+    """A run directory's best checkpoint (else its last), or the file itself."""
+    source = Path(source)
+    if source.is_dir():
+        for name in (BEST, LAST):
+            if (source / name).is_file():
+                return source / name
+        raise PrepError(f"{source}: no {BEST} or {LAST}; train into it with `prep train` first")
+    if not source.is_file():
+        raise PrepError(f"{source}: no such run directory or checkpoint file")
+    return source
+
+
+def load_model(source: Path, device="cpu"):
+    """(model in eval mode, checkpoint metadata) from a teranprep run/checkpoint or an original
+    TERAN checkpoint (model_best_rsum.pth.tar)."""
+    from transformers import BertConfig, BertModel
+    from ..extractors.weights import load_torch_file
+    from ..teran.model import TERAN
+    from ..teran.reference_import import REFERENCE_SAFE_GLOBALS, convert_reference_checkpoint, is_reference_checkpoint
+
+    path = checkpoint_path(source)
+    raw = load_torch_file(path, extra_safe_globals=REFERENCE_SAFE_GLOBALS)
+    if isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT:
+        ckpt = raw
+    elif is_reference_checkpoint(raw):
+        ckpt = convert_reference_checkpoint(raw, path)
+    else:
+        raise PrepError(f"{path}: neither a teranprep checkpoint nor an original TERAN checkpoint "
+                        "(dict with 'model' and 'config'); pass RUN/checkpoint_best.pt")
+    text = BertModel(BertConfig.from_dict(ckpt["text_config"]), add_pooling_layer=False)
+    model = TERAN(ckpt["config"], ckpt["feature_dim"], text)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: str = "all",
+             features: Path | None = None, out: Path | None = None, device: str = "auto",
+             batch_size: int = 64, image_block: int = 100, caption_block: int = 500,
+             fold_size: int = 1000, echo=print) -> dict:
+    """Scores every image of `split` against every caption, block by block, and writes
+    metrics.json + rankings.npz to `out` (default: RUN/eval-SPLIT-PROTOCOL/)."""
+    from ..teran.data import load_split, open_features
+    from ..teran.metrics import i2t_ranks, retrieval_metrics, t2i_ranks
+    from ..teran.scoring import encode_split, model_score_matrix
+
+    if protocol not in PROTOCOLS:
+        raise PrepError(f"--protocol {protocol!r}: choose one of {PROTOCOLS}")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    model, ckpt = load_model(source, dev)
+    store = open_features(splits_dir, features)
+    if store.feature_dim != ckpt["feature_dim"]:
+        raise PrepError(f"{store.root}: {store.feature_dim}-d features, but {checkpoint_path(source)} "
+                        f"was trained on {ckpt['feature_dim']}-d ones")
+    data = load_split(splits_dir, split, store)
+    n_images = len(data.image_keys)
+    if protocol == "5k":
+        if n_images < 5 * fold_size:
+            raise PrepError(f"{splits_dir}/{split}.parquet: {n_images} images, the 5K protocol "
+                            f"needs {5 * fold_size}; use --protocol all")
+        data = load_split(splits_dir, split, store, max_images=5 * fold_size)
+    if protocol == "1k" and n_images % fold_size:
+        raise PrepError(f"{splits_dir}/{split}.parquet: {n_images} images are not whole folds of "
+                        f"{fold_size}; use --protocol all")
+    max_regions = ckpt["config"]["training"]["max_regions"]
+    encoded = encode_split(model, data, store, batch_size=batch_size, device=dev, max_regions=max_regions)
+    from ..teran.metrics import fold_slices
+    from ..teran.scoring import EncodedSplit
+
+    # 1K scores only the diagonal fold blocks (as the reference), "all"/"5k" the whole matrix.
+    groups = (fold_slices(len(data.image_keys), fold_size) if protocol == "1k"
+              else [np.arange(len(data.image_keys))])
+    per_fold, rankings = [], {"i2t_rank": [], "t2i_rank": [], "i2t_top": [], "t2i_top": [],
+                              "caption_index": []}
+    for images in groups:
+        caps = np.flatnonzero(np.isin(data.caption_image, images))
+        sub = EncodedSplit(encoded.regions[images], encoded.region_lengths[images],
+                           encoded.words[caps], encoded.word_lengths[caps])
+        scores = model_score_matrix(model, sub, image_block=image_block,
+                                    caption_block=caption_block, device=dev)
+        owner = data.caption_image[caps] - images[0]
+        per_fold.append(retrieval_metrics(scores, owner))
+        k = min(TOP_K_SAVED, scores.shape[1])
+        rankings["i2t_rank"].append(i2t_ranks(scores, owner))
+        rankings["t2i_rank"].append(t2i_ranks(scores, owner))
+        # Top-k as split-wide indices (images into image_keys, captions into the split's rows).
+        rankings["i2t_top"].append(caps[np.argsort(-scores, axis=1, kind="stable")[:, :k]])
+        rankings["t2i_top"].append(images[np.argsort(-scores.T, axis=1, kind="stable")[:, :min(k, len(images))]])
+        rankings["caption_index"].append(caps)
+        del scores
+    if protocol == "1k":
+        metrics = {d: {key: float(np.mean([f[d][key] for f in per_fold])) for key in per_fold[0][d]}
+                   for d in ("i2t", "t2i")}
+        metrics["rsum"] = float(np.mean([f["rsum"] for f in per_fold]))
+        metrics["folds"] = per_fold
+    else:
+        metrics = per_fold[0]
+    metrics.update(split=split, protocol=protocol, n_images=len(data.image_keys),
+                   n_captions=len(data.caption_image), checkpoint=str(checkpoint_path(source)))
+
+    if out is None:
+        base = Path(source) if Path(source).is_dir() else Path(source).parent
+        out = base / f"eval-{split}-{protocol}"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    caption_index = np.concatenate(rankings["caption_index"])
+    # Ranks are 0-based and within the scored block (the fold for 1k); rows follow image_keys
+    # for images and caption_index (rows of SPLIT.parquet) for captions.
+    np.savez_compressed(
+        out / "rankings.npz", image_keys=np.array(data.image_keys),
+        caption_index=caption_index, caption_ids=data.captions["caption_id"].to_numpy()[caption_index],
+        caption_image=data.caption_image[caption_index],
+        i2t_rank=np.concatenate(rankings["i2t_rank"]), t2i_rank=np.concatenate(rankings["t2i_rank"]),
+        i2t_top=np.concatenate(rankings["i2t_top"]), t2i_top=np.concatenate(rankings["t2i_top"]))
+    atomic_write_bytes(out / "metrics.json", canonical_json(metrics))
+    echo(format_metrics(metrics))
+    store.close()
+    return metrics
+
+
+def format_metrics(m: dict) -> str:
+    lines = [f"{m.get('split', '')} ({m.get('protocol', '')}): {m.get('n_images', '?')} images, "
+             f"{m.get('n_captions', '?')} captions"]
+    for d, name in (("i2t", "image->text"), ("t2i", "text->image")):
+        r = m[d]
+        lines.append(f"  {name}: R@1 {r['r1']:.1f}  R@5 {r['r5']:.1f}  R@10 {r['r10']:.1f}  "
+                     f"medr {r['medr']:.1f}  meanr {r['meanr']:.1f}")
+    lines.append(f"  rsum {m['rsum']:.1f}")
+    return "\n".join(lines)

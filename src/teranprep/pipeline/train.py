@@ -1,0 +1,319 @@
+"""The train stage: splits/ + features/ -> runs/NAME/ (resolved config, checkpoints, metrics, plot).
+
+Single process, or one process per GPU/CPU rank under torchrun (torch.distributed): each rank
+trains on its own slice of every global batch (training.batch_size per rank, hardest negatives
+within that slice), gradients are averaged by DistributedDataParallel, rank 0 validates and
+writes. Resume replays the same batches and RNG streams, so CPU losses match an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import PrepError
+from ..manifests.atomic import atomic_write_bytes, commit_temp, sha256_file, temp_path_for
+from ..teran.config import dump_config, load_config
+
+CHECKPOINT_FORMAT = "teranprep.teran-checkpoint"
+CHECKPOINT_VERSION = 1
+LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    best_rsum: float | None
+    last_validation: dict | None = None
+    losses: list[float] = field(default_factory=list)
+
+    def summary(self) -> str:
+        best = "n/a" if self.best_rsum is None else f"{self.best_rsum:.2f}"
+        return f"{self.run_dir}: {self.step} steps, best validation rsum {best}"
+
+
+def lineage_of(splits_dir: Path, features_dir: Path) -> dict:
+    from ..manifests.features import manifest_sha256
+    return {"splits": str(Path(splits_dir).resolve()),
+            "splits_manifest_sha256": sha256_file(Path(splits_dir) / "manifest.json"),
+            "features": str(Path(features_dir).resolve()),
+            "features_manifest_sha256": manifest_sha256(features_dir)}
+
+
+def lr_factor(step: int, steps_per_epoch: int, t: dict) -> float:
+    """Linear warm-up over training.warmup_iters, then x lr_decay every lr_decay_epochs epochs."""
+    factor = t["lr_decay"] ** ((step // steps_per_epoch) // t["lr_decay_epochs"]) if t["lr_decay_epochs"] else 1.0
+    if t["warmup_iters"] and step < t["warmup_iters"]:
+        factor *= (step + 1) / t["warmup_iters"]
+    return factor
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    tmp = temp_path_for(Path(path))
+    torch.save(payload, tmp)
+    commit_temp(tmp, Path(path))
+
+
+def load_checkpoint(path: Path) -> dict:
+    from ..extractors.weights import load_torch_file
+    path = Path(path)
+    if not path.is_file():
+        raise PrepError(f"{path}: checkpoint not found")
+    ckpt = load_torch_file(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise PrepError(f"{path}: not a teranprep TERAN checkpoint; original TERAN checkpoints "
+                        "(model_best_rsum.pth.tar) go through `prep eval` directly or "
+                        "teranprep.teran.reference_import")
+    return ckpt
+
+
+def _resolve_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops records past the checkpoint a resumed run restarts from (they will be redone)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text("utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode("utf-8"))
+
+
+def plot_validation(metrics_path: Path, out_png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(l) for l in metrics_path.read_text("utf-8").splitlines() if l.strip()]
+    val = [r for r in records if r.get("kind") == "val"]
+    if not val:
+        return
+    steps = [r["step"] for r in val]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(steps, [r["rsum"] for r in val], marker="o")
+    ax1.set_title("validation rsum")
+    for d in ("i2t", "t2i"):
+        for k in ("r1", "r5", "r10"):
+            ax2.plot(steps, [r[d][k] for r in val], label=f"{d} {k.upper()}")
+    ax2.set_title("validation recall (%)")
+    ax2.legend(fontsize=7)
+    for ax in (ax1, ax2):
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    tmp = temp_path_for(Path(out_png))
+    fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    commit_temp(tmp, Path(out_png))
+
+
+def validate(model, split, store, config: dict, device) -> dict:
+    from ..teran.metrics import retrieval_metrics
+    from ..teran.scoring import encode_split, model_score_matrix
+    t = config["training"]
+    encoded = encode_split(model, split, store, batch_size=max(t["batch_size"], 32), device=device,
+                           max_regions=t["max_regions"])
+    scores = model_score_matrix(model, encoded, device=device)
+    return retrieval_metrics(scores, split.caption_image)
+
+
+def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features: Path | None = None,
+          device: str = "auto", stop_after: int | None = None, echo=print) -> TrainResult:
+    """Trains TERAN on splits_dir's train split, validating on its val split, into `out`.
+
+    `config` is a YAML path, a bundled config name or a dict. `stop_after` ends the run after that
+    many steps (saving the last checkpoint), as an interruption would; `resume` continues it.
+    """
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ..teran.alignment import hinge_loss
+    from ..teran.data import EpochBatchSampler, PairDataset, load_split, make_loader, open_features
+    from ..teran.model import build_model
+
+    splits_dir, out = Path(splits_dir), Path(out)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _resolve_device(device, local_rank)
+    distributed = world > 1
+    if distributed and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    is_main = rank == 0
+
+    last_path = out / LAST
+    ckpt = None
+    if resume:
+        if not last_path.is_file():
+            raise PrepError(f"{last_path}: nothing to resume; run `prep train` without --resume first")
+        ckpt = load_checkpoint(last_path)
+        config = ckpt["config"]
+    else:
+        config = load_config(config)
+        if last_path.exists():
+            raise PrepError(f"{out}: already holds a run; pass --resume to continue it or choose "
+                            "another --out")
+    t = config["training"]
+
+    store = open_features(splits_dir, features)  # refuses mismatched lineage
+    lineage = lineage_of(splits_dir, store.root)
+    if ckpt is not None and ckpt["lineage"]["splits_manifest_sha256"] != lineage["splits_manifest_sha256"]:
+        raise PrepError(f"{splits_dir / 'manifest.json'}: differs from the splits {last_path} was "
+                        "trained on; resume with the same splits or start a new run")
+    feature_dim = store.feature_dim
+    if config["image"]["feature_dim"] not in (None, feature_dim):
+        raise PrepError(f"{store.root}: features are {feature_dim}-d but the config says "
+                        f"image.feature_dim={config['image']['feature_dim']}")
+    train_split = load_split(splits_dir, "train", store)
+    val_split = load_split(splits_dir, "val", store, max_images=t["val_max_images"])
+
+    torch.manual_seed(t["seed"])
+    np.random.seed(t["seed"])
+    random.seed(t["seed"])
+    model = build_model(config, feature_dim).to(dev)
+    optimizer = torch.optim.Adam(model.parameters(), lr=t["lr"])
+    sampler = EpochBatchSampler(len(train_split.captions), t["batch_size"], t["seed"], rank, world)
+    steps_per_epoch = sampler.steps_per_epoch()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps_per_epoch, t))
+    use_amp = bool(t["amp"]) and dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    step, best_rsum = 0, None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, best_rsum = int(ckpt["step"]), ckpt["best_rsum"]
+        _set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+
+    metrics_path = out / "metrics.jsonl"
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if ckpt is None:
+            atomic_write_bytes(out / "config.yaml", dump_config(config).encode("utf-8"))
+            metrics_path.write_text("", encoding="utf-8")
+            (out / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
+        else:
+            _truncate_metrics(metrics_path, step)
+
+    train_model = (DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+                   if distributed else model)
+    loader = make_loader(PairDataset(train_split, store, t["max_regions"]), batch_sampler=sampler,
+                         num_workers=t["num_workers"])
+    total_steps = steps_per_epoch * t["epochs"]
+    stop_at = min(total_steps, stop_after) if stop_after is not None else total_steps
+    result = TrainResult(out, step, best_rsum)
+
+    def gather_rng():
+        if not distributed:
+            return [_rng_state()]
+        states = [None] * world
+        dist.all_gather_object(states, _rng_state())
+        return states
+
+    def checkpoint(name_paths, validation):
+        rng = gather_rng()  # collective: every rank takes part
+        if not is_main:
+            return
+        payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": model.state_dict(),
+                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                   "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
+                   "best_rsum": result.best_rsum, "rng": rng, "config": config,
+                   "lineage": lineage, "feature_dim": feature_dim, "validation": validation,
+                   "text_config": model.text_encoder.config.to_dict()}
+        for path in name_paths:
+            save_checkpoint(path, payload)
+
+    def validate_and_save():
+        validation = None
+        if is_main:
+            validation = validate(model, val_split, store, config, dev)
+            record = {"kind": "val", "step": step, "epoch": step // steps_per_epoch, **validation}
+            _append_jsonl(metrics_path, record)
+            echo(f"step {step}: val rsum {validation['rsum']:.2f} "
+                 f"(i2t R@1 {validation['i2t']['r1']:.1f}, t2i R@1 {validation['t2i']['r1']:.1f})")
+            result.last_validation = validation
+        if distributed:
+            holder = [validation]
+            dist.broadcast_object_list(holder, src=0)
+            validation = holder[0]
+        improved = result.best_rsum is None or validation["rsum"] > result.best_rsum
+        if improved:
+            result.best_rsum = validation["rsum"]
+        checkpoint([out / LAST] + ([out / BEST] if improved else []), validation)
+        if is_main:
+            plot_validation(metrics_path, out / "validation.png")
+        train_model.train()
+
+    train_model.train()
+    while step < stop_at:
+        epoch, start_batch = divmod(step, steps_per_epoch)
+        sampler.set_position(epoch, start_batch)
+        for batch in loader:
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
+                scores = train_model(batch)
+            loss = hinge_loss(scores.float(), t["margin"])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if t["grad_clip"]:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+            lr_used = optimizer.param_groups[0]["lr"]
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            loss_value = float(loss.detach())
+            result.losses.append(loss_value)
+            if is_main and (step % t["log_every"] == 0 or step == 1):
+                _append_jsonl(metrics_path, {"kind": "train", "step": step, "epoch": epoch,
+                                             "loss": loss_value, "lr": lr_used})
+            if step % t["val_every"] == 0 or step == total_steps:
+                validate_and_save()
+            elif step == stop_at:
+                checkpoint([out / LAST], None)
+            if step >= stop_at:
+                break
+    result.step = step
+    store.close()
+    if distributed:
+        dist.barrier()
+    return result

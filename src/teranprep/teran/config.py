@@ -1,0 +1,129 @@
+"""TERAN configs: defaults, YAML loading (safe_load only), name resolution and validation."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from ..errors import PrepError
+
+PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ALIGNMENT_MODES = ("MrSw", "MwSr", "symm")
+TOKEN_DROP_RULES = ("reference", "special", "none")
+
+# Every key a config may set. A YAML file overrides these; unknown keys are refused so a typo
+# cannot silently fall back to a default.
+DEFAULTS: dict = {
+    "model": {
+        "embed_dim": 1024,          # joint space
+        "joint_layers": 2,          # transformer layers after each projection
+        "joint_heads": 4,
+        "joint_ffn": 2048,
+        "dropout": 0.1,
+        "shared_transformer": False,
+    },
+    "image": {
+        "feature_dim": None,        # None: taken from the features manifest
+        "hidden_dim": None,         # None: = feature_dim (the reference's choice)
+        "layers": 4,
+        "heads": 4,
+        "ffn": 2048,
+        "dropout": 0.1,
+    },
+    "text": {
+        "encoder": "bert-base-uncased",  # a local dir, a hub name, or "minilm" (offline package)
+        "layers": 6,                # keep the first L layers of the encoder
+        "random_init": False,       # tests: build from the dir's config.json without its weights
+    },
+    "alignment": {
+        "mode": "MrSw",
+        # reference: drop [CLS], the last word piece and [SEP] (s_seq[:, 1:-2] in its loss)
+        "drop_tokens": "reference",
+        # The reference evaluation pads captions to 88 tokens, so a region's best-word score is
+        # floored at 0 (MwSr/symm); true reproduces that, independent of batching.
+        "word_max_floor_zero": True,
+    },
+    "training": {
+        "batch_size": 40,
+        "epochs": 30,
+        "lr": 1.0e-5,
+        "lr_decay": 0.1,
+        "lr_decay_epochs": 20,      # step schedule: x lr_decay every lr_decay_epochs epochs
+        "warmup_iters": 0,          # linear warm-up from 0
+        "grad_clip": 2.0,
+        "margin": 0.2,
+        "val_every": 500,           # steps; validation also runs at the end of training
+        "log_every": 10,            # steps between training-loss records in metrics.jsonl
+        "val_max_images": 1000,
+        "amp": True,                # only ever used on CUDA
+        "num_workers": 0,
+        "seed": 0,
+        "max_regions": None,        # None: all regions of an image (slot 0 is added on top)
+    },
+}
+
+
+def _merge(base: dict, override: dict, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if key not in base:
+            raise PrepError(f"{where}: unknown config key {key!r}; known: {sorted(base)}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise PrepError(f"{where}: {key!r} must be a mapping")
+            out[key] = _merge(base[key], value, f"{where}:{key}")
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path to a YAML file, or a bundled config's name (`teran_small`, `teran_coco.yaml`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    bundled = PACKAGE_CONFIGS / f"{stem}.yaml"
+    if path.parent == Path(".") and bundled.is_file():
+        return bundled
+    known = sorted(p.stem for p in PACKAGE_CONFIGS.glob("*.yaml"))
+    raise PrepError(f"{name_or_path}: no such config file; pass a YAML path or one of {known}")
+
+
+def load_config(name_or_path: str | Path | dict) -> dict:
+    """The resolved config: DEFAULTS overridden by the YAML file (or dict), validated."""
+    if isinstance(name_or_path, dict):
+        raw, where = name_or_path, "config"
+    else:
+        path = resolve_config_path(name_or_path)
+        where = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text("utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise PrepError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise PrepError(f"{path}: a config must be a mapping of sections")
+    config = _merge(DEFAULTS, raw, where)
+    validate_config(config, where)
+    return config
+
+
+def validate_config(config: dict, where: str = "config") -> None:
+    mode = config["alignment"]["mode"]
+    if mode not in ALIGNMENT_MODES:
+        raise PrepError(f"{where}: alignment.mode {mode!r} is not one of {ALIGNMENT_MODES}")
+    rule = config["alignment"]["drop_tokens"]
+    if rule not in TOKEN_DROP_RULES:
+        raise PrepError(f"{where}: alignment.drop_tokens {rule!r} is not one of {TOKEN_DROP_RULES}")
+    m = config["model"]
+    if m["embed_dim"] % m["joint_heads"]:
+        raise PrepError(f"{where}: model.embed_dim must be divisible by model.joint_heads")
+    t = config["training"]
+    if t["batch_size"] < 2:
+        raise PrepError(f"{where}: training.batch_size must be >= 2 (the loss needs negatives)")
+
+
+def dump_config(config: dict) -> str:
+    return yaml.safe_dump(config, sort_keys=False)

@@ -1,0 +1,113 @@
+"""The TERAN model: region and word encoders into one joint space of L2-normalised vectors.
+
+Image side (per image, R = 1 + regions, slot 0 a zero feature with a zero box, never masked):
+    [feature (D) | x1/w, y1/h, x2/w, y2/h, area (5)] -> Linear(D+5, H), ReLU, Linear(H, H)
+    -> image.layers transformer layers at H (key-padding mask on padded slots)
+    -> Linear(H, E) -> model.joint_layers transformer layers at E -> L2 norm
+Text side: BERT-family encoder (first text.layers layers) -> Linear(word_dim, E)
+    -> model.joint_layers transformer layers at E (shared with the image ones when
+    model.shared_transformer) -> L2 norm.
+Tensors are batch-first: (B, S, dim). Transformer layers are post-norm, ReLU, as the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .alignment import alignment_scores, region_keep_mask, word_keep_mask
+
+
+def _transformer(dim: int, heads: int, ffn: int, dropout: float, layers: int) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(d_model=dim, nhead=heads, dim_feedforward=ffn,
+                                       dropout=dropout, activation="relu", batch_first=True)
+    # No nested tensors: padded outputs stay computed (and masked later), train and eval agree.
+    return nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+
+
+def box_vector(boxes: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """(B, R, 4) pixel boxes and (B, 2) width,height -> (B, R, 5) [x1, y1, x2, y2, area], all /w,h."""
+    scale = torch.stack([sizes[:, 0], sizes[:, 1], sizes[:, 0], sizes[:, 1]], dim=1).to(boxes.dtype)
+    norm = boxes / scale[:, None, :]
+    area = (norm[..., 2] - norm[..., 0]) * (norm[..., 3] - norm[..., 1])
+    return torch.cat([norm, area[..., None]], dim=-1)
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, feature_dim: int, hidden_dim: int, layers: int, heads: int, ffn: int,
+                 dropout: float):
+        super().__init__()
+        self.box_mlp = nn.Sequential(nn.Linear(feature_dim + 5, hidden_dim), nn.ReLU(),
+                                     nn.Linear(hidden_dim, hidden_dim))
+        self.transformer = _transformer(hidden_dim, heads, ffn, dropout, layers)
+
+    def forward(self, features, boxes5, padding_mask):
+        x = self.box_mlp(torch.cat([features, boxes5], dim=-1))
+        return self.transformer(x, src_key_padding_mask=padding_mask)
+
+
+class TERAN(nn.Module):
+    """encode_images / encode_captions give the token sets; `scores` the alignment matrix."""
+
+    def __init__(self, config: dict, feature_dim: int, text_encoder: nn.Module):
+        super().__init__()
+        m, im, al = config["model"], config["image"], config["alignment"]
+        hidden = im["hidden_dim"] or feature_dim
+        embed = m["embed_dim"]
+        self.config = config
+        self.image_encoder = ImageEncoder(feature_dim, hidden, im["layers"], im["heads"], im["ffn"],
+                                          im["dropout"])
+        self.text_encoder = text_encoder
+        word_dim = text_encoder.config.hidden_size
+        self.image_proj = nn.Linear(hidden, embed)
+        self.text_proj = nn.Linear(word_dim, embed)
+        self.text_transformer = _transformer(embed, m["joint_heads"], m["joint_ffn"], m["dropout"],
+                                             m["joint_layers"])
+        self.image_transformer = None if m["shared_transformer"] else _transformer(
+            embed, m["joint_heads"], m["joint_ffn"], m["dropout"], m["joint_layers"])
+        self.mode = al["mode"]
+        self.drop_tokens = al["drop_tokens"]
+        self.word_max_floor_zero = al["word_max_floor_zero"]
+
+    def encode_images(self, features, boxes, sizes, lengths):
+        """features (B,R,D) with slot 0 zero, boxes (B,R,4) pixels, sizes (B,2), lengths (B,)
+        -> (B, R, E) unit vectors."""
+        r = features.shape[1]
+        padding = torch.arange(r, device=features.device)[None, :] >= lengths[:, None]
+        x = self.image_encoder(features, box_vector(boxes, sizes), padding)
+        x = self.image_proj(x)
+        joint = self.text_transformer if self.image_transformer is None else self.image_transformer
+        x = joint(x, src_key_padding_mask=padding)
+        return F.normalize(x, p=2, dim=-1)
+
+    def encode_captions(self, input_ids, lengths):
+        """input_ids (B,W) padded with 0, lengths (B,) incl. [CLS]/[SEP] -> (B, W, E) unit vectors."""
+        w = input_ids.shape[1]
+        valid = torch.arange(w, device=input_ids.device)[None, :] < lengths[:, None]
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=valid.long()).last_hidden_state
+        x = self.text_proj(hidden)
+        x = self.text_transformer(x, src_key_padding_mask=~valid)
+        return F.normalize(x, p=2, dim=-1)
+
+    def masks(self, region_lengths, n_regions, word_lengths, n_words):
+        return (region_keep_mask(region_lengths, n_regions),
+                word_keep_mask(word_lengths, n_words, self.drop_tokens))
+
+    def scores(self, regions, region_lengths, words, word_lengths):
+        rmask, wmask = self.masks(region_lengths, regions.shape[1], word_lengths, words.shape[1])
+        return alignment_scores(regions, rmask, words, wmask, self.mode, self.word_max_floor_zero)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """The (B, B) score matrix of a training batch (image i and caption i are a pair)."""
+        regions = self.encode_images(batch["features"], batch["boxes"], batch["sizes"],
+                                     batch["region_lengths"])
+        words = self.encode_captions(batch["input_ids"], batch["word_lengths"])
+        return self.scores(regions, batch["region_lengths"], words, batch["word_lengths"])
+
+
+def build_model(config: dict, feature_dim: int) -> TERAN:
+    from .text_encoder import load_text_encoder
+    t = config["text"]
+    text = load_text_encoder(t["encoder"], t["layers"], random_init=t["random_init"])
+    return TERAN(config, feature_dim, text)

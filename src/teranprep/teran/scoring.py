@@ -1,0 +1,94 @@
+"""Encoding a split once and scoring every image against every caption in bounded blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .alignment import alignment_scores, region_keep_mask, word_keep_mask
+from .data import CaptionDataset, ImageDataset, SplitData, make_loader
+
+
+@dataclass
+class EncodedSplit:
+    regions: torch.Tensor         # (Ni, R, E) padded unit vectors (slot 0 included)
+    region_lengths: torch.Tensor  # (Ni,)
+    words: torch.Tensor           # (Nc, W, E)
+    word_lengths: torch.Tensor    # (Nc,)
+
+
+def _pad_cat(chunks: list[torch.Tensor], lengths: list[torch.Tensor], dtype) -> torch.Tensor:
+    width = max(int(l.max()) for l in lengths)
+    n = sum(c.shape[0] for c in chunks)
+    out = torch.zeros(n, width, chunks[0].shape[2], dtype=dtype)
+    row = 0
+    for c in chunks:
+        out[row:row + c.shape[0], :c.shape[1]] = c[:, :width].to(dtype)
+        row += c.shape[0]
+    return out
+
+
+@torch.no_grad()
+def encode_split(model, split: SplitData, store, *, batch_size: int = 64, device="cpu",
+                 max_regions: int | None = None, num_workers: int = 0,
+                 dtype=torch.float32) -> EncodedSplit:
+    """Region sets of the split's images (image_keys order) and word sets of its captions (row order)."""
+    model.eval()
+    regs, rlens = [], []
+    for batch in make_loader(ImageDataset(split.image_keys, store, max_regions), batch_size=batch_size,
+                             num_workers=num_workers):
+        out = model.encode_images(batch["features"].to(device), batch["boxes"].to(device),
+                                  batch["sizes"].to(device), batch["region_lengths"].to(device))
+        regs.append(out.float().cpu())
+        rlens.append(batch["region_lengths"])
+    words, wlens = [], []
+    for batch in make_loader(CaptionDataset(split.captions["input_ids"]), batch_size=batch_size,
+                             num_workers=num_workers):
+        out = model.encode_captions(batch["input_ids"].to(device), batch["word_lengths"].to(device))
+        words.append(out.float().cpu())
+        wlens.append(batch["word_lengths"])
+    return EncodedSplit(_pad_cat(regs, rlens, dtype), torch.cat(rlens),
+                        _pad_cat(words, wlens, dtype), torch.cat(wlens))
+
+
+@torch.no_grad()
+def score_matrix(regions: torch.Tensor, region_lengths: torch.Tensor, words: torch.Tensor,
+                 word_lengths: torch.Tensor, *, mode: str = "MrSw", drop_tokens: str = "reference",
+                 word_max_floor_zero: bool = True, image_block: int = 100, caption_block: int = 500,
+                 device="cpu") -> np.ndarray:
+    """(Ni, Nc) float32 scores, computed block by block.
+
+    Each block holds image_block*R x caption_block*W similarities (e.g. 100x37 x 500x14 floats,
+    ~100 MB): peak memory is the inputs, the output and one block, whatever the split's size.
+    """
+    ni, nc = regions.shape[0], words.shape[0]
+    out = np.empty((ni, nc), dtype=np.float32)
+    rmask_all = region_keep_mask(region_lengths, regions.shape[1])
+    wmask_all = word_keep_mask(word_lengths, words.shape[1], drop_tokens)
+    for c0 in range(0, nc, caption_block):
+        c1 = min(nc, c0 + caption_block)
+        # Trim each block to its longest kept token: fewer columns in the GEMM.
+        wmask = wmask_all[c0:c1]
+        kept_cols = wmask.any(0).nonzero()
+        w0, w1 = (int(kept_cols.min()), int(kept_cols.max()) + 1) if len(kept_cols) else (0, 1)
+        blk_words = words[c0:c1, w0:w1].to(device)
+        wmask = wmask[:, w0:w1].to(device)
+        for i0 in range(0, ni, image_block):
+            i1 = min(ni, i0 + image_block)
+            # Slot 0 is never scored: leaving it out of the GEMM also spares a masking pass when
+            # every image of the block has the same number of regions.
+            rmax = max(int(region_lengths[i0:i1].max()), 2)
+            rmask = rmask_all[i0:i1, 1:rmax].to(device)
+            scores = alignment_scores(regions[i0:i1, 1:rmax].to(device), rmask,
+                                      blk_words, wmask, mode, word_max_floor_zero)
+            out[i0:i1, c0:c1] = scores.float().cpu().numpy()
+    return out
+
+
+def model_score_matrix(model, encoded: EncodedSplit, **kwargs) -> np.ndarray:
+    al = model.config["alignment"]
+    return score_matrix(encoded.regions, encoded.region_lengths, encoded.words, encoded.word_lengths,
+                        mode=al["mode"], drop_tokens=al["drop_tokens"],
+                        word_max_floor_zero=al["word_max_floor_zero"], **kwargs)

@@ -1,0 +1,89 @@
+"""Alignment scores, token dropping and the hinge loss against direct loop implementations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from teranprep.teran.alignment import (alignment_scores, hinge_loss, region_keep_mask,
+                                       word_keep_mask)
+from teranprep.teran.scoring import score_matrix
+
+
+def _unit(*shape, seed):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def _loop_scores(regions, rlens, words, wlens, mode, drop, floor_zero):
+    """Direct per-pair loops over the kept regions (1..len-1) and kept words."""
+    ni, nc = regions.shape[0], words.shape[0]
+    out = np.zeros((ni, nc))
+    for i in range(ni):
+        reg = [regions[i, r].numpy() for r in range(1, int(rlens[i]))]
+        for c in range(nc):
+            n = int(wlens[c])
+            idx = {"reference": range(1, n - 2), "special": range(1, n - 1), "none": range(n)}[drop]
+            wds = [words[c, w].numpy() for w in idx]
+            mrsw = sum(max(float(r @ w) for r in reg) for w in wds) if reg else 0.0
+            if floor_zero:
+                mwsr = sum(max([0.0] + [float(r @ w) for w in wds]) for r in reg)
+            else:
+                mwsr = sum(max(float(r @ w) for w in wds) for r in reg) if wds else 0.0
+            out[i, c] = {"MrSw": mrsw, "MwSr": mwsr, "symm": mrsw + mwsr}[mode]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["MrSw", "MwSr", "symm"])
+@pytest.mark.parametrize("floor_zero", [True, False])
+@pytest.mark.parametrize("drop", ["reference", "special", "none"])
+def test_alignment_scores_match_direct_loop_with_padding(mode, floor_zero, drop):
+    regions, words = _unit(5, 7, 6, seed=1), _unit(4, 9, 6, seed=2)
+    rlens = torch.tensor([7, 3, 5, 2, 6])   # padded images (slot 0 counted)
+    wlens = torch.tensor([9, 5, 6, 7])      # padded captions ([CLS]/[SEP] counted)
+    # Padded positions hold garbage: they must not leak into any score.
+    for i, n in enumerate(rlens):
+        regions[i, n:] = 5.0
+    for c, n in enumerate(wlens):
+        words[c, n:] = -5.0
+    got = alignment_scores(regions, region_keep_mask(rlens, 7), words, word_keep_mask(wlens, 9, drop),
+                           mode, floor_zero)
+    want = _loop_scores(regions, rlens, words, wlens, mode, drop, floor_zero)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_token_rule_drops_cls_last_piece_and_sep():
+    mask = word_keep_mask(torch.tensor([6, 4]), 6, "reference")
+    assert mask.tolist() == [[False, True, True, True, False, False],
+                             [False, True, False, False, False, False]]
+
+
+@pytest.mark.parametrize("mode", ["MrSw", "MwSr", "symm"])
+def test_blocked_score_matrix_equals_one_block(mode):
+    regions, words = _unit(23, 6, 8, seed=3).float(), _unit(31, 8, 8, seed=4).float()
+    rlens = torch.randint(2, 7, (23,), generator=torch.Generator().manual_seed(5))
+    wlens = torch.randint(4, 9, (31,), generator=torch.Generator().manual_seed(6))
+    whole = alignment_scores(regions, region_keep_mask(rlens, 6), words,
+                             word_keep_mask(wlens, 8, "reference"), mode, True).numpy()
+    blocked = score_matrix(regions, rlens, words, wlens, mode=mode, image_block=4, caption_block=7)
+    np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_hinge_loss_matches_hand_computation():
+    s = torch.tensor([[0.9, 0.8, 0.1],
+                      [0.3, 0.5, 0.6],
+                      [0.2, 0.0, 0.7]])
+    # Rows (image -> hardest caption): max(0.2+0.8-0.9, 0.2+0.1-0.9)=0.1; 0.2+0.6-0.5=0.3;
+    # 0.2+0.2-0.7<0 -> 0. Columns (caption -> hardest image): 0.2+0.3-0.9<0 -> 0;
+    # 0.2+0.8-0.5=0.5; 0.2+0.6-0.7=0.1.
+    assert hinge_loss(s, 0.2).item() == pytest.approx(0.1 + 0.3 + 0.0 + 0.0 + 0.5 + 0.1)
+
+
+def test_hinge_loss_gradient_reaches_only_hardest_negatives():
+    s = torch.tensor([[0.9, 0.8, 0.1], [0.3, 0.5, 0.6], [0.2, 0.0, 0.7]], requires_grad=True)
+    hinge_loss(s, 0.2).backward()
+    want = torch.tensor([[-1.0, 2.0, 0.0],     # s01 hardest for row 0 and column 1
+                         [0.0, -2.0, 2.0],     # s12 hardest for row 1 and column 2
+                         [0.0, 0.0, -1.0]])
+    assert torch.equal(s.grad, want)

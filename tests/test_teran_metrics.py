@@ -1,0 +1,66 @@
+"""Recall, medr/meanr and the 1K fold protocol against hand-made rankings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from teranprep.teran.metrics import fold_metrics, i2t_ranks, retrieval_metrics, t2i_ranks
+
+
+def test_ranks_from_hand_made_scores():
+    # 3 images, 2 captions each (caption c belongs to image c // 2).
+    caption_image = np.array([0, 0, 1, 1, 2, 2])
+    s = np.array([[0.9, 0.1, 0.8, 0.0, 0.0, 0.0],   # best own 0.9, nothing above -> rank 0
+                  [0.5, 0.6, 0.2, 0.3, 0.7, 0.4],   # best own 0.3; 0.5,0.6,0.7,0.4 above -> rank 4
+                  [0.4, 0.0, 0.0, 0.0, 0.1, 0.4]])  # best own 0.4; caption 0 ties it -> rank 1
+    assert i2t_ranks(s, caption_image).tolist() == [0, 4, 1]
+    # Column c: own image's score vs the other images' (ties count against: column 5's 0.4).
+    assert t2i_ranks(s, caption_image).tolist() == [0, 1, 1, 0, 1, 1]
+
+
+def test_summary_uses_reference_medr_and_meanr():
+    caption_image = np.arange(4)
+    # i2t ranks 0, 2, 5, 11 via a diagonal design: image i's own caption sits below k others.
+    s = np.zeros((4, 4))
+    for i, k in enumerate([0, 1, 2, 3]):
+        s[i, i] = 1.0
+        s[i, [j for j in range(4) if j != i][:k]] = 2.0
+    m = retrieval_metrics(s, caption_image)
+    # ranks 0,1,2,3: R@1 = 25, R@5 = R@10 = 100, medr = floor(1.5) + 1 = 2, meanr = 1.5 + 1.
+    assert m["i2t"] == {"r1": 25.0, "r5": 100.0, "r10": 100.0, "medr": 2.0, "meanr": 2.5}
+    assert m["rsum"] == pytest.approx(sum(m["i2t"][f"r{k}"] + m["t2i"][f"r{k}"] for k in (1, 5, 10)))
+
+
+def test_constant_scores_get_no_recall():
+    caption_image = np.repeat(np.arange(10), 5)
+    m = retrieval_metrics(np.zeros((10, 50)), caption_image)
+    assert m["i2t"]["r1"] == 0.0 and m["t2i"]["r1"] == 0.0
+    assert m["i2t"]["meanr"] == 45 + 1 and m["t2i"]["meanr"] == 9 + 1
+
+
+def test_fold_protocol_averages_independent_folds():
+    rng = np.random.default_rng(0)
+    n_img, per = 20, 5
+    caption_image = np.repeat(np.arange(n_img), per)
+    scores = rng.standard_normal((n_img, n_img * per))
+    got = fold_metrics(scores, caption_image, fold_size=5)
+    folds = []
+    for f in range(4):
+        imgs = np.arange(5 * f, 5 * f + 5)
+        caps = np.arange(25 * f, 25 * f + 25)
+        folds.append(retrieval_metrics(scores[np.ix_(imgs, caps)], caption_image[caps] - 5 * f))
+    for d in ("i2t", "t2i"):
+        for k in ("r1", "r5", "r10", "medr", "meanr"):
+            assert got[d][k] == pytest.approx(np.mean([f[d][k] for f in folds]))
+    assert got["rsum"] == pytest.approx(np.mean([f["rsum"] for f in folds]))
+    # Scores outside a fold must not matter: a huge cross-fold score changes nothing.
+    scores2 = scores.copy()
+    scores2[0, 25:] = 100.0
+    assert fold_metrics(scores2, caption_image, fold_size=5)["rsum"] == pytest.approx(got["rsum"])
+    assert retrieval_metrics(scores2, caption_image)["rsum"] != retrieval_metrics(scores, caption_image)["rsum"]
+
+
+def test_fold_protocol_refuses_partial_folds():
+    with pytest.raises(ValueError):
+        fold_metrics(np.zeros((7, 7)), np.arange(7), fold_size=5)
