@@ -143,3 +143,28 @@ def test_loader_workers_read_the_same_batches_as_the_main_process(tmp_path, data
     assert int(first["region_lengths"][0]) == n + 1
     assert torch.equal(first["features"][0, 0], torch.zeros(8))
     assert torch.equal(first["features"][0, 1:n + 1], torch.from_numpy(regions.features))
+
+
+def test_features_without_image_sizes_are_refused(tmp_path):
+    """Imported features may lack image sizes (-1); box vectors would be garbage, so training refuses."""
+    import numpy as np
+    import pandas as pd
+    from teranprep.errors import PrepError
+    from teranprep.manifests import FeatureStore
+    from teranprep.manifests.build import write_features
+    from teranprep.manifests.shards import Regions
+    from teranprep.teran.data import load_split
+    regions = [Regions(k, w, 50, np.zeros((2, 4), np.float32), np.ones((2, 3), np.float32))
+               for k, w in (("a.jpg", 40), ("b.jpg", -1))]
+    write_features(tmp_path / "f", regions, feature_dim=3, columns=())
+    split = tmp_path / "s"
+    split.mkdir()
+    pd.DataFrame({"image_key": ["a.jpg", "b.jpg"], "caption_id": [0, 1], "raw": ["x", "y"],
+                  "input_ids": [[101, 102], [101, 102]]}).to_parquet(split / "train.parquet")
+    store = FeatureStore(tmp_path / "f")
+    with pytest.raises(PrepError, match="b.jpg"):
+        load_split(split, "train", store)
+    (split / "train.parquet").unlink()
+    pd.DataFrame({"image_key": ["a.jpg"], "caption_id": [0], "raw": ["x"],
+                  "input_ids": [[101, 102]]}).to_parquet(split / "train.parquet")
+    assert load_split(split, "train", store).image_keys == ["a.jpg"]

@@ -32,6 +32,12 @@ def load_split(splits_dir: Path, name: str, store: FeatureStore, max_images: int
         raise PrepError(f"{Path(splits_dir) / (name + '.parquet')}: {len(missing)} image(s) have no ok "
                         f"features in {store.root} (first: {missing[0]!r}); re-run build-splits")
     keys = list(dict.fromkeys(frame["image_key"]))
+    sizes = store.index.set_index("image_key").loc[keys, ["width", "height"]]
+    unknown = sizes.index[(sizes["width"] <= 0) | (sizes["height"] <= 0)]
+    if len(unknown):  # TERAN's box vector divides by the image size: refuse rather than guess
+        raise PrepError(f"{store.root / 'index.parquet'}: {len(unknown)} image(s) of split {name!r} "
+                        f"have no known width/height (first: {unknown[0]!r}); re-import the "
+                        "features with their image sizes (import-features --sizes)")
     if max_images is not None and len(keys) > max_images:
         keys = keys[:max_images]
         frame = frame[frame["image_key"].isin(set(keys))]
