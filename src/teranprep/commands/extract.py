@@ -58,8 +58,11 @@ def extract_regions_cmd(images, out, weights, random_weights, quiet, given_boxes
         from ..errors import PrepError
         if d2_config is None:
             raise PrepError("--backend detectron2 needs --d2-config CONFIG.yaml (and --weights)")
+        from ..extractors.detectron2_backend import config_sha256
         options["model"] = "detectron2"
         model_options["d2_config"] = str(Path(d2_config).resolve())
+        # in the parameters fingerprint: an edited config (or _BASE_) is not a resumable run
+        model_options["d2_config_sha256"] = config_sha256(d2_config)
     if given_boxes is not None:
         from ..pipeline.regions import read_given_boxes
         given_boxes = read_given_boxes(given_boxes)

@@ -39,8 +39,11 @@ def calibration_image(seed: int, height: int = 320, width: int = 480) -> torch.T
 
 
 @torch.no_grad()
-def calibrate_frozen_batchnorms(model: nn.Module, run_forward) -> None:
-    """Sets each FrozenBatchNorm2d's mean/var to its input statistics during `run_forward()`."""
+def calibrate_frozen_batchnorms(model: nn.Module, run_forward, types=(FrozenBatchNorm2d,)) -> None:
+    """Sets each frozen batch norm's mean/var to its input statistics during `run_forward()`.
+
+    `types`: the frozen batch-norm classes (weight, bias, running_mean, running_var buffers) to
+    calibrate; detectron2 has its own FrozenBatchNorm2d."""
     def hook(module, args):
         x = args[0]
         module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
@@ -49,7 +52,7 @@ def calibrate_frozen_batchnorms(model: nn.Module, run_forward) -> None:
         module.bias.zero_()
 
     handles = [m.register_forward_pre_hook(hook) for m in model.modules()
-               if isinstance(m, FrozenBatchNorm2d)]
+               if isinstance(m, tuple(types))]
     try:
         run_forward()
     finally:

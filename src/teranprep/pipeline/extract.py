@@ -82,7 +82,15 @@ class ExtractResult:
 def run_shard(task: ShardTask) -> dict:
     """Extracts one shard and writes it; returns (and writes) its stats. Runs inside a worker."""
     import torch
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(task.threads)
+    try:
+        return _run_shard(task)
+    finally:  # in-process runs (--workers 0) must not leave the caller's torch changed
+        torch.set_num_threads(threads_before)
+
+
+def _run_shard(task: ShardTask) -> dict:
     t0 = time.perf_counter()
     detector = build_detector(task.spec)
     t_build = time.perf_counter() - t0
