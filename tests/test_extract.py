@@ -71,6 +71,9 @@ def test_regions_match_a_direct_detector_call(image_dir, tmp_path):
     keys = write_images(image_dir, 3)
     extract_regions(image_dir, tmp_path / "f", workers=0, dtype="float32", batch_size=1,
                     **{k: v for k, v in FAST.items() if k != "batch_size"})
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what a shard task uses (calibration included): the same bits
     detector = build_detector(DetectorSpec(model="tv-frcnn-mbv3-320", random_seed=0))
     stored = all_arrays(tmp_path / "f")
     for key in keys:
@@ -80,6 +83,7 @@ def test_regions_match_a_direct_detector_call(image_dir, tmp_path):
         np.testing.assert_array_equal(stored[key][1], det.features)
         assert stored[key][1].shape[0] >= 10  # --min-boxes default
         assert (det.boxes[:, 2] <= image.shape[1] + 1e-3).all() and (det.boxes[:, 3] <= image.shape[0] + 1e-3).all()
+    torch.set_num_threads(threads)
 
 
 def test_rerun_of_complete_stage_changes_no_file(image_dir, tmp_path):
