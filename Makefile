@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test smoke-fullsize bench clean
 
 $(BIN)/prep: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,8 +21,15 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The full-size BUTD R101 (random weights) on 10 images, end to end on CPU: CI runs it after the tests.
+smoke-fullsize: install
+	rm -rf smoke-out
+	$(BIN)/prep make-synthetic smoke-out/data --images 10 --seed 1
+	$(BIN)/prep extract-regions smoke-out/data/images smoke-out/features --model butd-r101 --random-weights 0 --workers 2 --quiet
+	$(BIN)/prep verify smoke-out/features
+
 bench: install
 	$(BIN)/python benchmarks/bench_extract.py
 
 clean:
-	rm -rf demo-out .pytest_cache
+	rm -rf demo-out smoke-out .pytest_cache
