@@ -29,6 +29,7 @@ import yaml
 
 from .. import __version__
 from ..errors import ItemError, PrepError
+from ..settings import merge_settings
 from ..manifests.atomic import atomic_write_bytes, commit_temp, temp_path_for
 from ..manifests.fingerprint import fingerprint
 from .detection_eval import ImageDetections, ImageTruth, mean_average_precision
@@ -113,20 +114,6 @@ class TrainDetectorResult:
 
 # ---------------------------------------------------------------- config and data
 
-def _merge(base: dict, extra: dict, where: str) -> dict:
-    out = dict(base)
-    for key, value in (extra or {}).items():
-        if key not in base:
-            raise PrepError(f"{where}: unknown setting {key!r}; known: {', '.join(sorted(base))}")
-        if isinstance(base[key], dict) and key != "model_overrides":
-            if not isinstance(value, dict):
-                raise PrepError(f"{where}: {key} must be a mapping")
-            out[key] = _merge(base[key], value, f"{where}: {key}")
-        else:
-            out[key] = value
-    return out
-
-
 def load_detector_config(path: Path | None, overrides: dict | None = None) -> dict:
     cfg = DEFAULTS
     if path is not None:
@@ -138,8 +125,8 @@ def load_detector_config(path: Path | None, overrides: dict | None = None) -> di
                             "like configs/detector_tiny.yaml") from exc
         if not isinstance(data, dict):
             raise PrepError(f"{path}: expected a mapping of settings")
-        cfg = _merge(cfg, data, str(path))
-    return _merge(cfg, overrides or {}, "overrides")
+        cfg = merge_settings(cfg, data, str(path), opaque=("model_overrides",))
+    return merge_settings(cfg, overrides or {}, "overrides", opaque=("model_overrides",))
 
 
 def load_coco(path: Path) -> CocoSet:

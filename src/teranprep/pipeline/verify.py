@@ -189,12 +189,12 @@ def verify_splits(root: Path, manifest: dict, report: VerifyReport) -> None:
         except Exception as exc:  # noqa: BLE001 - any failure to read is the finding
             report.problem(path, f"unreadable parquet ({exc})")
             continue
-        for field in expected:
-            if field.name not in schema.names:
-                report.problem(path, f"missing column {field.name!r}")
-            elif not _same_arrow_type(schema.field(field.name).type, field.type):
-                report.problem(path, f"column {field.name!r} is {schema.field(field.name).type}, "
-                                     f"expected {field.type}")
+        for column in expected:
+            if column.name not in schema.names:
+                report.problem(path, f"missing column {column.name!r}")
+            elif not _same_arrow_type(schema.field(column.name).type, column.type):
+                report.problem(path, f"column {column.name!r} is {schema.field(column.name).type}, "
+                                     f"expected {column.type}")
         split_keys = set(table.column("image_key").to_pylist())
         ids = table.column("caption_id").to_pylist()
         n_ids += len(ids)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import yaml
 
 from ..errors import PrepError
+from ..settings import merge_settings
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ALIGNMENT_MODES = ("MrSw", "MwSr", "symm")
@@ -65,20 +65,6 @@ DEFAULTS: dict = {
 }
 
 
-def _merge(base: dict, override: dict, where: str) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in (override or {}).items():
-        if key not in base:
-            raise PrepError(f"{where}: unknown config key {key!r}; known: {sorted(base)}")
-        if isinstance(base[key], dict):
-            if not isinstance(value, dict):
-                raise PrepError(f"{where}: {key!r} must be a mapping")
-            out[key] = _merge(base[key], value, f"{where}:{key}")
-        else:
-            out[key] = value
-    return out
-
-
 def resolve_config_path(name_or_path: str | Path) -> Path:
     """A path to a YAML file, or a bundled config's name (`teran_small`, `teran_coco.yaml`)."""
     path = Path(name_or_path)
@@ -105,7 +91,7 @@ def load_config(name_or_path: str | Path | dict) -> dict:
             raise PrepError(f"{path}: not valid YAML ({exc})") from exc
         if not isinstance(raw, dict):
             raise PrepError(f"{path}: a config must be a mapping of sections")
-    config = _merge(DEFAULTS, raw, where)
+    config = merge_settings(DEFAULTS, raw, where)
     validate_config(config, where)
     return config
 
