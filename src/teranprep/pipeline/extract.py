@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from ..manifests.features import (INDEX_NAME, SHARDS_DIR, completed_shard, curre
                                   prepare_output, write_index_and_manifest)
 from ..manifests.shards import Regions, ShardWriter, remove_stale_temps, shard_name
 from .distribute import report_progress, run_tasks
+from .results import FeaturesResult
 from .images import ImageEntry, discover_images, listing_sha256, read_image
 
 RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: these features are meaningless; use them only to "
@@ -54,15 +55,7 @@ class ShardTask:
 
 
 @dataclass
-class ExtractResult:
-    out: Path
-    n_images: int
-    n_ok: int
-    n_error: int
-    n_shards: int
-    shards_run: int
-    wall_s: float
-    manifest: dict = field(default_factory=dict)
+class ExtractResult(FeaturesResult):
 
     def summary(self) -> str:
         rate = self.manifest.get("timings", {}).get("images_per_s")
@@ -346,6 +339,4 @@ def _write_outputs(out, images, tasks, done, params, params_fp, listing, run_s, 
 
 
 def _result(out, manifest, shards_run, wall_s):
-    counts = manifest["counts"]
-    return ExtractResult(out, manifest["input"]["n_images"], counts["ok"], counts["error"],
-                         len(manifest["shards"]), shards_run, wall_s, manifest)
+    return ExtractResult.from_manifest(out, manifest, shards_run, wall_s)

@@ -12,7 +12,7 @@ import csv
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import ItemError, PrepError
@@ -22,22 +22,15 @@ from ...manifests.build import write_shard
 from ...manifests.features import (INDEX_NAME, SHARDS_DIR, completed_shard,
                                    current_manifest, prepare_output, write_index_and_manifest)
 from ...manifests.shards import remove_stale_temps, shard_name
+from ..results import FeaturesResult
 from .sources import IMPORT_FORMATS, SourceItem, open_source
 
 MAX_LISTED_DUPLICATES = 1000
 
 
 @dataclass
-class ImportResult:
-    out: Path
-    fmt: str
-    n_images: int
-    n_ok: int
-    n_error: int
-    n_shards: int
-    shards_run: int
-    wall_s: float
-    manifest: dict = field(default_factory=dict)
+class ImportResult(FeaturesResult):
+    fmt: str = ""
 
     def summary(self) -> str:
         again = ("nothing to do: every shard was already complete" if self.shards_run == 0
@@ -232,6 +225,4 @@ def _regions(source, part, shard_index, bar):
 
 
 def _result(out, fmt, manifest, shards_run, wall_s):
-    counts = manifest["counts"]
-    return ImportResult(out, fmt, manifest["input"]["n_images"], counts["ok"], counts["error"],
-                        len(manifest["shards"]), shards_run, wall_s, manifest)
+    return ImportResult.from_manifest(out, manifest, shards_run, wall_s, fmt=fmt)
