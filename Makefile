@@ -25,7 +25,7 @@ test: install
 smoke-fullsize: install
 	rm -rf smoke-out
 	$(BIN)/prep make-synthetic smoke-out/data --images 10 --seed 1
-	$(BIN)/prep extract-regions smoke-out/data/images smoke-out/features --model butd-r101 --random-weights 0 --workers 2 --quiet
+	$(BIN)/prep extract-regions smoke-out/data/images smoke-out/features --model butd-r101 --random-weights 0 --workers 2 --shard-size 5 --quiet
 	$(BIN)/prep verify smoke-out/features
 
 bench: install
