@@ -21,7 +21,7 @@ from ..manifests import atomic_write_json, fingerprint, sha256_file
 from ..manifests.features import (INDEX_NAME, SHARDS_DIR, completed_shard, current_manifest,
                                   prepare_output, write_index_and_manifest)
 from ..manifests.shards import Regions, ShardWriter, remove_stale_temps, shard_name
-from .distribute import report_progress, run_tasks
+from .distribute import report_progress, run_tasks, tune_malloc_for_tensors
 from .results import FeaturesResult
 from .images import ImageEntry, discover_images, listing_sha256, read_image
 
@@ -75,6 +75,7 @@ class ExtractResult(FeaturesResult):
 def run_shard(task: ShardTask) -> dict:
     """Extracts one shard and writes it; returns (and writes) its stats. Runs inside a worker."""
     import torch
+    tune_malloc_for_tensors()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(task.threads)
     try:
