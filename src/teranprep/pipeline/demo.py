@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import PrepError
+from ..settings import merge_settings
+from ..teran.config import PACKAGE_CONFIGS
 
-BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
@@ -75,13 +76,6 @@ class DemoResult:
                 f"everything is under {self.out}")
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def run_demo(out: Path, settings: DemoSettings | None = None, *, echo=print) -> DemoResult:
     """Runs every stage into `out` (synthetic/, detector/, features/, splits/, runs/demo/,
     pictures/) and returns the test-split metrics. Resumable stage by stage."""
@@ -113,7 +107,7 @@ def run_demo(out: Path, settings: DemoSettings | None = None, *, echo=print) -> 
     overrides = dict(s.detector_overrides)
     if s.detector_epochs is not None:
         overrides["epochs"] = s.detector_epochs
-    det = train_detector(syn.instances, syn.images_dir, config=BUNDLED_CONFIGS / "detector_tiny.yaml",
+    det = train_detector(syn.instances, syn.images_dir, config=PACKAGE_CONFIGS / "detector_tiny.yaml",
                          out=out / "detector", overrides=overrides, echo=echo)
     echo(det.summary())
     stages["train-detector"] = {"wall_s": time.perf_counter() - t, "val_map50": det.final_map,
@@ -136,8 +130,8 @@ def run_demo(out: Path, settings: DemoSettings | None = None, *, echo=print) -> 
 
     t = stage("5/6 train (teran_small)")
     run_dir = out / "runs" / "demo"
-    config = load_config(BUNDLED_CONFIGS / f"{s.teran_config}.yaml")
-    config = load_config(_deep_merge(config, s.teran_overrides))
+    config = load_config(PACKAGE_CONFIGS / f"{s.teran_config}.yaml")
+    config = load_config(merge_settings(config, s.teran_overrides, "demo teran_overrides"))
     done_marker = run_dir / "demo-train-done.json"
     trained_before = done_marker.is_file()
     if trained_before:

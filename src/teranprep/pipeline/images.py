@@ -70,7 +70,7 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def decode_image(data: bytes, name: str = "") -> np.ndarray:
+def decode_image(data: bytes) -> np.ndarray:
     """RGB uint8 (H, W, 3) from encoded bytes; raises ItemError naming the reason."""
     if not data:
         raise ItemError("empty file (0 bytes)")
@@ -111,4 +111,4 @@ def read_image(path: Path) -> tuple[np.ndarray, bytes]:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ItemError(f"unreadable file: {exc.strerror or exc}") from None
-    return decode_image(data, str(path)), data
+    return decode_image(data), data
