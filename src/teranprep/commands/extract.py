@@ -33,9 +33,11 @@ def _default_model():
 @click.option("--given-boxes", type=click.Path(path_type=Path),
               help="JSON {image_key: [[x1,y1,x2,y2],...]} or parquet (image_key, boxes): features "
                    "for exactly these pixel boxes, no detection.")
-@click.option("--box-source", type=click.Choice(["proposals", "regressed"]), default="proposals",
-              show_default=True, help="BUTD: save the proposal boxes (Caffe tool, MILVLG) or the "
-                                      "class-regressed boxes (py-bottom-up-attention).")
+@click.option("--box-source", type=click.Choice(["proposals", "regressed"]),
+              help="BUTD only: save the proposal boxes (default, as the Caffe tool and MILVLG) or "
+                   "the class-regressed boxes (py-bottom-up-attention).")
+@click.option("--missing-given-boxes", type=click.Choice(["error", "skipped"]), default="error",
+              show_default=True, help="Status of an image the --given-boxes file has no entry for.")
 @click.option("--backend", type=click.Choice(["native", "detectron2"]), default="native", show_default=True,
               help="detectron2: run detectron2's own model (needs detectron2 installed, --d2-config, --weights).")
 @click.option("--d2-config", type=click.Path(path_type=Path), help="detectron2 config YAML (--backend detectron2).")
@@ -53,9 +55,24 @@ def extract_regions_cmd(images, out, weights, random_weights, quiet, given_boxes
                         d2_config, **options):
     """Detect regions in every image under IMAGES and write HDF5 shards + index + manifest to OUT."""
     from ..pipeline.extract import extract_regions
-    model_options = {} if box_source == "proposals" else {"box_source": box_source}
+    from ..errors import PrepError
+    model_options = {} if box_source in (None, "proposals") else {"box_source": box_source}
+    if box_source is not None and backend == "detectron2":
+        raise PrepError("--box-source applies to the native BUTD models only; detectron2 saves "
+                        "its own (regressed) boxes: leave --box-source out")
+    if box_source is not None:
+        from ..extractors.registry import WEIGHTS
+        from ..pipeline.extract import BUTD_MODELS
+        name = options["model"]
+        if (WEIGHTS[name].architecture if name in WEIGHTS else name) not in BUTD_MODELS:
+            raise PrepError(f"--box-source applies to the BUTD models ({', '.join(BUTD_MODELS)}) "
+                            f"only; --model {name} saves its own boxes: leave --box-source out")
+    if d2_config is not None and backend != "detectron2":
+        raise PrepError("--d2-config applies to --backend detectron2 only; add --backend "
+                        "detectron2 or leave --d2-config out")
+    if options["missing_given_boxes"] != "error" and given_boxes is None:
+        raise PrepError("--missing-given-boxes applies with --given-boxes only; leave it out")
     if backend == "detectron2":
-        from ..errors import PrepError
         if d2_config is None:
             raise PrepError("--backend detectron2 needs --d2-config CONFIG.yaml (and --weights)")
         from ..extractors.detectron2_backend import config_sha256
@@ -68,6 +85,7 @@ def extract_regions_cmd(images, out, weights, random_weights, quiet, given_boxes
         given_boxes = read_given_boxes(given_boxes)
     result = extract_regions(images, out, weights=str(weights) if weights else None,
                              random_weights=random_weights, quiet=quiet, echo=click.echo,
+                             warn=lambda line: click.echo(line, err=True),
                              given_boxes=given_boxes, model_options=model_options or None, **options)
     if not options["dry_run"]:
         click.echo(result.summary())

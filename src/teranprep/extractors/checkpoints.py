@@ -51,7 +51,18 @@ def read_checkpoint_file(path, with_config: bool = False):
     path = Path(path)
     if not path.is_file():
         raise PrepError(f"{path}: checkpoint not found; pass an existing file to --weights")
-    obj = safe_load_file(path) if path.suffix == ".pkl" else load_torch_file(path)
+    if path.suffix == ".pkl":
+        try:
+            obj = safe_load_file(path)
+        except PrepError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a text file, a truncated pickle, another format
+            from ..filetypes import describe_file
+            raise PrepError(f"{path}: is {describe_file(path)}, not a pickled detector checkpoint "
+                            f"({type(exc).__name__}); pass a py-bottom-up-attention or detectron2 "
+                            ".pkl (a truncated download? download it again)") from exc
+    else:
+        obj = load_torch_file(path, expected="a detector checkpoint")
     recorded = {}
     if isinstance(obj, dict) and obj.get("format") == TRAINED_FORMAT and isinstance(obj.get("config"), dict):
         recorded = {k: tuple(v) if isinstance(v, list) else v for k, v in obj["config"].items()}
@@ -183,6 +194,9 @@ def load_into(model: torch.nn.Module, sd: dict, source: str, strict: bool = True
 def read_butd_checkpoint(path) -> tuple[dict, dict, str, str]:
     """(state dict, config overrides, format, sha256 of the file)."""
     raw, recorded = read_checkpoint_file(path, with_config=True)
-    sd, overrides, fmt = convert_checkpoint(raw)
+    try:
+        sd, overrides, fmt = convert_checkpoint(raw)
+    except PrepError as exc:  # name the file: "checkpoint has no ..." alone does not say which
+        raise PrepError(f"{path}: {exc}") from exc
     overrides.update(recorded)  # what train-detector changed beyond what the weights imply
     return sd, overrides, fmt, sha256_file(Path(path))

@@ -16,6 +16,7 @@ from torchvision.ops import batched_nms
 from .base import Detections, DetectorSpec
 from .box_policy import select_top
 from .calibration import calibrate_frozen_batchnorms, calibration_image, freeze_batchnorms
+from ..errors import PrepError
 from .weights import load_state_dict_file, state_dict_sha256
 
 _BUILDERS = {
@@ -39,7 +40,12 @@ class TorchvisionFasterRCNN:
         model.eval()
         if spec.weights:
             state = load_state_dict_file(spec.weights)
-            model.load_state_dict(state, strict=True)
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as exc:  # a checkpoint of another model
+                first = str(exc).strip().splitlines()[0][:200]
+                raise PrepError(f"{spec.weights}: not a {spec.model} checkpoint ({first}); pass "
+                                "weights of this model or choose the matching --model") from exc
             self.weights_sha256 = state_dict_sha256(spec.weights)
         elif spec.random_seed is not None:
             torch.manual_seed(spec.random_seed)

@@ -65,7 +65,8 @@ def run_tasks(fn: Callable, tasks: Iterable, *, workers: int = 1, scheduler: str
 
     workers == 0 runs in this process (no dask); otherwise a dask LocalCluster of `workers`
     single-threaded processes, or the cluster at `scheduler` (tcp://host:port) when given.
-    A task that raises is retried `retries` times; a task that still fails raises PrepError.
+    A task that raises is retried `retries` times; a task that still fails raises PrepError. A
+    task that raises PrepError (a deterministic, user-fixable problem) is never retried.
     `on_progress(payload)` receives what tasks pass to report_progress while they run.
     """
     tasks = list(tasks)
@@ -80,6 +81,13 @@ def run_tasks(fn: Callable, tasks: Iterable, *, workers: int = 1, scheduler: str
     return _run_dask(fn, tasks, workers, scheduler, retries, on_result, on_progress)
 
 
+def failure_line(task, attempts: int, exc: BaseException) -> str:
+    """One line for a task that kept failing: its first message line, never a traceback."""
+    text = (str(exc).strip().splitlines() or [""])[0][:300]
+    plural = "s" if attempts != 1 else ""
+    return f"task {task!r} failed after {attempts} attempt{plural}: {type(exc).__name__}: {text}"
+
+
 def _run_inline(fn, tasks, retries, on_result):
     results = []
     for task in tasks:
@@ -87,12 +95,11 @@ def _run_inline(fn, tasks, retries, on_result):
             try:
                 result = fn(task)
                 break
-            except PrepError:
+            except PrepError:  # deterministic (a wrong file, a bad option): never retried
                 raise
             except Exception as exc:  # noqa: BLE001 - retried, then reported
                 if attempt == retries:
-                    raise PrepError(f"task {task!r} failed after {retries + 1} attempts: "
-                                    f"{type(exc).__name__}: {exc}") from exc
+                    raise PrepError(failure_line(task, retries + 1, exc)) from exc
         results.append(result)
         if on_result:
             on_result(result)
@@ -103,13 +110,17 @@ def _run_dask(fn, tasks, workers, scheduler, retries, on_result, on_progress):
     import dask
     from dask.distributed import Client, LocalCluster, as_completed
 
+    from ..interrupts import signals_ignored_in_children
+
     logging.getLogger("distributed").setLevel(logging.ERROR)
     cluster = None
     if scheduler is None:
-        # Our own workers start without dask's MALLOC_TRIM_THRESHOLD_ (see tune_malloc_for_tensors).
+        # Our own workers start without dask's MALLOC_TRIM_THRESHOLD_ (see tune_malloc_for_tensors),
+        # and with SIGINT ignored: a Ctrl-C reaches the driver only, which stops them quietly.
         dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=logging.ERROR)
+        with signals_ignored_in_children():
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, silence_logs=logging.CRITICAL)
         client = Client(cluster)
     else:
         try:
@@ -121,25 +132,46 @@ def _run_dask(fn, tasks, workers, scheduler, retries, on_result, on_progress):
         if on_progress is not None:
             client.subscribe_topic(PROGRESS_TOPIC, lambda event: on_progress(event[1]))
         run_id = f"teranprep-{uuid.uuid4().hex[:8]}"
-        futures = [client.submit(fn, task, retries=retries, pure=False, key=f"{run_id}-{i}")
+        # Retries are ours, not dask's: a deterministic error (PrepError: a wrong weights file, a
+        # bad option) fails the stage at once as its one line; anything else is tried again.
+        attempts = [1] * len(tasks)
+        futures = [client.submit(fn, task, pure=False, key=f"{run_id}-{i}-1")
                    for i, task in enumerate(tasks)]
         position = {f.key: i for i, f in enumerate(futures)}
         results = [None] * len(tasks)
-        for future in as_completed(futures):
+        pending = as_completed(futures)
+        for future in pending:
             i = position[future.key]
             try:
                 results[i] = future.result()
             except PrepError:
                 raise
             except Exception as exc:  # noqa: BLE001
-                raise PrepError(f"task {tasks[i]!r} failed after {retries + 1} attempts: "
-                                f"{type(exc).__name__}: {exc}") from exc
+                if attempts[i] > retries:
+                    raise PrepError(failure_line(tasks[i], attempts[i], exc)) from exc
+                attempts[i] += 1
+                again = client.submit(fn, tasks[i], pure=False, key=f"{run_id}-{i}-{attempts[i]}")
+                position[again.key] = i
+                pending.add(again)
+                continue
             if on_result:
                 on_result(results[i])
         return results
     finally:
-        if on_progress is not None:
+        _close_quietly(client, cluster, on_progress is not None)
+
+
+def _close_quietly(client, cluster, subscribed):
+    """Shuts the client and our cluster down without a word, also while an interrupt unwinds."""
+    quiet = logging.getLogger("distributed")
+    quiet.setLevel(logging.CRITICAL + 1)
+    try:
+        if subscribed:
             client.unsubscribe_topic(PROGRESS_TOPIC)
-        client.close()
+        client.close(timeout=10)
         if cluster is not None:
-            cluster.close()
+            cluster.close(timeout=10)
+    except Exception:  # noqa: BLE001 - best effort: the stage's own outcome is what matters
+        pass
+    finally:
+        quiet.setLevel(logging.ERROR)

@@ -51,6 +51,11 @@ def load_model(source: Path, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
+def default_eval_dir(source: Path, split: str, protocol: str) -> Path:
+    base = Path(source) if Path(source).is_dir() else Path(source).parent
+    return base / f"eval-{split}-{protocol}"
+
+
 def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: str = "all",
              features: Path | None = None, out: Path | None = None, device: str = "auto",
              batch_size: int = 64, image_block: int = 100, caption_block: int = 500,
@@ -63,6 +68,10 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
 
     if protocol not in PROTOCOLS:
         raise PrepError(f"--protocol {protocol!r}: choose one of {PROTOCOLS}")
+    out = default_eval_dir(source, split, protocol) if out is None else Path(out)
+    # Checked before minutes of scoring: a writable folder of its own, inside no features/ or splits/.
+    from ..manifests.ownership import EVAL, RUN, claim_output_dir
+    claim_output_dir(out, EVAL, allow_inside=(RUN,))
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     model, ckpt = load_model(source, dev)
@@ -116,11 +125,6 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
     metrics.update(split=split, protocol=protocol, n_images=len(data.image_keys),
                    n_captions=len(data.caption_image), checkpoint=str(checkpoint_path(source)))
 
-    if out is None:
-        base = Path(source) if Path(source).is_dir() else Path(source).parent
-        out = base / f"eval-{split}-{protocol}"
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     caption_index = np.concatenate(rankings["caption_index"])
     # Ranks are 0-based and within the scored block (the fold for 1k); rows follow image_keys
     # for images and caption_index (rows of SPLIT.parquet) for captions.

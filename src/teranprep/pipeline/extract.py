@@ -9,22 +9,30 @@ marker and carries the shard's index rows. The driver assembles index and manife
 from __future__ import annotations
 
 import hashlib
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ItemError, PrepError
 from ..extractors import DEFAULT_MODEL, MODELS, DetectorSpec, build_detector, resolve_model
+from ..interrupts import resumable
 from ..manifests import atomic_write_json, fingerprint, sha256_file
+from ..manifests.atomic import atomic_write_bytes
+from ..manifests.ownership import FEATURES, claim_output_dir
 from ..manifests.features import (INDEX_NAME, SHARDS_DIR, completed_shard, current_manifest,
                                   prepare_output, write_index_and_manifest)
 from ..manifests.shards import Regions, ShardWriter, remove_stale_temps, shard_name
 from .distribute import report_progress, run_tasks, tune_malloc_for_tensors
 from .results import FeaturesResult
-from .images import ImageEntry, discover_images, listing_sha256, read_image
+from .images import IMAGE_EXTENSIONS, ImageEntry, discover_images_with_report, listing_sha256, read_image
 
+NO_GIVEN_BOXES = "no given boxes: the --given-boxes file has no entry for this image"
+UNMATCHED_GIVEN_BOXES = "given_boxes_unmatched.txt"  # box-file keys that match no image
+PLAN_NAME = "plan.json"  # shards/plan.json: which images each shard holds (stable across runs)
+BUTD_MODELS = ("butd-r101", "butd-tiny")
 RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: these features are meaningless; use them only to "
                           "test the pipeline, never to train or evaluate a model")
 
@@ -41,6 +49,8 @@ class ShardTask:
     params_fingerprint: str
     threads: int
     given_boxes: tuple = ()  # (key, (k,4) list) pairs for this shard's images, given-box mode
+    given_mode: bool = False
+    missing_given_boxes: str = "error"  # status of an image the given-box file has no entry for
 
     def __repr__(self):
         return f"shard {self.index:05d} ({len(self.entries)} images)"
@@ -58,16 +68,28 @@ class ShardTask:
 class ExtractResult(FeaturesResult):
 
     def summary(self) -> str:
-        rate = self.manifest.get("timings", {}).get("images_per_s")
+        m = self.manifest
+        rate = m.get("timings", {}).get("images_per_s")
         speed = f" at {rate:.2f} images/s" if rate else ""
         again = ("nothing to do: every shard was already complete" if self.shards_run == 0
                  else f"ran {self.shards_run} of {self.n_shards} shards{speed}")
-        return (f"extract-regions: {self.n_images} images -> {self.out}: {self.n_ok} ok, "
-                f"{self.n_error} errors, {self.n_shards} shards; {again} in {self.wall_s:.1f} s. "
-                f"Detector {self.manifest.get('detector', {}).get('name')} "
-                f"(weights {str(self.manifest.get('detector', {}).get('weights_sha256'))[:19]}), "
-                f"features {self.manifest.get('parameters', {}).get('dtype')}. "
-                f"Check with `prep verify {self.out}`.")
+        lines = [f"extract-regions: {self.n_images} images -> {self.out}: {self.n_ok} ok, "
+                 f"{self.n_error} errors, {self.n_shards} shards; {again} in {self.wall_s:.1f} s. "
+                 f"Detector {m.get('detector', {}).get('name')} "
+                 f"(weights {str(m.get('detector', {}).get('weights_sha256'))[:19]}), "
+                 f"features {m.get('parameters', {}).get('dtype')}. "
+                 f"Check with `prep verify {self.out}`."]
+        if m.get("errors_by_reason"):
+            lines.append(f"  errors by reason: {format_reasons(m['errors_by_reason'])}")
+        passed = m.get("input", {}).get("passed_over") or {}
+        if passed:
+            lines.append("  passed over (not listed): " + ", ".join(
+                f"{v['count']} {reason} (e.g. {', '.join(v['examples'][:3])})" for reason, v in passed.items()))
+        given = m.get("given_boxes") or {}
+        if given.get("unmatched_keys"):
+            lines.append(f"  --given-boxes: {given['unmatched_keys']} keys match no image, listed in "
+                         f"{self.out / given['unmatched_list']}")
+        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- worker side
@@ -90,6 +112,9 @@ def _run_shard(task: ShardTask) -> dict:
     t_build = time.perf_counter() - t0
     root = Path(task.root)
     given = dict(task.given_boxes)
+    given_mode = task.given_mode
+    # BUTD drops proposals narrower than rpn_min_size original pixels: below that nothing is found.
+    min_side = float(getattr(getattr(detector, "cfg", None), "rpn_min_size", 1) or 1)
     rows = []
     timings = {"build_s": t_build, "decode_s": 0.0, "detect_s": 0.0, "write_s": 0.0}
     task.h5_path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +133,14 @@ def _run_shard(task: ShardTask) -> dict:
                     image, data = read_image(root / entry.key)
                     row.update(file_sha256=hashlib.sha256(data).hexdigest(),
                                height=image.shape[0], width=image.shape[1])
-                    decoded.append((entry, image, row))
+                    if given_mode and entry.key not in given:
+                        row.update(status=task.missing_given_boxes, error=NO_GIVEN_BOXES)
+                    elif not given_mode and min(image.shape[:2]) < min_side:
+                        row.update(error=f"image too small for the detector: {image.shape[1]}x"
+                                         f"{image.shape[0]} px, needs at least {min_side:g} px "
+                                         "on each side")
+                    else:
+                        decoded.append((entry, image, row))
                 except ItemError as exc:
                     row.update(status="error", error=str(exc))
                 rows.append(row)
@@ -168,16 +200,20 @@ def _detect_isolating_failures(detector, decoded, given):
     boxes = [np.asarray(given[e.key], np.float32).reshape(-1, 4) for e, _, _ in decoded] if given else None
     try:
         return detector.detect(images, boxes)
-    except Exception:  # noqa: BLE001 - isolated below
-        if len(decoded) == 1:
-            raise
+    except Exception as exc:  # noqa: BLE001 - isolated below
+        if len(decoded) == 1:  # alone already: this image is the one the detector rejects
+            return [f"detector failed: {type(exc).__name__}: {_first_line(exc)}"]
     out = []
     for i, image in enumerate(images):
         try:
             out.append(detector.detect([image], None if boxes is None else [boxes[i]])[0])
         except Exception as exc:  # noqa: BLE001 - a per-image failure is recorded, not fatal
-            out.append(f"detector failed: {type(exc).__name__}: {exc}")
+            out.append(f"detector failed: {type(exc).__name__}: {_first_line(exc)}")
     return out
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
 
 
 # ---------------------------------------------------------------- driver side
@@ -219,85 +255,247 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
                     scheduler: str | None = None, threads_per_worker: int | None = None,
                     retries: int = 2, max_error_rate: float = 0.01, overwrite: bool = False,
                     dry_run: bool = False, quiet: bool = False, given_boxes: dict | None = None,
-                    model_options: dict | None = None, echo=print) -> ExtractResult:
+                    missing_given_boxes: str = "error", model_options: dict | None = None,
+                    echo=print, warn=None) -> ExtractResult:
     """Detects regions in every image under `images` and writes features/ to `out`.
 
-    Resumable: complete shards are kept, a finished stage is a no-op. Raises PrepError on a fatal
-    problem (bad option, changed parameters without overwrite, error rate above the limit).
+    Resumable: complete shards are kept, a finished stage is a no-op; images added later go into
+    new shards (shards/plan.json keeps each shard's membership). Raises PrepError on a fatal
+    problem (bad option, changed parameters without overwrite, error rate above the limit, which
+    a re-run reports again until the inputs or the limit change).
     """
     t_start = time.perf_counter()
+    warn = warn or echo
     images, out = Path(images), Path(out)
     # registry names (butd-vg-r101-k36) -> architecture + cached weights + their box policy
     model, weights, min_boxes, max_boxes = resolve_model(model, weights, random_weights, min_boxes, max_boxes)
     _validate(images, batch_size, shard_size, dtype, workers, retries, max_error_rate, min_boxes,
               max_boxes, conf_thresh, model, weights, random_weights, limit)
-    entries = discover_images(images, limit)
+    options = dict(model_options or {})
+    if "box_source" in options and model not in BUTD_MODELS:
+        raise PrepError(f"--box-source applies to the BUTD models ({', '.join(BUTD_MODELS)}) only; "
+                        f"--model {model} saves its own boxes: leave --box-source out")
+    if missing_given_boxes not in ("error", "skipped"):
+        raise PrepError("--missing-given-boxes must be error or skipped")
+    claim_output_dir(out, FEATURES, create=not dry_run)
+    entries, passed_over = discover_images_with_report(images, limit)
     if not entries:
+        extra = f"; passed over: {passed_over.summary()}" if passed_over.total() else ""
         raise PrepError(f"{images}: no images found (looked for "
-                        "jpg, jpeg, png, bmp, webp, tif; case-insensitive, recursive)")
+                        f"{', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}; case-insensitive, "
+                        f"recursive){extra}")
     weights_sha = sha256_file(Path(weights)) if weights else f"random-seed-{random_weights}"
+    resolved_device = _device_kind(device)
     spec = DetectorSpec(model=model, weights=str(Path(weights).resolve()) if weights else None,
                         random_seed=random_weights, device=device, conf_thresh=conf_thresh,
                         min_boxes=min_boxes, max_boxes=max_boxes,
-                        options=tuple(sorted((model_options or {}).items())))
-    params = {"model": model, "weights_sha256": weights_sha, "dtype": dtype,
-              "shard_size": shard_size, "batch_size": batch_size, "conf_thresh": conf_thresh,
-              "min_boxes": min_boxes, "max_boxes": max_boxes, "options": dict(spec.options),
-              "given_boxes_sha256": _given_boxes_digest(given_boxes)}
-    params_fp = fingerprint(params)
-    prepare_output(out, params_fp, overwrite and not dry_run)
+                        options=tuple(sorted(options.items())))
     # torch's CPU kernels round differently with different thread counts: a fixed count per task
     # (1 by default) is what makes features byte-identical whatever the number of workers.
     threads = threads_per_worker or 1
+    params = {"model": model, "weights_sha256": weights_sha, "dtype": dtype,
+              "shard_size": shard_size, "batch_size": batch_size, "conf_thresh": conf_thresh,
+              "min_boxes": min_boxes, "max_boxes": max_boxes, "options": dict(spec.options),
+              "given_boxes_sha256": _given_boxes_digest(given_boxes),
+              "missing_given_boxes": missing_given_boxes if given_boxes is not None else None,
+              "threads_per_task": threads, "device": resolved_device}
+    params_fp = fingerprint(params)
+    prepare_output(out, params_fp, overwrite and not dry_run)
+    unmatched = sorted(set(given_boxes) - {e.key for e in entries}) if given_boxes else []
+    plan = plan_shards(entries, shard_size, previous_plan(out, params_fp))
     tasks = [ShardTask(index=i, root=str(images.resolve()), out=str(out.resolve()),
-                       entries=tuple(entries[s:s + shard_size]), spec=spec, dtype=dtype,
+                       entries=tuple(members), spec=spec, dtype=dtype,
                        batch_size=batch_size, params_fingerprint=params_fp, threads=threads,
-                       given_boxes=_boxes_for(entries[s:s + shard_size], given_boxes))
-             for i, s in enumerate(range(0, len(entries), shard_size))]
+                       given_boxes=_boxes_for(members, given_boxes), given_mode=given_boxes is not None,
+                       missing_given_boxes=missing_given_boxes)
+             for i, members in plan.shards]
     done = {t.index: stats for t in tasks if (stats := shard_is_complete(t)) is not None}
     pending = [t for t in tasks if t.index not in done]
     if dry_run:
         echo(f"dry run: {len(entries)} images -> {len(tasks)} shards of up to {shard_size} "
              f"images in {out / SHARDS_DIR}; {len(done)} complete, {len(pending)} to run")
         for t in tasks:
-            state = "complete" if t.index in done else "pending"
+            state = "complete" if t.index in done else why_pending(t, plan)
             echo(f"  {t.h5_path.name}  {len(t.entries):6d} images  {t.entries[0].key} .. "
                  f"{t.entries[-1].key}  [{state}]")
+        for index in plan.emptied:
+            echo(f"  {shard_name(index)}  every image removed from the input  [to delete]")
+        if passed_over.total():
+            echo(f"  passed over: {passed_over.summary()}")
         return ExtractResult(out, len(entries), 0, 0, len(tasks), 0, time.perf_counter() - t_start)
-    if random_weights is not None and not quiet:
-        echo(f"WARNING: {RANDOM_WEIGHTS_WARNING}")
+    if random_weights is not None:
+        warn(f"WARNING: {RANDOM_WEIGHTS_WARNING}")  # never hidden by --quiet
     listing = listing_sha256(entries)
-    if not pending:
-        existing = current_manifest(out, params_fp, listing)
-        if existing is not None:
-            return _result(out, existing, 0, time.perf_counter() - t_start)
+    manifest = current_manifest(out, params_fp, listing) if not pending else None
+    shards_run = 0
+    if manifest is None:
+        manifest, shards_run = _run_pending(out, images, tasks, done, pending, plan, params, params_fp,
+                                            listing, workers, scheduler, retries, quiet,
+                                            random_weights is not None, device, passed_over, unmatched)
+    result = _result(out, manifest, shards_run, time.perf_counter() - t_start)
+    n = result.n_images
+    if n and result.n_error / n > max_error_rate:
+        # Checked on every run, so a failed stage stays failed until its inputs or limit change.
+        raise PrepError(f"{out / INDEX_NAME}: {result.n_error} of {n} images failed "
+                        f"({100 * result.n_error / n:.1f}% > --max-error-rate "
+                        f"{100 * max_error_rate:g}%): {format_reasons(manifest.get('errors_by_reason', {}))}; "
+                        "completed shards are kept; fix or remove those images, or raise --max-error-rate")
+    return result
+
+
+def _device_kind(device: str) -> str:
+    """What the numbers depend on: cpu or cuda (not which card); refuses cuda without CUDA."""
+    from ..extractors import resolve_device
+    return resolve_device(device).split(":")[0]
+
+
+def _run_pending(out, images, tasks, done, pending, plan, params, params_fp, listing, workers,
+                 scheduler, retries, quiet, random_weights, device, passed_over, unmatched):
     (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out / SHARDS_DIR)
     remove_stale_temps(out)
+    write_plan(out, plan, params_fp)
+    for index in plan.emptied:  # shards whose every image left the input
+        for suffix in (".h5", ".json"):
+            (out / SHARDS_DIR / shard_name(index)).with_suffix(suffix).unlink(missing_ok=True)
 
     from .progress import ExtractProgress
     total_images = sum(len(t.entries) for t in pending)
     bar = ExtractProgress(total_images, quiet=quiet)
+    finished = [len(done)]
+
+    def shard_done(stats):
+        finished[0] += 1
+        bar.shard_done(stats)
+
+    def kept():
+        return (f"{finished[0]} of {len(tasks)} shards complete in {out} (kept; the index and "
+                "manifest are written when every shard is)")
+
     t_run = time.perf_counter()
     try:
-        results = run_tasks(run_shard, pending, workers=workers, scheduler=scheduler,
-                            retries=retries, on_result=bar.shard_done,
-                            on_progress=lambda p: p.get("run") == str(out.resolve()) and bar.shard_progress(p))
+        with resumable(kept):
+            results = run_tasks(run_shard, pending, workers=workers, scheduler=scheduler,
+                                retries=retries, on_result=shard_done,
+                                on_progress=lambda p: p.get("run") == str(out.resolve()) and bar.shard_progress(p))
     finally:
         bar.close()
     run_s = time.perf_counter() - t_run
     for task, stats in zip(pending, results):
         done[task.index] = stats
+    if unmatched:
+        atomic_write_bytes(out / UNMATCHED_GIVEN_BOXES, "".join(f"{k}\n" for k in unmatched).encode())
+    else:
+        (out / UNMATCHED_GIVEN_BOXES).unlink(missing_ok=True)
     manifest = _write_outputs(out, images, tasks, done, params, params_fp, listing, run_s,
-                              total_images, random_weights is not None, device)
-    result = _result(out, manifest, len(pending), time.perf_counter() - t_start)
-    n = result.n_images
-    if n and result.n_error / n > max_error_rate:
-        raise PrepError(f"{out / INDEX_NAME}: {result.n_error} of {n} images failed "
-                        f"({100 * result.n_error / n:.1f}% > --max-error-rate "
-                        f"{100 * max_error_rate:g}%); the errors are listed there (status=error); "
-                        "completed shards are kept")
-    return result
+                              total_images, random_weights, device, passed_over, unmatched)
+    return manifest, len(pending)
+
+
+# ---------------------------------------------------------------- the shard plan
+
+@dataclass
+class ShardPlan:
+    shards: list  # [(index, [ImageEntry, ...])], ascending index
+    next_index: int
+    emptied: list  # indices of earlier shards none of whose images is in the input any more
+    new_indices: set = field(default_factory=set)
+    earlier: dict = field(default_factory=dict)  # index -> keys the shard held in the earlier plan
+
+
+def plan_shards(entries, shard_size: int, earlier: dict | None) -> ShardPlan:
+    """Shards keep the images an earlier plan gave them (minus removed ones); images no shard
+    holds go, in key order, into new shards of up to `shard_size` after the last index."""
+    earlier = earlier or {"shards": {}, "next_index": 0}
+    by_key = {e.key: e for e in entries}
+    shards, emptied, assigned = [], [], set()
+    for index in sorted(earlier["shards"]):
+        keys = earlier["shards"][index]
+        assigned.update(keys)
+        members = [by_key[k] for k in keys if k in by_key]
+        (shards.append((index, members)) if members else emptied.append(index))
+    fresh = [e for e in entries if e.key not in assigned]
+    next_index = earlier["next_index"]
+    new_indices = set()
+    for s in range(0, len(fresh), shard_size):
+        shards.append((next_index, fresh[s:s + shard_size]))
+        new_indices.add(next_index)
+        next_index += 1
+    return ShardPlan(shards, next_index, emptied, new_indices, dict(earlier["shards"]))
+
+
+def previous_plan(out: Path, params_fp: str) -> dict | None:
+    """The membership of every earlier shard: shards/plan.json, else (older outputs) the
+    completed shards' stats files; None for a fresh folder."""
+    shards_dir = Path(out) / SHARDS_DIR
+    try:
+        data = json.loads((shards_dir / PLAN_NAME).read_text("utf-8"))
+        if data.get("params_fingerprint") == params_fp:
+            return {"shards": {int(k): list(v) for k, v in data["shards"].items()},
+                    "next_index": int(data["next_index"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    found = {}
+    for path in sorted(shards_dir.glob("regions-*.json")) if shards_dir.is_dir() else []:
+        try:
+            stats = json.loads(path.read_text("utf-8"))
+            index = int(path.stem.split("-")[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if stats.get("params_fingerprint") == params_fp:
+            found[index] = [r["image_key"] for r in stats.get("rows", [])]
+    if not found:
+        return None
+    return {"shards": found, "next_index": max(found) + 1}
+
+
+def write_plan(out: Path, plan: ShardPlan, params_fp: str) -> None:
+    atomic_write_json(Path(out) / SHARDS_DIR / PLAN_NAME, {
+        "params_fingerprint": params_fp, "next_index": plan.next_index,
+        "shards": {str(i): [e.key for e in members] for i, members in plan.shards}})
+
+
+def why_pending(task: ShardTask, plan: ShardPlan) -> str:
+    """Why a shard would run, for --dry-run."""
+    if task.index in plan.new_indices:
+        return "new images"
+    try:
+        stats = json.loads(task.stats_path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return "not run yet (or interrupted)"
+    before = {r["image_key"]: (r["file_size"], r["file_mtime_ns"]) for r in stats.get("rows", [])}
+    now = {e.key: (e.size, e.mtime_ns) for e in task.entries}
+    removed = len(set(before) - set(now))
+    changed = sum(1 for k, v in now.items() if k in before and before[k] != v)
+    parts = [f"{changed} changed" if changed else "", f"{removed} removed" if removed else ""]
+    return ", ".join(p for p in parts if p) or "parameters changed"
+
+
+def error_reason(message: str) -> str:
+    """The reason of an index row's error, without the image's name and specifics."""
+    text = message or "unknown"
+    for sep in (": ", " ("):
+        head = text.split(sep, 1)[0]
+        if head and head != text and "/" not in head and "." not in head:
+            return head.strip()
+    return text[:60].strip()
+
+
+def errors_by_reason(rows, examples: int = 3) -> dict:
+    out = {}
+    for row in rows:
+        if row["status"] != "error":
+            continue
+        entry = out.setdefault(error_reason(row["error"]), {"count": 0, "examples": []})
+        entry["count"] += 1
+        if len(entry["examples"]) < examples:
+            entry["examples"].append(row["image_key"])
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["count"]))
+
+
+def format_reasons(reasons: dict) -> str:
+    return "; ".join(f"{r['count']} {reason} (e.g. {', '.join(r['examples'])})"
+                     for reason, r in reasons.items()) or "no reasons recorded"
 
 
 def _given_boxes_digest(given_boxes):
@@ -313,26 +511,32 @@ def _given_boxes_digest(given_boxes):
 def _boxes_for(entries, given_boxes):
     if not given_boxes:
         return ()
-    return tuple((e.key, np.asarray(given_boxes.get(e.key, np.zeros((0, 4))), np.float32).tolist())
-                 for e in entries)
+    return tuple((e.key, np.asarray(given_boxes[e.key], np.float32).tolist())
+                 for e in entries if e.key in given_boxes)
 
 
 def _write_outputs(out, images, tasks, done, params, params_fp, listing, run_s, images_run,
-                   random_weights, device):
+                   random_weights, device, passed_over, unmatched):
     stats = [done[t.index] for t in tasks]
+    rows = [row for s in stats for row in s["rows"]]
     detector = stats[0]["detector"]
     compute = {k: round(sum(s["timings"].get(k, 0.0) for s in stats), 3)
                for k in ("build_s", "decode_s", "detect_s", "write_s", "total_s")}
     extra = {"warning": RANDOM_WEIGHTS_WARNING} if random_weights else {}
     extra["devices"] = {"requested": device, "used": sorted({s.get("device", "") for s in stats}),
                         "threads_per_task": sorted({s.get("threads", 0) for s in stats})}
+    extra["errors_by_reason"] = errors_by_reason(rows)
+    if params.get("given_boxes_sha256"):
+        extra["given_boxes"] = {"unmatched_keys": len(unmatched),
+                                "unmatched_list": UNMATCHED_GIVEN_BOXES if unmatched else None}
     return write_index_and_manifest(
-        out, stage="extract-regions", rows=[row for s in stats for row in s["rows"]],
+        out, stage="extract-regions", rows=rows,
         shard_stats=stats, parameters=params, parameters_fingerprint=params_fp,
         detector={"name": detector["name"], "weights_sha256": detector["weights_sha256"],
                   "columns": detector["columns"], "random_weights": random_weights},
         feature_dim=detector["feature_dim"], dtype=params["dtype"],
-        input_info={"root": str(Path(images).resolve()), "listing_sha256": listing},
+        input_info={"root": str(Path(images).resolve()), "listing_sha256": listing,
+                    "passed_over": passed_over.as_dict()},
         timings={"last_run_wall_s": round(run_s, 3), "images_last_run": images_run,
                  "images_per_s": round(images_run / run_s, 3) if run_s > 0 else None,
                  "shard_compute_s": compute},

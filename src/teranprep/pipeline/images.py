@@ -10,7 +10,7 @@ import hashlib
 import io
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,24 +31,100 @@ class ImageEntry:
     mtime_ns: int
 
 
+@dataclass
+class PassedOver:
+    """What discovery did not list, by reason, with a few example paths each (for the manifest)."""
+
+    counts: dict = field(default_factory=dict)
+    examples: dict = field(default_factory=dict)
+
+    def add(self, reason: str, path: str, keep: int = 5) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < keep:
+            shown.append(path)
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict:
+        return {reason: {"count": n, "examples": self.examples.get(reason, [])}
+                for reason, n in sorted(self.counts.items())}
+
+    def summary(self) -> str:
+        return ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
+
+
+UNSUPPORTED = "unsupported extension"
+HIDDEN = "hidden"
+INTO_TREE = "symlink into the tree"
+
+
 def discover_images(root: Path, limit: int | None = None) -> list[ImageEntry]:
     """Every image file under `root` (recursive, case-insensitive extensions), sorted by key."""
+    return discover_images_with_report(root, limit)[0]
+
+
+def discover_images_with_report(root: Path, limit: int | None = None) -> tuple[list[ImageEntry], PassedOver]:
+    """(image entries sorted by key, what was passed over and why).
+
+    Hidden files and folders, files with other extensions, and symlinks that lead back into the
+    tree (a directory cycle, or a second name for a file already listed) are passed over and
+    counted; every real directory is walked once. Symlinks out of the tree are followed.
+    """
     root = Path(root)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+    real_root = os.path.realpath(root)
+    found, passed = [], PassedOver()
+    seen_dirs = set()
+
+    def inside_tree(path: str) -> bool:
+        real = os.path.realpath(path)
+        return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+    def walk(directory: Path):
+        try:
+            st = os.stat(directory)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) in seen_dirs:  # a cycle through links from outside the tree
+            passed.add(INTO_TREE, directory.relative_to(root).as_posix())
+            return
+        seen_dirs.add((st.st_dev, st.st_ino))
+        try:
+            children = sorted(os.scandir(directory), key=lambda d: d.name)
+        except OSError:
+            return
+        for child in children:
+            rel = (directory / child.name).relative_to(root).as_posix()
+            if child.name.startswith("."):
+                passed.add(HIDDEN, rel)
                 continue
-            path = Path(dirpath) / name
+            is_link = child.is_symlink()
             try:
-                st = path.stat()
+                is_dir = child.is_dir()  # follows links
             except OSError:
-                st = None
-            key = path.relative_to(root).as_posix()
-            found.append(ImageEntry(key, st.st_size if st else -1, st.st_mtime_ns if st else -1))
+                is_dir = False
+            if is_dir:
+                if is_link and inside_tree(child.path):
+                    passed.add(INTO_TREE, rel)
+                    continue
+                walk(directory / child.name)
+                continue
+            if not child.name.lower().endswith(IMAGE_EXTENSIONS):
+                passed.add(UNSUPPORTED, rel)
+                continue
+            if is_link and os.path.exists(child.path) and inside_tree(child.path):
+                passed.add(INTO_TREE, rel)
+                continue
+            try:
+                fst = os.stat(child.path)
+            except OSError:
+                fst = None  # a dangling link: listed, and becomes an "unreadable" error row
+            found.append(ImageEntry(rel, fst.st_size if fst else -1, fst.st_mtime_ns if fst else -1))
+
+    walk(root)
     found.sort(key=lambda e: e.key)
-    return found[:limit] if limit is not None else found
+    return (found[:limit] if limit is not None else found), passed
 
 
 def listing_sha256(entries: list[ImageEntry]) -> str:

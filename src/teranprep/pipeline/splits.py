@@ -298,6 +298,8 @@ def build_splits(captions: Path, *, features: Path, out: Path, format: str | Non
     """
     t_start = time.perf_counter()
     captions, features, out = Path(captions), Path(features), Path(out)
+    from ..manifests.ownership import SPLITS, claim_output_dir
+    claim_output_dir(out, SPLITS)  # before any work: never into features/ or a file
     say = echo or (lambda message: None)
     _validate(captions, features, restval, val, test, max_tokens, max_missing)
     fmt = detect_format(captions, format)

@@ -390,6 +390,8 @@ def make_synthetic(out: Path, *, images: int = 1000, seed: int = 0, size: int = 
               "val": val, "test": test, "twin_rate": twin_rate, "image_format": image_format,
               "generator_version": SYNTHETIC_FORMAT_VERSION}
     params_fp = fingerprint(params)
+    from ..manifests.ownership import SYNTHETIC, claim_output_dir
+    claim_output_dir(out, SYNTHETIC)
     stamp_path = out / STAMP_NAME
     if stamp_path.is_file():
         try:

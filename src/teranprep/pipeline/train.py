@@ -176,6 +176,9 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     is_main = rank == 0
 
+    if is_main:
+        from ..manifests.ownership import RUN, claim_output_dir
+        claim_output_dir(out, RUN)  # never a features/ or splits/ folder, a file, a read-only path
     last_path = out / LAST
     ckpt = None
     if resume:

@@ -120,8 +120,8 @@ def load_detector_config(path: Path | None, overrides: dict | None = None) -> di
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text("utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise PrepError(f"{path}: cannot read the detector config ({exc}); pass a YAML file "
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise PrepError(f"{path}: cannot read the detector config ({type(exc).__name__}); pass a YAML file "
                             "like configs/detector_tiny.yaml") from exc
         if not isinstance(data, dict):
             raise PrepError(f"{path}: expected a mapping of settings")
@@ -355,6 +355,8 @@ def train_detector(annotations: Path, images: Path, *, config: Path | None = Non
     t0 = time.perf_counter()
     annotations, images, out = Path(annotations), Path(images), Path(out)
     cfg = load_detector_config(config, overrides)
+    from ..manifests.ownership import DETECTOR_RUN, claim_output_dir
+    claim_output_dir(out, DETECTOR_RUN)
     if not images.is_dir():
         raise PrepError(f"{images}: not a directory; pass the folder that holds the annotated images")
     coco = load_coco(annotations)

@@ -87,8 +87,11 @@ def load_config(name_or_path: str | Path | dict) -> dict:
         where = str(path)
         try:
             raw = yaml.safe_load(path.read_text("utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise PrepError(f"{path}: not valid YAML ({exc})") from exc
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            from ..filetypes import describe_file
+            raise PrepError(f"{path}: is {describe_file(path)}, not a YAML config "
+                            f"({type(exc).__name__}); pass a YAML file like "
+                            "configs/teran_small.yaml or a bundled name") from exc
         if not isinstance(raw, dict):
             raise PrepError(f"{path}: a config must be a mapping of sections")
     config = merge_settings(DEFAULTS, raw, where)

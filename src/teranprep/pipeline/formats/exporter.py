@@ -127,7 +127,8 @@ def export_features(features: Path, to: str, out: Path, *, splits: Path | None =
         raise PrepError("--splits applies to --to scan-precomp only (the other formats have no "
                         "caption files); leave it out")
     inverse = _inverse_key_map(key_map)
-    out.mkdir(parents=True, exist_ok=True)
+    from ...manifests.ownership import EXPORT, claim_output_dir
+    claim_output_dir(out, EXPORT)
     with FeatureStore(features) as store:
         writer = {"scan-precomp": _export_scan, "teran": _export_teran, "butd-tsv": _export_tsv}[to]
         files, counts = writer(store, features, out, splits, inverse, quiet)

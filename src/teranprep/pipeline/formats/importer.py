@@ -116,6 +116,8 @@ def import_features(fmt: str, src: Path, out: Path, *, key_map: Path | None = No
         raise PrepError("--dtype must be float16 or float32")
     if not 0 <= max_error_rate <= 1:
         raise PrepError("--max-error-rate must be within [0, 1]")
+    from ...manifests.ownership import FEATURES, claim_output_dir
+    claim_output_dir(out, FEATURES)
     mapping = read_key_map(key_map) if key_map else None
     source = open_source(fmt, src, sizes=sizes, splits=splits)
     try:

@@ -1,0 +1,79 @@
+"""SIGINT and SIGTERM in long stages: stop quietly, keep what is done, say what was kept and how to resume.
+
+The CLI turns both signals into `Interrupted` (a BaseException, so no `except Exception` in a
+stage swallows it); a stage wraps its long part in `resumable(describe_kept)`, and the CLI prints
+one line from the innermost description plus the command that resumes, then exits 130 (SIGINT)
+or 143 (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import sys
+from contextlib import contextmanager
+from typing import Callable
+
+_kept_descriptions: list[Callable[[], str]] = []
+
+
+class Interrupted(BaseException):
+    """Raised in the main thread when SIGINT or SIGTERM arrives."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGINT and SIGTERM raise Interrupted in the main thread (call once, from the CLI)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _raise_interrupted)
+
+
+@contextmanager
+def resumable(describe_kept: Callable[[], str]):
+    """While inside, an interrupt reports `describe_kept()` (e.g. "12 of 16 shards complete in OUT")."""
+    _kept_descriptions.append(describe_kept)
+    try:
+        yield
+    finally:
+        _kept_descriptions.pop()
+
+
+def interrupted_message(exc: BaseException) -> tuple[str, int]:
+    """The one line to print for an interrupt, and the exit code (130 SIGINT, 143 SIGTERM)."""
+    signum = getattr(exc, "signum", signal.SIGINT)
+    kept = "nothing was written yet"
+    if _kept_descriptions:
+        try:
+            kept = _kept_descriptions[-1]()
+        except Exception:  # noqa: BLE001 - a report must never hide the interrupt itself
+            kept = "completed work was kept"
+    command = "prep " + shlex.join(sys.argv[1:])
+    return (f"interrupted ({signal.Signals(signum).name}): {kept}; resume with: {command}",
+            128 + int(signum))
+
+
+@contextmanager
+def signals_ignored_in_children():
+    """Processes started inside inherit SIGINT ignored (Python keeps an inherited SIG_IGN), so a
+    Ctrl-C sent to the whole terminal group reaches only the driver, which stops them quietly."""
+    try:
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to arrange
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -1,0 +1,132 @@
+"""Which stage owns an output folder, and the checks every stage makes before writing into one.
+
+A folder belongs to the stage whose manifest (or, for a run still in progress, whose marker
+files) it holds. A stage refuses a folder that holds another stage's output, a folder inside a
+data folder of another stage (features/, splits/, an index, ...), a path that is a file, and a
+folder it cannot write to; each refusal is one PrepError line naming the path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import PrepError
+
+FEATURES = "teranprep.features"
+SPLITS = "teranprep.splits"
+RUN = "teranprep.run"
+EVAL = "teranprep.eval"
+EXPORT = "teranprep.export"
+SYNTHETIC = "teranprep.synthetic"
+DETECTOR_RUN = "teranprep.detector-run"
+INDEX = "teranprep.index"
+RELEVANCE = "teranprep.relevance"
+SHORTLIST = "teranprep.shortlist"
+
+# What a user reads in a refusal, and the command that made such a folder.
+DESCRIPTIONS = {
+    FEATURES: "region features (extract-regions / import-features)",
+    SPLITS: "caption splits (build-splits)",
+    RUN: "a TERAN training run (train)",
+    EVAL: "an evaluation (eval)",
+    EXPORT: "exported features (export-features)",
+    SYNTHETIC: "a synthetic dataset (make-synthetic)",
+    DETECTOR_RUN: "a detector training run (train-detector)",
+    INDEX: "a search index (index)",
+    RELEVANCE: "a relevance cache (eval)",
+    SHORTLIST: "a shortlist head (train-shortlist)",
+}
+# Files that mark a folder as a stage's even before its manifest exists (a run in progress).
+_MARKERS = (
+    (RUN, ("checkpoint_last.pt", "checkpoint_best.pt", "lineage.json")),
+    (DETECTOR_RUN, ("model_final.pth", "last.pth")),
+    (EVAL, ("rankings.npz",)),
+    (EXPORT, ("export.json",)),
+    (SYNTHETIC, ("synthetic.json",)),
+    (SPLITS, ("train.parquet", "val.parquet", "test.parquet")),
+    (FEATURES, ("index.parquet", "shards")),
+)
+# Written by claim_output_dir into every folder a stage claims, so that a folder whose stage is
+# still running (no manifest yet) is known as that stage's.
+OWNER_STAMP = ".teranprep-owner.json"
+# Folders that hold data other stages read: nothing else is ever written inside them.
+_DATA_FOLDERS = {FEATURES, SPLITS, INDEX, EXPORT, SYNTHETIC, RELEVANCE, EVAL}
+
+
+def folder_format(path: Path) -> str | None:
+    """The format of the stage output in `path` (a manifest's `format`, else marker files), or None."""
+    path = Path(path)
+    for name in ("manifest.json", OWNER_STAMP):
+        fmt = _format_in(path / name)
+        if fmt:
+            return fmt
+    for fmt, names in _MARKERS:
+        if any((path / name).exists() for name in names):
+            return fmt
+    return None
+
+
+def _format_in(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    try:
+        fmt = json.loads(path.read_text("utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return fmt if isinstance(fmt, str) and fmt else None
+
+
+def describe(fmt: str) -> str:
+    return DESCRIPTIONS.get(fmt, f"output of format {fmt!r}")
+
+
+def claim_output_dir(out: Path, fmt: str, *, create: bool = True, allow_inside=()) -> Path:
+    """Checks that `out` may hold this stage's output (format `fmt`) and, with `create`, makes it.
+
+    Refuses (PrepError, nothing touched): `out` is a file; `out` holds another stage's output;
+    `out` lies inside another stage's data folder (formats in `allow_inside` are allowed as
+    ancestors, e.g. an eval inside its run); `out` cannot be created or written.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PrepError(f"{out}: is a file, not a folder; pass a folder path as the output")
+    if out.is_dir():
+        found = folder_format(out)
+        if found is not None and found != fmt:
+            raise PrepError(f"{out}: holds {describe(found)}; this stage writes {describe(fmt)} and "
+                            "never into another stage's folder; choose another output folder")
+    for parent in Path(os.path.abspath(out)).parents:
+        found = folder_format(parent)
+        if found in _DATA_FOLDERS and found != fmt and found not in allow_inside:
+            raise PrepError(f"{out}: lies inside {parent}, which holds {describe(found)}; write "
+                            "this stage's output to a folder of its own")
+    if create:
+        ensure_writable_dir(out)
+        if not (out / OWNER_STAMP).is_file():
+            from .atomic import atomic_write_json
+            atomic_write_json(out / OWNER_STAMP, {"format": fmt})
+    return out
+
+
+def ensure_writable_dir(out: Path) -> None:
+    """Creates `out` (and parents) and proves it writable with a probe file; one line if not."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".teranprep-write-probe-{os.getpid()}"
+        with open(probe, "wb") as fh:
+            fh.write(b"probe")
+            fh.flush()
+            os.fsync(fh.fileno())
+        probe.unlink()
+    except FileExistsError as exc:
+        raise PrepError(f"{exc.filename or out}: a file stands where a folder is needed; pass "
+                        "another output path") from exc
+    except NotADirectoryError as exc:
+        raise PrepError(f"{out}: a part of this path is a file, not a folder; pass another "
+                        "output path") from exc
+    except OSError as exc:
+        raise PrepError(f"{exc.filename or out}: cannot write here ({exc.strerror or exc}); "
+                        "choose a writable output folder") from exc
