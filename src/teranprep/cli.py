@@ -7,7 +7,7 @@ import sys
 import click
 
 from . import __version__
-from .errors import PrepError
+from .errors import PrepError, os_error_line
 
 
 class PrepGroup(click.Group):
@@ -15,8 +15,8 @@ class PrepGroup(click.Group):
     code 2, and SIGINT / SIGTERM into one line on what was kept and exit 130 / 143."""
 
     def invoke(self, ctx):
-        from .interrupts import Interrupted, install_signal_handlers, interrupted_message
-        install_signal_handlers()
+        from .interrupts import Interrupted, install_signal_handlers, interrupted_message, restore_signal_handlers
+        before = install_signal_handlers()
         try:
             return super().invoke(ctx)
         except PrepError as exc:
@@ -31,20 +31,8 @@ class PrepGroup(click.Group):
             # file system, named in one line (the stage has already kept what it completed).
             click.echo(f"error: {os_error_line(exc)}", err=True)
             sys.exit(2)
-
-
-def os_error_line(exc: OSError) -> str:
-    import errno
-    where = exc.filename or "a file"
-    hint = {errno.ENOSPC: "free some space (completed work was kept) and run the command again",
-            errno.EROFS: "the file system is read-only; choose a writable output folder",
-            errno.EACCES: "permission denied; choose a folder you can write to",
-            errno.EPERM: "permission denied; choose a folder you can write to",
-            errno.ENOTDIR: "a part of this path is a file, not a folder",
-            errno.EEXIST: "a file already stands there",
-            errno.EISDIR: "a folder stands where a file is needed",
-            errno.ENOENT: "no such file or folder"}.get(exc.errno, "check the path")
-    return f"{where}: {exc.strerror or exc}; {hint}"
+        finally:
+            restore_signal_handlers(before)  # called as a library (tests, notebooks): leave no trace
 
 
 @click.group(cls=PrepGroup)

@@ -33,11 +33,24 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
-def install_signal_handlers() -> None:
-    """SIGINT and SIGTERM raise Interrupted in the main thread (call once, from the CLI)."""
+def install_signal_handlers() -> dict:
+    """SIGINT and SIGTERM raise Interrupted in the main thread; returns the handlers replaced."""
+    before = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, _raise_interrupted)
+        try:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                before[signum] = signal.signal(signum, _raise_interrupted)
+        except ValueError:  # not the main thread
+            pass
+    return before
+
+
+def restore_signal_handlers(before: dict) -> None:
+    for signum, handler in before.items():
+        try:
+            signal.signal(signum, handler)
+        except (ValueError, TypeError):
+            pass
 
 
 @contextmanager
@@ -46,6 +59,13 @@ def resumable(describe_kept: Callable[[], str]):
     _kept_descriptions.append(describe_kept)
     try:
         yield
+    except (Interrupted, KeyboardInterrupt) as exc:
+        if not hasattr(exc, "kept"):  # the innermost stage describes what it kept, now
+            try:
+                exc.kept = describe_kept()
+            except Exception:  # noqa: BLE001 - a report must never hide the interrupt itself
+                exc.kept = "completed work was kept"
+        raise
     finally:
         _kept_descriptions.pop()
 
@@ -53,12 +73,7 @@ def resumable(describe_kept: Callable[[], str]):
 def interrupted_message(exc: BaseException) -> tuple[str, int]:
     """The one line to print for an interrupt, and the exit code (130 SIGINT, 143 SIGTERM)."""
     signum = getattr(exc, "signum", signal.SIGINT)
-    kept = "nothing was written yet"
-    if _kept_descriptions:
-        try:
-            kept = _kept_descriptions[-1]()
-        except Exception:  # noqa: BLE001 - a report must never hide the interrupt itself
-            kept = "completed work was kept"
+    kept = getattr(exc, "kept", "nothing was completed yet")
     command = "prep " + shlex.join(sys.argv[1:])
     return (f"interrupted ({signal.Signals(signum).name}): {kept}; resume with: {command}",
             128 + int(signum))
@@ -77,3 +92,33 @@ def signals_ignored_in_children():
         yield
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+class DeferredInterrupts:
+    """Inside `with DeferredInterrupts() as pending:`, SIGINT and SIGTERM only set a flag, and
+    `pending.check()` raises Interrupted at a point the caller chose (between training steps), so
+    an interrupt never leaves a half-applied optimizer step behind."""
+
+    def __init__(self):
+        self.signum = None
+        self._before = {}
+
+    def _note(self, signum, frame):
+        self.signum = signum
+
+    def __enter__(self):
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._before[signum] = signal.signal(signum, self._note)
+        except ValueError:  # not the main thread: signals stay as they are
+            self._before = {}
+        return self
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+    def __exit__(self, *exc):
+        for signum, handler in self._before.items():
+            signal.signal(signum, handler)
+        return False

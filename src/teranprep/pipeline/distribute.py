@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+import warnings
 from typing import Callable, Iterable
 
-from ..errors import PrepError
+from ..errors import USER_FS_ERRNOS, PrepError, os_error_line
 
 
 PROGRESS_TOPIC = "teranprep-progress"
@@ -88,6 +89,18 @@ def failure_line(task, attempts: int, exc: BaseException) -> str:
     return f"task {task!r} failed after {attempts} attempt{plural}: {type(exc).__name__}: {text}"
 
 
+def _raise_if_user_fs_error(exc: BaseException) -> None:
+    """A full disk, a read-only mount or a permission: retrying cannot help; one line, now."""
+    if not isinstance(exc, OSError):
+        return
+    if exc.errno in USER_FS_ERRNOS:
+        raise PrepError(os_error_line(exc)) from exc
+    text = str(exc)
+    if "No space left on device" in text or "errno = 28" in text:  # HDF5 reports it in words
+        raise PrepError("no space left on device while writing an output file; free some space "
+                        "(completed work was kept) and run the command again") from exc
+
+
 def _run_inline(fn, tasks, retries, on_result):
     results = []
     for task in tasks:
@@ -98,6 +111,7 @@ def _run_inline(fn, tasks, retries, on_result):
             except PrepError:  # deterministic (a wrong file, a bad option): never retried
                 raise
             except Exception as exc:  # noqa: BLE001 - retried, then reported
+                _raise_if_user_fs_error(exc)
                 if attempt == retries:
                     raise PrepError(failure_line(task, retries + 1, exc)) from exc
         results.append(result)
@@ -118,7 +132,9 @@ def _run_dask(fn, tasks, workers, scheduler, retries, on_result, on_progress):
         # Our own workers start without dask's MALLOC_TRIM_THRESHOLD_ (see tune_malloc_for_tensors),
         # and with SIGINT ignored: a Ctrl-C reaches the driver only, which stops them quietly.
         dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
-        with signals_ignored_in_children():
+        with signals_ignored_in_children(), warnings.catch_warnings():
+            # Its HTTP endpoint moves off a busy port 8787 with a warning no user needs to read.
+            warnings.filterwarnings("ignore", message="Port .* is already in use")
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                    dashboard_address=None, silence_logs=logging.CRITICAL)
         client = Client(cluster)
@@ -147,6 +163,7 @@ def _run_dask(fn, tasks, workers, scheduler, retries, on_result, on_progress):
             except PrepError:
                 raise
             except Exception as exc:  # noqa: BLE001
+                _raise_if_user_fs_error(exc)
                 if attempts[i] > retries:
                     raise PrepError(failure_line(tasks[i], attempts[i], exc)) from exc
                 attempts[i] += 1

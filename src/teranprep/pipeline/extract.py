@@ -362,21 +362,16 @@ def _run_pending(out, images, tasks, done, pending, plan, params, params_fp, lis
     from .progress import ExtractProgress
     total_images = sum(len(t.entries) for t in pending)
     bar = ExtractProgress(total_images, quiet=quiet)
-    finished = [len(done)]
-
-    def shard_done(stats):
-        finished[0] += 1
-        bar.shard_done(stats)
-
-    def kept():
-        return (f"{finished[0]} of {len(tasks)} shards complete in {out} (kept; the index and "
+    def kept():  # read off the disk: a worker may have finished a shard the driver has not heard of
+        complete = sum(shard_is_complete(t) is not None for t in tasks)
+        return (f"{complete} of {len(tasks)} shards complete in {out} (kept; the index and "
                 "manifest are written when every shard is)")
 
     t_run = time.perf_counter()
     try:
         with resumable(kept):
             results = run_tasks(run_shard, pending, workers=workers, scheduler=scheduler,
-                                retries=retries, on_result=shard_done,
+                                retries=retries, on_result=bar.shard_done,
                                 on_progress=lambda p: p.get("run") == str(out.resolve()) and bar.shard_progress(p))
     finally:
         bar.close()

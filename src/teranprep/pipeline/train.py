@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import PrepError
+from ..interrupts import DeferredInterrupts, Interrupted, resumable
 from ..manifests.atomic import atomic_write_bytes, commit_temp, sha256_file, temp_path_for
 from ..teran.config import dump_config, load_config
 
@@ -178,7 +179,7 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
 
     if is_main:
         from ..manifests.ownership import RUN, claim_output_dir
-        claim_output_dir(out, RUN)  # never a features/ or splits/ folder, a file, a read-only path
+        claim_output_dir(out, RUN, create=False)  # never a features/ or splits/ folder, nor a file
     last_path = out / LAST
     ckpt = None
     if resume:
@@ -228,7 +229,7 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
 
     metrics_path = out / "metrics.jsonl"
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        claim_output_dir(out, RUN)  # created here, after the inputs were checked; writable
         if ckpt is None:
             atomic_write_bytes(out / "config.yaml", dump_config(config).encode("utf-8"))
             metrics_path.write_text("", encoding="utf-8")
@@ -243,6 +244,7 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
     total_steps = steps_per_epoch * t["epochs"]
     stop_at = min(total_steps, stop_after) if stop_after is not None else total_steps
     result = TrainResult(out, step, best_rsum)
+    last_saved = [step]  # the step of the checkpoint in LAST (0: none yet)
 
     def gather_rng():
         if not distributed:
@@ -263,6 +265,8 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
                    "text_config": model.text_encoder.config.to_dict()}
         for path in name_paths:
             save_checkpoint(path, payload)
+        if out / LAST in name_paths:
+            last_saved[0] = step
 
     def validate_and_save():
         validation = None
@@ -285,38 +289,57 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
             plot_validation(metrics_path, out / "validation.png")
         train_model.train()
 
+    def _train_loop(pending):
+        nonlocal step
+        while step < stop_at:
+            epoch, start_batch = divmod(step, steps_per_epoch)
+            sampler.set_position(epoch, start_batch)
+            for batch in loader:
+                batch = {k: v.to(dev) for k, v in batch.items()}
+                with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
+                    scores = train_model(batch)
+                loss = hinge_loss(scores.float(), t["margin"])
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if t["grad_clip"]:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+                lr_used = optimizer.param_groups[0]["lr"]
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                loss_value = float(loss.detach())
+                result.losses.append(loss_value)
+                if is_main and (step % t["log_every"] == 0 or step == 1):
+                    _append_jsonl(metrics_path, {"kind": "train", "step": step, "epoch": epoch,
+                                                 "loss": loss_value, "lr": lr_used})
+                if step % t["val_every"] == 0 or step == total_steps:
+                    validate_and_save()
+                elif step == stop_at or (t["checkpoint_every"] and step % t["checkpoint_every"] == 0):
+                    checkpoint([out / LAST], None)
+                if step >= stop_at:
+                    break
+                pending.check()  # an interrupt lands here, between whole steps
+
+    def kept():
+        return (f"a resumable checkpoint at step {last_saved[0]} of {stop_at} is in {out / LAST}"
+                if last_saved[0] else f"no step was completed in {out}")
+
     train_model.train()
-    while step < stop_at:
-        epoch, start_batch = divmod(step, steps_per_epoch)
-        sampler.set_position(epoch, start_batch)
-        for batch in loader:
-            batch = {k: v.to(dev) for k, v in batch.items()}
-            with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
-                scores = train_model(batch)
-            loss = hinge_loss(scores.float(), t["margin"])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if t["grad_clip"]:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
-            lr_used = optimizer.param_groups[0]["lr"]
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            loss_value = float(loss.detach())
-            result.losses.append(loss_value)
-            if is_main and (step % t["log_every"] == 0 or step == 1):
-                _append_jsonl(metrics_path, {"kind": "train", "step": step, "epoch": epoch,
-                                             "loss": loss_value, "lr": lr_used})
-            if step % t["val_every"] == 0 or step == total_steps:
-                validate_and_save()
-            elif step == stop_at:
+    with resumable(kept):
+        try:
+            with DeferredInterrupts() as pending:
+                _train_loop(pending)
+        except (Interrupted, KeyboardInterrupt):
+            # Interrupts land between whole steps (DeferredInterrupts), so the model and optimizer
+            # hold exactly `step` steps of training: saved, this resumes like any other checkpoint.
+            if not distributed and step > last_saved[0]:
                 checkpoint([out / LAST], None)
-            if step >= stop_at:
-                break
+            raise
     result.step = step
     store.close()
     if distributed:
         dist.barrier()
     return result
+

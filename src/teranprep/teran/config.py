@@ -56,6 +56,7 @@ DEFAULTS: dict = {
         "margin": 0.2,
         "val_every": 500,           # steps; validation also runs at the end of training
         "log_every": 10,            # steps between training-loss records in metrics.jsonl
+        "checkpoint_every": 100,    # steps between resumable checkpoints (also on SIGINT/SIGTERM); 0 = off
         "val_max_images": 1000,
         "amp": True,                # only ever used on CUDA
         "num_workers": 0,

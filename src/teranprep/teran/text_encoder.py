@@ -52,6 +52,7 @@ def load_text_encoder(source: str, layers: int, random_init: bool = False):
     import transformers
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # a stage's output is its own lines, not a load bar
     try:
         return BertModel.from_pretrained(directory, config=config, add_pooling_layer=False)
     finally:

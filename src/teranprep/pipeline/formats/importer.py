@@ -116,6 +116,11 @@ def import_features(fmt: str, src: Path, out: Path, *, key_map: Path | None = No
         raise PrepError("--dtype must be float16 or float32")
     if not 0 <= max_error_rate <= 1:
         raise PrepError("--max-error-rate must be within [0, 1]")
+    if sizes is not None and fmt != "teran":
+        raise PrepError(f"--sizes applies to the teran format only ({fmt} records the image sizes "
+                        "itself); leave --sizes out")
+    if splits and fmt != "scan-precomp":
+        raise PrepError(f"--split applies to scan-precomp only ({fmt} has no splits); leave --split out")
     from ...manifests.ownership import FEATURES, claim_output_dir
     claim_output_dir(out, FEATURES)
     mapping = read_key_map(key_map) if key_map else None
