@@ -184,13 +184,20 @@ def _run(fmt, src, out, source, mapping, key_map, shard_size, dtype, sizes, spli
     bar = ExtractProgress(sum(len(p) for _, p, _ in pending), quiet=quiet)
     detector = {"name": f"imported:{fmt}", "weights_sha256": "", "columns": list(columns)}
     t_run = time.perf_counter()
+    from ...interrupts import resumable
+
+    def kept():
+        return (f"{len(done)} of {len(shards)} shards complete in {out} (kept; the index and "
+                "manifest are written when every shard is)")
+
     try:
-        for index, part, recs in pending:
-            done[index] = write_shard(
-                out / SHARDS_DIR / shard_name(index), _regions(source, part, index, bar),
-                feature_dim=source.feature_dim, dtype=dtype, columns=columns,
-                attrs={"detector": detector["name"], "weights_sha256": ""},
-                params_fingerprint=params_fp, extra_stats={"items": recs})
+        with resumable(kept):
+            for index, part, recs in pending:
+                done[index] = write_shard(
+                    out / SHARDS_DIR / shard_name(index), _regions(source, part, index, bar),
+                    feature_dim=source.feature_dim, dtype=dtype, columns=columns,
+                    attrs={"detector": detector["name"], "weights_sha256": ""},
+                    params_fingerprint=params_fp, extra_stats={"items": recs})
     finally:
         bar.close()
     run_s = time.perf_counter() - t_run
