@@ -196,6 +196,9 @@ def ndcg_scorer(splits_dir: Path, split: str, data, *, relevance_files=(), cache
         if measure in files:
             raise PrepError(f"{path}: a second --relevance file for {measure} ({files[measure]})")
         files[measure] = Path(path)
+    if "rougeL" in files and (cache_dir is not None or scheduler or workers):
+        raise PrepError(f"{files['rougeL']} gives ROUGE-L, so nothing is computed: drop "
+                        "--relevance-cache, --scheduler and --workers")
     matrices, sources = {}, {}
     for measure, path in files.items():
         matrices[measure] = open_matrix(path, len(captions), len(keys))

@@ -102,7 +102,13 @@ def _lcs_bit_parallel(candidate: list[int], refs: TokenizedCaptions, match: np.n
         np.bitwise_or(v, w, out=v)
     match[candidate] = 0
     low = np.uint64((1 << len(candidate)) - 1) if len(candidate) < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
-    return np.bitwise_count(np.bitwise_and(np.invert(state), low)).astype(np.int64)
+    return _popcount(np.bitwise_and(np.invert(state), low))
+
+
+def _popcount(words: np.ndarray) -> np.ndarray:
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(words).astype(np.int64)
+    return np.unpackbits(words.view(np.uint8)).reshape(len(words), 64).sum(axis=1, dtype=np.int64)
 
 
 def _lcs_dynamic(candidate: list[int], refs: TokenizedCaptions) -> np.ndarray:
