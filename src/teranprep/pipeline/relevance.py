@@ -102,10 +102,11 @@ def ensure_rouge_matrix(splits_dir: Path, split: str, *, cache_dir: Path | None 
     name = f"{split}-rougeL"
     target = matrix_path(cache_dir, split, "rougeL")
     entry = (manifest or {}).get("matrices", {}).get(name)
-    if entry and target.is_file() and target.stat().st_size == entry["bytes"]:
+    split_sha = sha256_file(source)
+    if (entry and entry["split_sha256"] == split_sha and target.is_file()
+            and target.stat().st_size == entry["bytes"]):
         return target
 
-    split_sha = sha256_file(source)
     captions, caption_image, keys = split_captions(source)
     n_captions, n_images = len(captions), len(keys)
     plan = {"split": split, "split_sha256": split_sha, "n_captions": n_captions,
