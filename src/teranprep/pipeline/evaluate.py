@@ -13,6 +13,7 @@ from .train import BEST, CHECKPOINT_FORMAT, LAST
 
 PROTOCOLS = ("all", "1k", "5k")
 TOP_K_SAVED = 10
+NDCG_LABELS = {"ndcg_rougeL": "NDCG@25(ROUGE-L)", "ndcg_spice": "NDCG@25(SPICE)"}
 
 
 def checkpoint_path(source: Path) -> Path:
@@ -28,9 +29,10 @@ def checkpoint_path(source: Path) -> Path:
     return source
 
 
-def load_model(source: Path, device="cpu"):
+def load_model(source: Path, device="cpu", text_encoder: Path | None = None):
     """(model in eval mode, checkpoint metadata) from a teranprep run/checkpoint or an original
-    TERAN checkpoint (model_best_rsum.pth.tar)."""
+    TERAN checkpoint (model_best_rsum.pth.tar). `text_encoder`: a model directory whose
+    config.json supplies what an original checkpoint does not record (--text-encoder)."""
     from transformers import BertConfig, BertModel
     from ..extractors.weights import load_torch_file
     from ..teran.model import TERAN
@@ -39,9 +41,12 @@ def load_model(source: Path, device="cpu"):
     path = checkpoint_path(source)
     raw = load_torch_file(path, extra_safe_globals=REFERENCE_SAFE_GLOBALS)
     if isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT:
+        if text_encoder is not None:
+            raise PrepError(f"--text-encoder applies to original TERAN checkpoints only; {path} "
+                            "records its text encoder's configuration: drop the option")
         ckpt = raw
     elif is_reference_checkpoint(raw):
-        ckpt = convert_reference_checkpoint(raw, path)
+        ckpt = convert_reference_checkpoint(raw, path, text_encoder=text_encoder)
     else:
         raise PrepError(f"{path}: neither a teranprep checkpoint nor an original TERAN checkpoint "
                         "(dict with 'model' and 'config'); pass RUN/checkpoint_best.pt")
@@ -59,9 +64,12 @@ def default_eval_dir(source: Path, split: str, protocol: str) -> Path:
 def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: str = "all",
              features: Path | None = None, out: Path | None = None, device: str = "auto",
              batch_size: int = 64, image_block: int = 100, caption_block: int = 500,
-             fold_size: int = 1000, echo=print) -> dict:
+             fold_size: int = 1000, text_encoder: Path | None = None, ndcg: bool = True,
+             relevance_files=(), relevance_cache: Path | None = None, scheduler: str | None = None,
+             workers: int = 0, echo=print) -> dict:
     """Scores every image of `split` against every caption, block by block, and writes
-    metrics.json + rankings.npz to `out` (default: RUN/eval-SPLIT-PROTOCOL/)."""
+    metrics.json + rankings.npz to `out` (default: RUN/eval-SPLIT-PROTOCOL/). With `ndcg`, also
+    NDCG@25 per direction over ROUGE-L relevance (cached beside splits/) and `relevance_files`."""
     from ..teran.data import load_split, open_features
     from ..teran.metrics import i2t_ranks, retrieval_metrics, t2i_ranks
     from ..teran.scoring import encode_split, model_score_matrix
@@ -74,7 +82,10 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
     claim_output_dir(out, EVAL, allow_inside=(RUN,))
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    model, ckpt = load_model(source, dev)
+    if not ndcg and (relevance_files or relevance_cache or scheduler or workers):
+        raise PrepError("--no-ndcg: --relevance, --relevance-cache, --scheduler and --workers "
+                        "only serve NDCG; drop them or drop --no-ndcg")
+    model, ckpt = load_model(source, dev, text_encoder=text_encoder)
     store = open_features(splits_dir, features)
     if store.feature_dim != ckpt["feature_dim"]:
         raise PrepError(f"{store.root}: {store.feature_dim}-d features, but {checkpoint_path(source)} "
@@ -89,6 +100,11 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
     if protocol == "1k" and n_images % fold_size:
         raise PrepError(f"{splits_dir}/{split}.parquet: {n_images} images are not whole folds of "
                         f"{fold_size}; use --protocol all")
+    scorer = None
+    if ndcg:
+        from .relevance import ndcg_scorer
+        scorer = ndcg_scorer(splits_dir, split, data, relevance_files=relevance_files,
+                             cache_dir=relevance_cache, scheduler=scheduler, workers=workers, echo=echo)
     max_regions = ckpt["config"]["training"]["max_regions"]
     encoded = encode_split(model, data, store, batch_size=batch_size, device=dev, max_regions=max_regions)
     from ..teran.metrics import fold_slices
@@ -107,6 +123,9 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
                                     caption_block=caption_block, device=dev)
         owner = data.caption_image[caps] - images[0]
         per_fold.append(retrieval_metrics(scores, owner))
+        if scorer is not None:
+            for direction, values in scorer.fold(images, caps, scores).items():
+                per_fold[-1][direction].update(values)
         k = min(TOP_K_SAVED, scores.shape[1])
         rankings["i2t_rank"].append(i2t_ranks(scores, owner))
         rankings["t2i_rank"].append(t2i_ranks(scores, owner))
@@ -116,14 +135,18 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
         rankings["caption_index"].append(caps)
         del scores
     if protocol == "1k":
-        metrics = {d: {key: float(np.mean([f[d][key] for f in per_fold])) for key in per_fold[0][d]}
+        metrics = {d: {key: _mean_of_folds([f[d][key] for f in per_fold]) for key in per_fold[0][d]}
                    for d in ("i2t", "t2i")}
         metrics["rsum"] = float(np.mean([f["rsum"] for f in per_fold]))
         metrics["folds"] = per_fold
     else:
         metrics = per_fold[0]
     metrics.update(split=split, protocol=protocol, n_images=len(data.image_keys),
-                   n_captions=len(data.caption_image), checkpoint=str(checkpoint_path(source)))
+                   n_captions=len(data.caption_image), checkpoint=str(checkpoint_path(source)),
+                   text_encoder=ckpt.get("text_encoder") or {"config": ckpt["text_config"],
+                                                             "source": "checkpoint"})
+    if scorer is not None:
+        metrics["relevance"] = scorer.sources
 
     caption_index = np.concatenate(rankings["caption_index"])
     # Ranks are 0-based and within the scored block (the fold for 1k); rows follow image_keys
@@ -140,12 +163,19 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
     return metrics
 
 
+def _mean_of_folds(values: list):
+    # NDCG is None for a fold where no query counts (see teran/relevance.mean_ndcg).
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
 def format_metrics(m: dict) -> str:
     lines = [f"{m.get('split', '')} ({m.get('protocol', '')}): {m.get('n_images', '?')} images, "
              f"{m.get('n_captions', '?')} captions"]
     for d, name in (("i2t", "image->text"), ("t2i", "text->image")):
         r = m[d]
+        ndcgs = "".join(f"  {label} {'n/a' if r[key] is None else format(r[key], '.4f')}"
+                        for key, label in NDCG_LABELS.items() if key in r)
         lines.append(f"  {name}: R@1 {r['r1']:.1f}  R@5 {r['r5']:.1f}  R@10 {r['r10']:.1f}  "
-                     f"medr {r['medr']:.1f}  meanr {r['meanr']:.1f}")
+                     f"medr {r['medr']:.1f}  meanr {r['meanr']:.1f}{ndcgs}")
     lines.append(f"  rsum {m['rsum']:.1f}")
     return "\n".join(lines)

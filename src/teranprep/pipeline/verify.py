@@ -31,6 +31,10 @@ class VerifyReport:
 
 
 RUN_CONFIG = "config.yaml"
+# How an index row identifies its input file (DESIGN.md: "file_size, file_sha256 (or
+# mtime+size)"): file_size always, then a content hash or a modification time, either one.
+# Extract writes all three; a store written by another tool may carry only the hash.
+FILE_IDENTITY_COLUMNS = ("file_size", "file_sha256", "file_mtime_ns")
 
 
 def verify(path: Path) -> VerifyReport:
@@ -131,7 +135,11 @@ def _check_index(root: Path, manifest: dict, stored: dict, report: VerifyReport)
     expected = manifest.get("index", {}).get("sha256")
     if expected and sha256_file(index_path) != expected:
         report.problem(index_path, "sha256 differs from the manifest's (edited after the run?)")
-    missing_cols = set(INDEX_COLUMNS) - set(index.columns)
+    missing_cols = set(INDEX_COLUMNS) - set(index.columns) - set(FILE_IDENTITY_COLUMNS)
+    if "file_size" not in index.columns:
+        missing_cols.add("file_size")
+    if not any(c in index.columns for c in FILE_IDENTITY_COLUMNS[1:]):
+        missing_cols.add("file_sha256 (or file_mtime_ns)")
     if missing_cols:
         report.problem(index_path, f"missing columns {sorted(missing_cols)}")
         return

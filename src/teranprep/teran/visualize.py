@@ -33,7 +33,8 @@ def word_region_alignment(model, regions, caption_ids: list[int]):
 
 def show_alignment(source: Path, image_key: str, caption: str, out: Path, *, splits: Path | None = None,
                    features: Path | None = None, images: Path | None = None,
-                   tokenizer: str | None = None) -> list[tuple[str, int, float]]:
+                   tokenizer: str | None = None,
+                   text_encoder: Path | None = None) -> list[tuple[str, int, float]]:
     """Writes a PNG to `out`; returns [(word piece, region index, cosine)]."""
     import matplotlib
     matplotlib.use("Agg")
@@ -46,7 +47,7 @@ def show_alignment(source: Path, image_key: str, caption: str, out: Path, *, spl
     from ..pipeline.evaluate import load_model
     from ..tokenizers import load_wordpiece, normalize_caption
 
-    model, ckpt = load_model(source)
+    model, ckpt = load_model(source, text_encoder=text_encoder)
     if features is None:
         if splits is None:
             lineage = ckpt.get("lineage") or {}
