@@ -16,6 +16,8 @@ from teranprep.extractors.weights import load_torch_file
 from teranprep.pipeline.evaluate import load_model
 from teranprep.teran.reference_import import REFERENCE_SAFE_GLOBALS
 
+pytestmark = pytest.mark.threads  # float comparisons with the reference code, within tolerances
+
 FEAT, EMBED, HIDDEN = 8, 16, 128
 
 

@@ -42,6 +42,7 @@ def test_train_writes_config_checkpoints_metrics_and_plot(tmp_path, dataset):
     assert [lrs[s] for s in (1, 2, 3, 6, 7, 12)] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 5e-4, 5e-4])
 
 
+@pytest.mark.threads
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, dataset):
     splits, features, bert = dataset
     quiet = lambda *_: None  # noqa: E731
@@ -70,6 +71,7 @@ def test_train_refuses_splits_whose_features_changed(tmp_path, dataset):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.threads
 def test_eval_protocols_match_metrics_of_the_full_score_matrix(tmp_path, dataset):
     from teranprep.pipeline.evaluate import evaluate, load_model
     from teranprep.teran.data import load_split, open_features

@@ -28,6 +28,7 @@ class Stop(Exception):
     pass
 
 
+@pytest.mark.threads
 def test_resume_after_an_interruption_gives_the_uninterrupted_weights(shapes, tmp_path):
     lines = []
     straight = train_detector(shapes.instances, shapes.images_dir, out=tmp_path / "a",
