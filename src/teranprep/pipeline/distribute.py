@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 from typing import Callable, Iterable
 
@@ -16,6 +17,9 @@ from ..errors import PrepError
 
 PROGRESS_TOPIC = "teranprep-progress"
 _inline_progress: list = []  # the handler of the in-process run, when one is running
+
+
+_FLUSH_KEY = "teranprep-progress-flush"
 
 
 def report_progress(payload: dict) -> None:
@@ -117,9 +121,19 @@ def _run_dask(fn, tasks, workers, scheduler, retries, on_result, on_progress):
         except OSError as exc:
             raise PrepError(f"cannot reach the dask scheduler at {scheduler} ({exc}); start one "
                             "with `dask scheduler` or drop --scheduler") from exc
+    flushed = threading.Event()
+    flush_token = uuid.uuid4().hex
+
+    def deliver(event):
+        payload = event[1]
+        if isinstance(payload, dict) and payload.get(_FLUSH_KEY) == flush_token:
+            flushed.set()
+        else:
+            on_progress(payload)
+
     try:
         if on_progress is not None:
-            client.subscribe_topic(PROGRESS_TOPIC, lambda event: on_progress(event[1]))
+            client.subscribe_topic(PROGRESS_TOPIC, deliver)
         run_id = f"teranprep-{uuid.uuid4().hex[:8]}"
         futures = [client.submit(fn, task, retries=retries, pure=False, key=f"{run_id}-{i}")
                    for i, task in enumerate(tasks)]
@@ -136,6 +150,11 @@ def _run_dask(fn, tasks, workers, scheduler, retries, on_result, on_progress):
                                 f"{type(exc).__name__}: {exc}") from exc
             if on_result:
                 on_result(results[i])
+        if on_progress is not None:
+            # Events reach us asynchronously: one of our own, published after the last task
+            # finished, arrives after every event a task sent, so none is lost or late.
+            client.log_event(PROGRESS_TOPIC, {_FLUSH_KEY: flush_token})
+            flushed.wait(timeout=30)
         return results
     finally:
         if on_progress is not None:
