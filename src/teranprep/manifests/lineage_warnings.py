@@ -19,8 +19,9 @@ def features_warnings(features_dir: Path, manifest: dict) -> list[str]:
     """The warnings a stage reading the features in `features_dir` (manifest given) inherits."""
     if not (manifest.get("detector") or {}).get(RANDOM_WEIGHTS_KEY):
         return []
-    return [f"{Path(features_dir).resolve()}: features from random weights (their manifest says: meaningless, never "
-            "to train or evaluate a model); everything made from them is meaningless too"]
+    return [f"{Path(features_dir).resolve()}: features from random weights (their manifest says: "
+            "meaningless, never to train or evaluate a model); everything made from them is "
+            "meaningless too"]
 
 
 def recorded_warnings(record: dict | None) -> list[str]:

@@ -16,10 +16,8 @@ from ..errors import PrepError
 
 
 PROGRESS_TOPIC = "teranprep-progress"
+_FLUSH_KEY = "teranprep-progress-flush"  # run_tasks' own last event (see _run_dask)
 _inline_progress: list = []  # the handler of the in-process run, when one is running
-
-
-_FLUSH_KEY = "teranprep-progress-flush"
 
 
 def report_progress(payload: dict) -> None:
