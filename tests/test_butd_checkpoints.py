@@ -17,6 +17,8 @@ from teranprep.extractors.butd.model import ButdModel
 from teranprep.extractors.checkpoints import (ANCHORS_KEY, check_state_dict, convert_checkpoint,
                                               read_butd_checkpoint, read_checkpoint_file)
 
+pytestmark = pytest.mark.threads  # bit-equal comparisons within one thread count
+
 PRED = "roi_heads.box_predictor"
 OBJ = "proposal_generator.rpn_head.objectness_logits"
 

@@ -19,7 +19,7 @@ from conftest import write_images
 from teranprep.errors import PrepError
 from teranprep.extractors import MODELS, DetectorSpec
 
-pytestmark = pytest.mark.detectron2
+pytestmark = [pytest.mark.detectron2, pytest.mark.threads]
 
 STOCK = {"c4": "COCO-Detection/faster_rcnn_R_50_C4_1x.yaml",
          "fpn": "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"}

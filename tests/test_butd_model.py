@@ -13,6 +13,8 @@ from teranprep.extractors.butd.detector import ButdDetector
 from teranprep.extractors.butd.model import ButdModel, RPNRaw
 from teranprep.extractors.butd.ops import caffe_nms, clip_boxes, decode_boxes, preprocess
 
+pytestmark = pytest.mark.threads  # bit-equal comparisons within one thread count
+
 
 @pytest.fixture(scope="module")
 def detector():

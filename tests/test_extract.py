@@ -65,25 +65,24 @@ def test_bad_inputs_are_recorded_and_the_run_goes_on(image_dir, tmp_path):
     assert (result.n_ok, result.n_error, result.shards_run) == (4, 4, 0)
 
 
+@pytest.mark.threads
 def test_regions_match_a_direct_detector_call(image_dir, tmp_path):
     from teranprep.extractors import DetectorSpec, build_detector
     from teranprep.pipeline.images import read_image
     keys = write_images(image_dir, 3)
     extract_regions(image_dir, tmp_path / "f", workers=0, dtype="float32", batch_size=1,
                     **{k: v for k, v in FAST.items() if k != "batch_size"})
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # what a shard task uses (calibration included): the same bits
-    detector = build_detector(DetectorSpec(model="tv-frcnn-mbv3-320", random_seed=0))
+    from teranprep.threads import torch_threads
     stored = all_arrays(tmp_path / "f")
-    for key in keys:
-        image, _ = read_image(image_dir / key)
-        det = detector.detect([image])[0]
-        np.testing.assert_array_equal(stored[key][0], det.boxes)
-        np.testing.assert_array_equal(stored[key][1], det.features)
-        assert stored[key][1].shape[0] >= 10  # --min-boxes default
-        assert (det.boxes[:, 2] <= image.shape[1] + 1e-3).all() and (det.boxes[:, 3] <= image.shape[0] + 1e-3).all()
-    torch.set_num_threads(threads)
+    with torch_threads(1):  # what a shard task uses (calibration included): the same bits
+        detector = build_detector(DetectorSpec(model="tv-frcnn-mbv3-320", random_seed=0))
+        for key in keys:
+            image, _ = read_image(image_dir / key)
+            det = detector.detect([image])[0]
+            np.testing.assert_array_equal(stored[key][0], det.boxes)
+            np.testing.assert_array_equal(stored[key][1], det.features)
+            assert stored[key][1].shape[0] >= 10  # --min-boxes default
+            assert (det.boxes[:, 2] <= image.shape[1] + 1e-3).all() and (det.boxes[:, 3] <= image.shape[0] + 1e-3).all()
 
 
 def test_rerun_of_complete_stage_changes_no_file(image_dir, tmp_path):
@@ -179,6 +178,7 @@ def test_random_weight_full_model_stays_in_float16_range(image_dir, tmp_path):
     assert np.isfinite(features).all() and 0 < np.abs(features).max() < 65504
 
 
+@pytest.mark.threads
 def test_one_and_two_dask_workers_give_identical_arrays(image_dir, tmp_path):
     write_images(image_dir, 6)
     extract_regions(image_dir, tmp_path / "w1", workers=1, shard_size=2, **FAST)
@@ -189,6 +189,7 @@ def test_one_and_two_dask_workers_give_identical_arrays(image_dir, tmp_path):
     assert_same_arrays(a, all_arrays(tmp_path / "w0"))
 
 
+@pytest.mark.threads
 def test_scheduler_address_of_a_local_cluster(image_dir, tmp_path):
     from dask.distributed import LocalCluster
     write_images(image_dir, 4)
@@ -217,6 +218,7 @@ def _cli(image_dir, out, *extra):
             "--batch-size", "1", "--quiet", *extra]
 
 
+@pytest.mark.threads
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_resume_after_kill_gives_identical_features(image_dir, tmp_path, workers):
     write_images(image_dir, 9)

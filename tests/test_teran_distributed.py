@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 
 from teran_fixtures import make_tiny_bert, random_dataset, tiny_config, one_thread  # noqa: F401 (autouse)
 from teranprep.pipeline.train import LAST, lr_factor, load_checkpoint
+
+pytestmark = pytest.mark.threads  # float comparisons across processes, within tolerances
 
 
 def test_two_process_gloo_step_averages_rank_gradients(tmp_path, make_features):

@@ -17,6 +17,12 @@ def test_ranks_from_hand_made_scores():
     assert i2t_ranks(s, caption_image).tolist() == [0, 4, 1]
     # Column c: own image's score vs the other images' (ties count against: column 5's 0.4).
     assert t2i_ranks(s, caption_image).tolist() == [0, 1, 1, 0, 1, 1]
+    # By hand from those ranks: i2t 1 of 3 at rank 0, all below 5; median rank 1, mean 5/3;
+    # t2i 2 of 6 at rank 0, median 1, mean 4/6. rsum = 2 * (100/3 + 100 + 100).
+    m = retrieval_metrics(s, caption_image)
+    assert m["i2t"] == pytest.approx({"r1": 100 / 3, "r5": 100.0, "r10": 100.0, "medr": 2.0, "meanr": 8 / 3})
+    assert m["t2i"] == pytest.approx({"r1": 100 / 3, "r5": 100.0, "r10": 100.0, "medr": 2.0, "meanr": 5 / 3})
+    assert m["rsum"] == pytest.approx(1400 / 3)
 
 
 def test_summary_uses_reference_medr_and_meanr():
@@ -29,7 +35,10 @@ def test_summary_uses_reference_medr_and_meanr():
     m = retrieval_metrics(s, caption_image)
     # ranks 0,1,2,3: R@1 = 25, R@5 = R@10 = 100, medr = floor(1.5) + 1 = 2, meanr = 1.5 + 1.
     assert m["i2t"] == {"r1": 25.0, "r5": 100.0, "r10": 100.0, "medr": 2.0, "meanr": 2.5}
-    assert m["rsum"] == pytest.approx(sum(m["i2t"][f"r{k}"] + m["t2i"][f"r{k}"] for k in (1, 5, 10)))
+    # t2i by hand: caption 0 is outscored by images 1, 2, 3 (rank 3), caption 1 by 2, 3, caption 2
+    # by 3, caption 3 by none: ranks 3, 2, 1, 0, the same summary; rsum 2 * (25 + 100 + 100).
+    assert m["t2i"] == {"r1": 25.0, "r5": 100.0, "r10": 100.0, "medr": 2.0, "meanr": 2.5}
+    assert m["rsum"] == 450.0
 
 
 def test_constant_scores_get_no_recall():
@@ -59,6 +68,22 @@ def test_fold_protocol_averages_independent_folds():
     scores2[0, 25:] = 100.0
     assert fold_metrics(scores2, caption_image, fold_size=5)["rsum"] == pytest.approx(got["rsum"])
     assert retrieval_metrics(scores2, caption_image)["rsum"] != retrieval_metrics(scores, caption_image)["rsum"]
+
+
+def test_fold_protocol_on_a_hand_made_case():
+    # 4 images, one caption each, folds of 2. Fold 1 scores perfectly (rsum 600). Fold 2:
+    # [[0, 1], [0, 1]]: image 2's own caption is beaten (i2t ranks 1, 0); both captions tie with
+    # the other image, and ties count against (t2i ranks 1, 1): rsum 50+100+100 + 0+100+100 = 450.
+    # Cross-fold scores are huge and must be ignored.
+    scores = np.full((4, 4), 100.0)
+    scores[:2, :2] = np.eye(2)
+    scores[2:, 2:] = [[0.0, 1.0], [0.0, 1.0]]
+    got = fold_metrics(scores, np.arange(4), fold_size=2)
+    assert [f["rsum"] for f in got["folds"]] == [600.0, 450.0]
+    assert got["rsum"] == 525.0
+    # medr per fold: i2t floor(median(0, 0)) + 1 = 1 and floor(median(1, 0)) + 1 = 1; t2i 1 and 2
+    assert got["i2t"] == {"r1": 75.0, "r5": 100.0, "r10": 100.0, "medr": 1.0, "meanr": 1.25}
+    assert got["t2i"] == {"r1": 50.0, "r5": 100.0, "r10": 100.0, "medr": 1.5, "meanr": 1.5}
 
 
 def test_fold_protocol_refuses_partial_folds():

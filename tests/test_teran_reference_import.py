@@ -20,6 +20,8 @@ from teranprep.extractors.weights import load_torch_file
 from teranprep.pipeline.evaluate import load_model
 from teranprep.teran.reference_import import REFERENCE_SAFE_GLOBALS
 
+pytestmark = pytest.mark.threads  # float comparisons with the reference code, within tolerances
+
 FEAT, EMBED, HIDDEN = 8, 16, 128
 TINY_BERT = dict(vocab_size=50, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
                  intermediate_size=256, max_position_embeddings=40)

@@ -42,6 +42,7 @@ def test_train_writes_config_checkpoints_metrics_and_plot(tmp_path, dataset):
     assert [lrs[s] for s in (1, 2, 3, 6, 7, 12)] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 5e-4, 5e-4])
 
 
+@pytest.mark.threads
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, dataset):
     splits, features, bert = dataset
     quiet = lambda *_: None  # noqa: E731
@@ -70,11 +71,74 @@ def test_train_refuses_splits_whose_features_changed(tmp_path, dataset):
     assert not (tmp_path / "run").exists()
 
 
-def test_eval_protocols_match_metrics_of_the_full_score_matrix(tmp_path, dataset):
+def _scores_pair_by_pair(model, store, data):
+    """S[i, c] the slow way: each image and caption encoded alone (no padding, no batching), then
+    MrSw by loops: for each kept word (1 .. len-3, the reference rule), its best region among
+    slots 1 .. n (slot 0 is the global vector), summed."""
+    import numpy as np
+    import torch
+    images = []
+    with torch.no_grad():
+        for key in data.image_keys:
+            r = store[key]
+            n, d = r.features.shape
+            feats, boxes = torch.zeros(1, n + 1, d), torch.zeros(1, n + 1, 4)
+            feats[0, 1:], boxes[0, 1:] = torch.from_numpy(r.features), torch.from_numpy(r.boxes)
+            vecs = model.encode_images(feats, boxes, torch.tensor([[float(r.width), float(r.height)]]),
+                                       torch.tensor([n + 1]))[0]
+            images.append(vecs[1:].double().numpy())
+        captions = []
+        for ids in data.captions["input_ids"]:
+            ids = torch.tensor([list(ids)], dtype=torch.long)
+            vecs = model.encode_captions(ids, torch.tensor([ids.shape[1]]))[0]
+            captions.append(vecs[1:ids.shape[1] - 2].double().numpy())
+    scores = np.zeros((len(images), len(captions)))
+    for i, regions in enumerate(images):
+        for c, words in enumerate(captions):
+            scores[i, c] = sum(max(float(region @ word) for region in regions) for word in words)
+    return scores
+
+
+def _metrics_by_hand(scores, caption_image):
+    """Ranks by counting (ties against the query), then R@K, floor(median) + 1 and mean + 1."""
+    import math
+    import statistics
+    n_img, n_cap = scores.shape
+    i2t = []
+    for i in range(n_img):
+        best = max(scores[i, c] for c in range(n_cap) if caption_image[c] == i)
+        i2t.append(sum(scores[i, c] >= best for c in range(n_cap) if caption_image[c] != i))
+    t2i = [sum(scores[j, c] >= scores[caption_image[c], c] for j in range(n_img) if j != caption_image[c])
+           for c in range(n_cap)]
+
+    def summary(ranks):
+        out = {f"r{k}": 100.0 * sum(r < k for r in ranks) / len(ranks) for k in (1, 5, 10)}
+        out.update(medr=math.floor(statistics.median(ranks)) + 1, meanr=sum(ranks) / len(ranks) + 1)
+        return out
+    m = {"i2t": summary(i2t), "t2i": summary(t2i)}
+    m["rsum"] = sum(m[d][f"r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+    return m, i2t, t2i
+
+
+def _smallest_rank_margin(scores, caption_image):
+    """How far the closest compared pair of scores is from a tie: rounding below this (other
+    batching, threads or CPU) cannot change a rank."""
+    import numpy as np
+    gaps = []
+    for i in range(scores.shape[0]):
+        own = caption_image == i
+        gaps.append(np.abs(scores[i, ~own] - scores[i, own].max()).min())
+    for c in range(scores.shape[1]):
+        others = np.arange(scores.shape[0]) != caption_image[c]
+        gaps.append(np.abs(scores[others, c] - scores[caption_image[c], c]).min())
+    return float(min(gaps))
+
+
+@pytest.mark.threads
+def test_eval_protocols_match_a_pair_by_pair_computation(tmp_path, dataset):
+    import numpy as np
     from teranprep.pipeline.evaluate import evaluate, load_model
     from teranprep.teran.data import load_split, open_features
-    from teranprep.teran.metrics import fold_metrics, retrieval_metrics
-    from teranprep.teran.scoring import encode_split, model_score_matrix
 
     splits, features, bert = dataset
     run = tmp_path / "run"
@@ -82,20 +146,29 @@ def test_eval_protocols_match_metrics_of_the_full_score_matrix(tmp_path, dataset
     model, _ = load_model(run)
     store = open_features(splits)
     data = load_split(splits, "test", store)
-    scores = model_score_matrix(model, encode_split(model, data, store), image_block=1000,
-                                caption_block=1000)
+    scores = _scores_pair_by_pair(model, store, data)
+    # float32 batched vs float64 unbatched agree to ~1e-6; ranks are safe with a margin far above it
+    assert _smallest_rank_margin(scores, data.caption_image) > 1e-4
     quiet = lambda *_: None  # noqa: E731
     whole = evaluate(run, splits, protocol="all", image_block=3, caption_block=5, echo=quiet)
-    want = retrieval_metrics(scores, data.caption_image)
+    want, i2t, t2i = _metrics_by_hand(scores, data.caption_image)
+    assert 0 < want["rsum"] < 600  # neither degenerate: the ranks really are compared
     for d in ("i2t", "t2i"):
-        assert {k: whole[d][k] for k in want[d]} == pytest.approx(want[d])
+        assert {k: whole[d][k] for k in want[d]} == pytest.approx(want[d], rel=1e-12)
         assert 0 < whole[d]["ndcg_rougeL"] <= 1  # checked against a direct loop in test_teran_relevance
-    assert whole["rsum"] == pytest.approx(want["rsum"])
+    assert whole["rsum"] == pytest.approx(want["rsum"], rel=1e-12)
+    saved = np.load(run / "eval-test-all" / "rankings.npz")
+    assert saved["i2t_rank"].tolist() == i2t
+    assert saved["t2i_rank"][np.argsort(saved["caption_index"])].tolist() == t2i
     folds = evaluate(run, splits, protocol="1k", fold_size=2, echo=quiet)
-    want = fold_metrics(scores, data.caption_image, 2)
-    assert folds["rsum"] == pytest.approx(want["rsum"])
-    assert {k: folds["i2t"][k] for k in want["i2t"]} == pytest.approx(want["i2t"])
-    assert len(folds["folds"]) == 2
+    by_fold = []
+    for f in range(2):
+        caps = np.flatnonzero(np.isin(data.caption_image, [2 * f, 2 * f + 1]))
+        by_fold.append(_metrics_by_hand(scores[2 * f:2 * f + 2][:, caps], data.caption_image[caps] - 2 * f)[0])
+    assert [f["rsum"] for f in folds["folds"]] == pytest.approx([f["rsum"] for f in by_fold])
+    assert folds["rsum"] == pytest.approx((by_fold[0]["rsum"] + by_fold[1]["rsum"]) / 2)
+    assert {k: folds["i2t"][k] for k in by_fold[0]["i2t"]} == pytest.approx(
+        {k: (by_fold[0]["i2t"][k] + by_fold[1]["i2t"][k]) / 2 for k in by_fold[0]["i2t"]})
     with pytest.raises(PrepError, match="whole folds"):
         evaluate(run, splits, protocol="1k", fold_size=3, echo=quiet)
     with pytest.raises(PrepError, match="5K protocol"):

@@ -138,3 +138,33 @@ def test_store_of_another_tool_without_mtimes_verifies_and_evaluates(tmp_path):
     index.to_parquet(features / "index.parquet", index=False)
     res = run_verify(features)
     assert res.exit_code == 1 and "file_sha256 (or file_mtime_ns)" in res.output
+
+
+def test_error_rows_are_reported_by_reason_with_example_keys(tmp_path):
+    """Error rows are outcomes, not damage: verify passes, and one warning counts them by reason."""
+    from conftest import write_images
+    from teranprep.manifests.error_summary import error_reason
+    images = tmp_path / "images"
+    write_images(images, 2)
+    for name in ("e1.jpg", "e2.png", "e3.jpg"):
+        (images / name).write_bytes(b"")
+    (images / "text.png").write_text("not an image")
+    out = tmp_path / "features"
+    extract = ["extract-regions", str(images), str(out), "--model", "tv-frcnn-mbv3-320", "--random-weights",
+               "0", "--workers", "0", "--max-error-rate", "1", "--quiet"]
+    ran = CliRunner().invoke(main, extract)
+    assert ran.exit_code == 0, ran.output
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    res = run_verify(out)
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output
+    lines = [l for l in res.stderr.splitlines() if "error rows" in l]
+    assert lines == [f"warning: {out / 'index.parquet'}: 4 of 6 images are error rows (recorded, no "
+                     "features): 3 empty file (e.g. 'e1.jpg', 'e2.png', 'e3.jpg'); "
+                     "1 not an image Pillow can identify (e.g. 'text.png')"]
+    assert f"verify: {out} is consistent" in res.stdout
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert run_verify(out).stderr == res.stderr  # a re-run says the same
+    # the reason drops the key prefix, details and numbers
+    assert error_reason("k.jpg", "k.jpg: decompression bomb: 9000x9000 pixels") == "decompression bomb"
+    assert error_reason("k.jpg", "num_boxes is 3 but boxes holds 8 values") == "num_boxes is N but boxes holds N values"

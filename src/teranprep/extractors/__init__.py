@@ -53,16 +53,35 @@ def resolve_model(model: str, weights, random_weights, min_boxes=None, max_boxes
 _CACHE: dict = {}
 
 
+def _cache_key(spec: DetectorSpec) -> tuple:
+    """Everything that changes a built detector's numbers: the spec, the weights file's identity
+    (a path rewritten in place, e.g. by train-detector, is another detector) and torch's thread
+    count at build time (random weights are calibrated by a forward pass, whose rounding depends
+    on it)."""
+    import os
+
+    import torch
+    weights = None
+    if spec.weights:
+        try:
+            st = os.stat(spec.weights)
+            weights = (st.st_size, st.st_mtime_ns, st.st_ino)
+        except OSError:
+            weights = "unreadable"  # the builder reports it
+    return (spec, weights, torch.get_num_threads())
+
+
 def build_detector(spec: DetectorSpec) -> Detector:
-    """Builds (once per process) the detector `spec` describes."""
-    detector = _CACHE.get(spec)
+    """Builds (once per process, per _cache_key) the detector `spec` describes."""
+    key = _cache_key(spec)
+    detector = _CACHE.get(key)
     if detector is None:
         from ..errors import PrepError
         if spec.model not in MODELS:
             raise PrepError(f"unknown model {spec.model!r}; choose one of: {', '.join(sorted(MODELS))}")
         _CACHE.clear()  # one model resident per worker
         resolved = replace(spec, device=resolve_device(spec.device))
-        detector = _CACHE[spec] = MODELS[spec.model](resolved)
+        detector = _CACHE[key] = MODELS[spec.model](resolved)
     return detector
 
 

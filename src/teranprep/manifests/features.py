@@ -156,11 +156,27 @@ def write_index_and_manifest(out: Path, *, stage: str, rows: list[dict], shard_s
                     "bytes": s["bytes"], "sha256": s["sha256"]} for s in shard_stats],
         "timings": timings,
         "environment": {"python": sys.version.split()[0], "torch": installed_version("torch"),
-                        "torchvision": installed_version("torchvision"), "platform": platform.platform()},
+                        "torchvision": installed_version("torchvision"), "platform": platform.platform(),
+                        "cpu_capability": cpu_capability(shard_stats, computed=stage == "extract-regions")},
         **(extra or {}),
     }
     atomic_write_bytes(out / MANIFEST_NAME, canonical_json(manifest))
     return manifest
+
+
+def cpu_capability(shard_stats: list[dict], computed: bool) -> str | None:
+    """The CPU kernel level torch dispatched to (DEFAULT, AVX2, AVX512, ...): CPU features are
+    byte-identical only between runs with the same level and threads per task. Shards that
+    recorded their worker's level win; else a stage that computed the features here asks torch
+    (LocalCluster workers share this machine and environment); stages that only copy features
+    (import-features) record None rather than import torch."""
+    levels = sorted({s["cpu_capability"] for s in shard_stats if s.get("cpu_capability")})
+    if levels:
+        return levels[0] if len(levels) == 1 else ",".join(levels)
+    if not computed:
+        return None
+    import torch
+    return str(torch.backends.cpu.get_cpu_capability())
 
 
 def installed_version(package: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 import warnings
 from typing import Callable, Iterable
@@ -16,6 +17,7 @@ from ..errors import USER_FS_ERRNOS, PrepError, os_error_line
 
 
 PROGRESS_TOPIC = "teranprep-progress"
+_FLUSH_KEY = "teranprep-progress-flush"  # run_tasks' own last event (see _run_dask)
 _inline_progress: list = []  # the handler of the in-process run, when one is running
 
 
@@ -144,9 +146,19 @@ def _run_dask(fn, tasks, workers, scheduler, retries, on_result, on_progress):
         except OSError as exc:
             raise PrepError(f"cannot reach the dask scheduler at {scheduler} ({exc}); start one "
                             "with `dask scheduler` or drop --scheduler") from exc
+    flushed = threading.Event()
+    flush_token = uuid.uuid4().hex
+
+    def deliver(event):
+        payload = event[1]
+        if isinstance(payload, dict) and payload.get(_FLUSH_KEY) == flush_token:
+            flushed.set()
+        else:
+            on_progress(payload)
+
     try:
         if on_progress is not None:
-            client.subscribe_topic(PROGRESS_TOPIC, lambda event: on_progress(event[1]))
+            client.subscribe_topic(PROGRESS_TOPIC, deliver)
         run_id = f"teranprep-{uuid.uuid4().hex[:8]}"
         # Retries are ours, not dask's: a deterministic error (PrepError: a wrong weights file, a
         # bad option) fails the stage at once as its one line; anything else is tried again.
@@ -173,6 +185,11 @@ def _run_dask(fn, tasks, workers, scheduler, retries, on_result, on_progress):
                 continue
             if on_result:
                 on_result(results[i])
+        if on_progress is not None:
+            # Events reach us asynchronously: one of our own, published after the last task
+            # finished, arrives after every event a task sent, so none is lost or late.
+            client.log_event(PROGRESS_TOPIC, {_FLUSH_KEY: flush_token})
+            flushed.wait(timeout=30)
         return results
     finally:
         _close_quietly(client, cluster, on_progress is not None)

@@ -9,6 +9,7 @@ import torch
 
 from ..errors import PrepError
 from ..manifests.atomic import atomic_write_bytes, canonical_json
+from ..manifests.lineage_warnings import emit, features_warnings, merge, recorded_warnings, warning_fields
 from .train import BEST, CHECKPOINT_FORMAT, LAST
 
 PROTOCOLS = ("all", "1k", "5k")
@@ -87,6 +88,8 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
                         "only serve NDCG; drop them or drop --no-ndcg")
     model, ckpt = load_model(source, dev, text_encoder=text_encoder)
     store = open_features(splits_dir, features)
+    warnings = merge(recorded_warnings(ckpt.get("lineage")), features_warnings(store.root, store.manifest))
+    emit("eval", warnings)
     if store.feature_dim != ckpt["feature_dim"]:
         raise PrepError(f"{store.root}: {store.feature_dim}-d features, but {checkpoint_path(source)} "
                         f"was trained on {ckpt['feature_dim']}-d ones")
@@ -144,7 +147,8 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
     metrics.update(split=split, protocol=protocol, n_images=len(data.image_keys),
                    n_captions=len(data.caption_image), checkpoint=str(checkpoint_path(source)),
                    text_encoder=ckpt.get("text_encoder") or {"config": ckpt["text_config"],
-                                                             "source": "checkpoint"})
+                                                             "source": "checkpoint"},
+                   **warning_fields(warnings))
     if scorer is not None:
         metrics["relevance"] = scorer.sources
 

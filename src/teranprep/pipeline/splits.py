@@ -14,7 +14,8 @@ from typing import Iterator
 from .. import __version__
 from ..errors import PrepError
 from ..manifests.atomic import sha256_file
-from ..manifests.features import FeatureStore, manifest_sha256
+from ..manifests.features import FeatureStore, manifest_sha256, read_features_manifest
+from ..manifests.lineage_warnings import emit, features_warnings, warning_fields
 from ..manifests.fingerprint import fingerprint
 from ..manifests.splits import (DROPPED_COLUMNS, DROPPED_NAME, MISSING_COLUMNS, MISSING_NAME,
                                 SPLIT_NAMES, SPLITS_FORMAT, SPLITS_FORMAT_VERSION, clear_splits,
@@ -302,6 +303,8 @@ def build_splits(captions: Path, *, features: Path, out: Path, format: str | Non
     claim_output_dir(out, SPLITS)  # before any work: never into features/ or a file
     say = echo or (lambda message: None)
     _validate(captions, features, restval, val, test, max_tokens, max_missing)
+    warnings = features_warnings(features, read_features_manifest(features))
+    emit("build-splits", warnings)
     fmt = detect_format(captions, format)
     wordpiece = load_wordpiece(tokenizer)
     params = {"format": fmt, "image_key_template": image_key_template,
@@ -454,7 +457,7 @@ def build_splits(captions: Path, *, features: Path, out: Path, format: str | Non
         "tokenizer": {**wordpiece.identity, "max_tokens": max_tokens,
                       "mode": "chunk-cache" if tokenize.chunk_cache else "per-caption"},
         "seed": seed, "counts": counts, "dropped": dropped, "truncated": truncated,
-        "files": files,
+        "files": files, **warning_fields(warnings),
         "timings": {"wall_s": round(wall_s, 3), "tokenize_write_s": round(tokenize_s, 3),
                     "captions_per_s": round(n_rows / wall_s, 1) if wall_s > 0 else None},
     }

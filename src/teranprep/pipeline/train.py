@@ -20,6 +20,7 @@ import torch
 from ..errors import PrepError
 from ..interrupts import DeferredInterrupts, Interrupted, resumable
 from ..manifests.atomic import atomic_write_bytes, commit_temp, sha256_file, temp_path_for
+from ..manifests.lineage_warnings import emit, features_warnings, merge, recorded_warnings, warning_fields
 from ..teran.config import dump_config, load_config
 
 CHECKPOINT_FORMAT = "teranprep.teran-checkpoint"
@@ -196,6 +197,10 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
 
     store = open_features(splits_dir, features)  # refuses mismatched lineage
     lineage = lineage_of(splits_dir, store.root)
+    warnings = merge(features_warnings(store.root, store.manifest),
+                     recorded_warnings(ckpt["lineage"] if ckpt is not None else None))
+    emit("train", warnings)
+    lineage.update(warning_fields(warnings))  # lineage.json and every checkpoint carry it
     if ckpt is not None and ckpt["lineage"]["splits_manifest_sha256"] != lineage["splits_manifest_sha256"]:
         raise PrepError(f"{splits_dir / 'manifest.json'}: differs from the splits {last_path} was "
                         "trained on; resume with the same splits or start a new run")
@@ -272,7 +277,8 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
         validation = None
         if is_main:
             validation = validate(model, val_split, store, config, dev)
-            record = {"kind": "val", "step": step, "epoch": step // steps_per_epoch, **validation}
+            record = {"kind": "val", "step": step, "epoch": step // steps_per_epoch, **validation,
+                      **warning_fields(warnings)}
             _append_jsonl(metrics_path, record)
             echo(f"step {step}: val rsum {validation['rsum']:.2f} "
                  f"(i2t R@1 {validation['i2t']['r1']:.1f}, t2i R@1 {validation['t2i']['r1']:.1f})")

@@ -347,6 +347,15 @@ def _save(path: Path, payload: dict) -> None:
 
 def train_detector(annotations: Path, images: Path, *, config: Path | None = None, out: Path,
                    overrides: dict | None = None, overwrite: bool = False, echo=print) -> TrainDetectorResult:
+    """Trains a detector (see _train_detector); the config's `threads` holds only for this call."""
+    from ..threads import torch_threads
+    with torch_threads(None):  # restores whatever _train_detector sets from the config
+        return _train_detector(annotations, images, config=config, out=out, overrides=overrides,
+                               overwrite=overwrite, echo=echo)
+
+
+def _train_detector(annotations: Path, images: Path, *, config: Path | None, out: Path,
+                    overrides: dict | None, overwrite: bool, echo) -> TrainDetectorResult:
     """Trains (or fine-tunes) a BUTD-family detector on COCO boxes; resumes from out/last.pth.
 
     A finished run with the same inputs and settings is a no-op. Prints validation mAP@0.5 after

@@ -94,12 +94,27 @@ def verify_features(root: Path, manifest: dict, report: VerifyReport) -> None:
                 listed_keys[key] = (entry["path"], row)
         report.checked.append(entry["path"])
     _check_index(root, manifest, listed_keys, report)
+    _report_error_rows(root, report)
     shard_dir = root / SHARDS_DIR
     if shard_dir.is_dir():
         listed = {Path(e["path"]).name for e in manifest.get("shards", [])}
         for extra in sorted(shard_dir.glob("*.h5")):
             if extra.name not in listed:
                 report.warnings.append(f"{extra}: not listed in the manifest (ignored by readers)")
+
+
+def _report_error_rows(root: Path, report: VerifyReport) -> None:
+    """Error rows are recorded outcomes, not damage: one warning line counting them by reason."""
+    from ..manifests.error_summary import format_error_summary, summarize_errors
+    try:
+        index = pd.read_parquet(root / INDEX_NAME, columns=["image_key", "status", "error"])
+    except Exception:  # noqa: BLE001 - _check_index already reported an unreadable index
+        return
+    errors = index[index["status"] == "error"]
+    if len(errors):
+        summary = summarize_errors(errors["image_key"].tolist(), errors["error"].tolist())
+        report.warnings.append(f"{root / INDEX_NAME}: {len(errors)} of {len(index)} images are "
+                               f"error rows (recorded, no features): {format_error_summary(summary)}")
 
 
 def _check_shard_structure(reader: ShardReader, entry: dict, report: VerifyReport) -> None:

@@ -18,7 +18,8 @@ import numpy as np
 
 from ...errors import PrepError
 from ...manifests.atomic import atomic_write_bytes, atomic_write_json, commit_temp, temp_path_for
-from ...manifests.features import FeatureStore, manifest_sha256
+from ...manifests.features import FeatureStore, manifest_sha256, read_features_manifest
+from ...manifests.lineage_warnings import emit, features_warnings, warning_fields
 from .sources import SCAN_BOXES, SCAN_CAPS, SCAN_IDS, SCAN_IMS, SCAN_SIZES, SIZES_FILE
 
 EXPORT_FORMATS = ("scan-precomp", "teran", "butd-tsv")
@@ -127,6 +128,8 @@ def export_features(features: Path, to: str, out: Path, *, splits: Path | None =
         raise PrepError("--splits applies to --to scan-precomp only (the other formats have no "
                         "caption files); leave it out")
     inverse = _inverse_key_map(key_map)
+    warnings = features_warnings(features, read_features_manifest(features))
+    emit("export-features", warnings)
     from ...manifests.ownership import EXPORT, claim_output_dir
     claim_output_dir(out, EXPORT)
     with FeatureStore(features) as store:
@@ -137,6 +140,7 @@ def export_features(features: Path, to: str, out: Path, *, splits: Path | None =
         "format": to, "features": str(features.resolve()),
         "features_manifest_sha256": manifest_sha256(features),
         "splits": str(Path(splits).resolve()) if splits else None, "counts": counts, "files": files,
+        **warning_fields(warnings),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return result
 
