@@ -271,3 +271,30 @@ def test_shortlist_head_beats_an_untrained_projection(planted_run, tmp_path):
         np.testing.assert_allclose(stored, direct, atol=1e-5)
     store.close()
     assert result.summary().startswith("shortlist head")
+
+
+def test_dask_cluster_build_equals_in_process_and_random_features_warn(planted_run, tmp_path):
+    """A LocalCluster of 2 workers writes the same bytes as the in-process run (1 torch thread per
+    task in both, by construction); features from random detector weights are flagged."""
+    import shutil
+    p = planted_run
+    inline, cluster = tmp_path / "inline", tmp_path / "cluster"
+    build_index(p["run"], p["features"], inline, shard_size=64, echo=lambda *_: None)
+    build_index(p["run"], p["features"], cluster, shard_size=64, workers=2, echo=lambda *_: None)
+    a, b = _tree(inline), _tree(cluster)
+    assert sorted(a) == sorted(b) and len([n for n in a if n.endswith(".h5")]) == 3
+    for name in a:
+        assert a[name] == b[name], name
+    random_features = tmp_path / "features"
+    shutil.copytree(p["features"], random_features)
+    manifest = json.loads((random_features / "manifest.json").read_text())
+    manifest["detector"]["random_weights"] = 7
+    (random_features / "manifest.json").write_text(json.dumps(manifest))
+    said = []
+    result = build_index(p["run"], random_features, tmp_path / "random", echo=said.append)
+    assert any("random weights" in line and line.startswith("WARNING") for line in said)
+    assert "random weights" in json.loads((tmp_path / "random" / "manifest.json").read_text())["warning"]
+    assert result.warning
+    cli = CliRunner().invoke(main, ["search", str(tmp_path / "random"), "w5 w6", "--tokenizer",
+                                    str(p["tokenizer"])])
+    assert cli.exit_code == 0 and "WARNING" in cli.output
