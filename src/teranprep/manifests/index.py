@@ -193,6 +193,26 @@ class IndexStore:
             out[i] = (h5["features"][lo:hi], h5["boxes"][lo:hi] if boxes else None)
         return out
 
+    def read_padded(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        """The region sets of shortlist rows `rows` as one zero-padded float32 array (B, 1 + max n, E)
+        with the unscored slot 0 empty, and the lengths (n + 1): read straight into place, one
+        slice per image, shard by shard in storage order (the re-ranking read)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        spans = []
+        for i in range(len(rows)):
+            code = int(self.shard_of[rows[i]])
+            _, offsets = self._shard(code)
+            r = int(self.row_in_shard[rows[i]])
+            spans.append((code, int(offsets[r]), int(offsets[r + 1])))
+        lengths = np.array([hi - lo + 1 for _, lo, hi in spans], dtype=np.int64)
+        width = max(int(lengths.max()) if len(rows) else 1, 2)
+        out = np.zeros((len(rows), width, self.embed_dim), dtype=np.float32)
+        for i in sorted(range(len(rows)), key=lambda j: spans[j][:2]):
+            code, lo, hi = spans[i]
+            if hi > lo:
+                out[i, 1:hi - lo + 1] = self._files[code]["features"][lo:hi]
+        return out, lengths
+
     def read_shard_block(self, code: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(every embedding of shard `code`, its offsets, the shortlist row of each of its images):
         the exhaustive scan reads a shard at once."""

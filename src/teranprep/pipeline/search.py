@@ -139,10 +139,8 @@ class Searcher:
     # ------------------------------------------------------------ scoring
     def score_rows(self, rows, words, lengths) -> np.ndarray:
         """TERAN alignment scores of the images at shortlist rows `rows` for one encoded query."""
-        from ..teran.scoring import score_matrix
-        sets = [emb for emb, _ in self.store.read_rows(rows)]
-        regions, rlens = pad_regions(sets, self.embed_dim)
-        return self._score(regions, rlens, words, lengths)[:, 0]
+        regions, rlens = self.store.read_padded(rows)
+        return self._score(torch.from_numpy(regions), torch.from_numpy(rlens), words, lengths)[:, 0]
 
     def _score(self, regions, rlens, words, lengths) -> np.ndarray:
         from ..teran.scoring import score_matrix
