@@ -28,6 +28,11 @@ def test_quick_demo_runs_every_stage_and_retrieves_well_above_chance(tmp_path):
     assert result.detector_map is not None and result.detector_map > 0.1
     assert all(p.is_file() and p.stat().st_size > 0 for p in result.pictures)
     assert any("show" in line or "aligned" in line for line in lines)
+    # the demo ends with an index of its test images and one search (top 5) + the serve command
+    index = result.stages["index"]
+    assert len(index["top5"]) == 5 and index["query"]
+    assert any(line.startswith("serve it: prep serve ") for line in lines)
+    assert set(index["shortlist_recall"]["trained"]) == {"50", "100", "500", "1000"}
     summary = json.loads((tmp_path / "demo" / "demo-summary.json").read_text())
     assert summary["metrics"]["rsum"] == pytest.approx(m["rsum"])
 
@@ -35,6 +40,6 @@ def test_quick_demo_runs_every_stage_and_retrieves_well_above_chance(tmp_path):
     t0 = time.perf_counter()
     again = run_demo(tmp_path / "demo", settings, echo=lambda _: None)
     assert all(again.stages[s]["noop"] for s in
-               ("make-synthetic", "train-detector", "extract-regions", "build-splits", "train"))
+               ("make-synthetic", "train-detector", "extract-regions", "build-splits", "train", "index"))
     assert again.metrics["rsum"] == pytest.approx(m["rsum"])
     assert time.perf_counter() - t0 < result.wall_s / 2
