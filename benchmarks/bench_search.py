@@ -184,7 +184,7 @@ def main():
     print(f"# load average before: {os.getloadavg()[0]:.1f}")
     print("| images | shortlist index | p50 encode | p50 shortlist | p50 re-rank | p50 total | p95 total | p50 CPU | p95 CPU | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for size in [int(s) for s in a.sizes.split(",")]:
+    for size in [int(s) for s in a.sizes.split(",") if s]:
         args = [sys.executable, __file__, "--one", str(size), *[f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
                                                             if k not in ("one", "demo", "sizes", "build_faiss") and v is not None]]
         out = subprocess.run(args, capture_output=True, text=True)
