@@ -32,7 +32,7 @@ def test_quick_demo_runs_every_stage_and_retrieves_well_above_chance(tmp_path):
     index = result.stages["index"]
     assert len(index["top5"]) == 5 and index["query"]
     assert any(line.startswith("serve it: prep serve ") for line in lines)
-    assert set(index["shortlist_recall"]["trained"]) == {"50", "100", "500", "1000"}
+    assert set(index["shortlist_recall"]["trained"]) == {"10", "20", "50", "100", "500", "1000"}
     summary = json.loads((tmp_path / "demo" / "demo-summary.json").read_text())
     assert summary["metrics"]["rsum"] == pytest.approx(m["rsum"])
 

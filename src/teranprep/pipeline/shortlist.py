@@ -21,7 +21,7 @@ from ..manifests.atomic import atomic_write_bytes, canonical_json, commit_temp, 
 from ..manifests.fingerprint import fingerprint
 
 SHORTLIST_FORMAT = "teranprep.shortlist"
-RECALL_SIZES = (50, 100, 500, 1000)
+RECALL_SIZES = (10, 20, 50, 100, 500, 1000)  # the issue asks 50..1000; 10, 20 tell on small sets
 
 
 @dataclass
@@ -36,7 +36,8 @@ class ShortlistResult:
         lines = [f"shortlist head {self.out}: share of exhaustive TERAN's top-10 kept by the "
                  f"shortlist of N ({self.eval_split} split, {self.n_eval_images} images)"]
         for name, rec in self.recall.items():
-            lines.append(f"  {name:10s}" + "  ".join(f"N={n}: {100 * v:5.1f}%" for n, v in rec.items()))
+            lines.append(f"  {name:10s}" + "  ".join(f"N={n}: {100 * rec[n]:5.1f}%"
+                                                  for n in sorted(rec, key=int)))
         return "\n".join(lines)
 
 
