@@ -24,7 +24,7 @@ import pandas as pd
 
 from ..errors import PrepError
 from .atomic import atomic_write_bytes, canonical_json, commit_temp, sha256_file, temp_path_for
-from .features import INDEX_NAME, MANIFEST_NAME, SHARDS_DIR, index_frame, installed_version
+from .features import INDEX_NAME, MANIFEST_NAME, index_frame, installed_version
 
 INDEX_FORMAT = "teranprep.index"
 INDEX_FORMAT_VERSION = 1

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import PrepError
 from ..manifests.atomic import commit_temp, sha256_file, temp_path_for
 from ..manifests.build import write_shard
-from ..manifests.features import (INDEX_NAME, MANIFEST_NAME, SHARDS_DIR, completed_shard,
+from ..manifests.features import (MANIFEST_NAME, SHARDS_DIR, completed_shard,
                                   current_manifest, manifest_sha256, prepare_output,
                                   read_features_manifest)
 from ..manifests.fingerprint import fingerprint

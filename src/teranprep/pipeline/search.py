@@ -229,7 +229,6 @@ class Searcher:
 
     def search_captions(self, key: str, k: int = 10) -> list[dict]:
         """The indexed captions ranked for image `key` (exhaustive over the caption set)."""
-        from ..teran.scoring import score_matrix
         if not (self.root / CAPTIONS_NAME).is_file():
             raise PrepError(f"{self.root}: no caption set indexed; rebuild with `prep index ... "
                             "--captions SPLITS`")

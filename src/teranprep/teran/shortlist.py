@@ -79,7 +79,7 @@ def listnet_loss(teacher: torch.Tensor, student: torch.Tensor,
     return direction(1) + direction(0)
 
 
-def shortlist_recall(exhaustive: "np.ndarray", student: "np.ndarray", sizes, top: int = 10) -> dict:
+def shortlist_recall(exhaustive, student, sizes, top: int = 10) -> dict:
     """For (Ni, Nc) exhaustive and student scores: the mean fraction of each caption's exhaustive
     top-`top` images that the student's top-N keeps, for every N in `sizes` (N capped at Ni)."""
     import numpy as np
