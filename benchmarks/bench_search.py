@@ -138,13 +138,14 @@ def build_shortlist_file(a) -> None:
     path.with_suffix(".json").write_text(json.dumps({"build_s": round(time.perf_counter() - t0, 1)}))
 
 
-def demo_recall(demo: Path, sizes=(10, 20, 50, 100, 500, 1000)) -> dict:
-    """Share of exhaustive top-10 kept by the shortlist of N, over every test caption of the demo."""
+def demo_recall(demo: Path, index: Path | None = None, sizes=(10, 20, 50, 100, 500, 1000)) -> dict:
+    """Share of exhaustive top-10 kept by the shortlist of N, over every test caption of the demo
+    (index: DIR/index, the demo's own index of its test images, unless given)."""
     import pandas as pd
     from teranprep.pipeline.search import Searcher
     test = pd.read_parquet(demo / "splits" / "test.parquet")
     kept = {n: [] for n in sizes}
-    with Searcher(demo / "index") as s:
+    with Searcher(index or demo / "index") as s:
         n_images = len(s.store)
         for ids in test["input_ids"]:
             words, lengths = s.encode_query(list(ids))
@@ -169,6 +170,7 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workdir", default="/tmp/bench_search")
     p.add_argument("--demo", type=Path)
+    p.add_argument("--demo-index", type=Path, help="Another index over the demo's images (default DIR/index).")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--build-faiss", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -186,7 +188,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in [int(s) for s in a.sizes.split(",") if s]:
         args = [sys.executable, __file__, "--one", str(size), *[f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-                                                            if k not in ("one", "demo", "sizes", "build_faiss") and v is not None]]
+                                                            if k not in ("one", "demo", "demo_index", "sizes", "build_faiss") and v is not None]]
         out = subprocess.run(args, capture_output=True, text=True)
         if out.returncode:
             print(out.stderr[-2000:])
@@ -198,7 +200,7 @@ def main():
               f"{r['p50']['total']} | {r['p95']['total']} | {r['p50']['cpu']} | {r['p95']['cpu']} | {r['peak_rss_mb']:.0f} |")
     print(f"# load average after: {os.getloadavg()[0]:.1f}")
     if a.demo:
-        print(json.dumps(demo_recall(a.demo)))
+        print(json.dumps(demo_recall(a.demo, a.demo_index)))
 
 
 if __name__ == "__main__":

@@ -287,6 +287,9 @@ def test_dask_cluster_build_equals_in_process_and_random_features_warn(planted_r
     random_features = tmp_path / "features"
     shutil.copytree(p["features"], random_features)
     manifest = json.loads((random_features / "manifest.json").read_text())
+    manifest["detector"]["random_weights"] = False  # what extract-regions writes for real weights
+    (random_features / "manifest.json").write_text(json.dumps(manifest))
+    assert build_index(p["run"], random_features, tmp_path / "real", echo=lambda *_: None).warning is None
     manifest["detector"]["random_weights"] = 7
     (random_features / "manifest.json").write_text(json.dumps(manifest))
     said = []

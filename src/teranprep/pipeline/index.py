@@ -256,8 +256,9 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
         for name in (SHORTLIST_NAME, HEAD_NAME, CAPTIONS_NAME):
             (out / name).unlink(missing_ok=True)
     listing = hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()
-    random_features = bool(features_manifest.get("warning")) or \
-        features_manifest.get("detector", {}).get("random_weights") is not None
+    # extract-regions records random_weights as a bool (older manifests: the seed or null)
+    recorded = features_manifest.get("detector", {}).get("random_weights")
+    random_features = bool(features_manifest.get("warning")) or (recorded is not None and recorded is not False)
     warning = RANDOM_FEATURES_WARNING if random_features else None
     if warning:
         echo(f"WARNING: {warning}")
