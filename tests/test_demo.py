@@ -44,6 +44,11 @@ def test_quick_demo_runs_every_stage_and_reaches_its_bar(tmp_path):
     aligned = [line for line in lines if "word pieces aligned" in line]
     assert len(aligned) == settings.pictures and all(str(p) in " ".join(aligned)
                                                      for p in result.pictures if "alignment" in str(p))
+    # the demo ends with an index of its test images and one search (top 5) + the serve command
+    index = result.stages["index"]
+    assert len(index["top5"]) == 5 and index["query"]
+    assert any(line.startswith("serve it: prep serve ") for line in lines)
+    assert set(index["shortlist_recall"]["trained"]) == {"10", "20", "50", "100", "500", "1000"}
     summary = json.loads((tmp_path / "demo" / "demo-summary.json").read_text())
     assert summary["metrics"]["rsum"] == pytest.approx(m["rsum"])
     assert summary["metrics"]["rsum"] == pytest.approx(sum(m[d][f"r{k}"] for d in ("i2t", "t2i")
@@ -55,7 +60,7 @@ def test_quick_demo_runs_every_stage_and_reaches_its_bar(tmp_path):
     t0 = time.perf_counter()
     again = run_demo(tmp_path / "demo", settings, echo=lambda _: None)
     assert all(again.stages[s]["noop"] for s in
-               ("make-synthetic", "train-detector", "extract-regions", "build-splits", "train"))
+               ("make-synthetic", "train-detector", "extract-regions", "build-splits", "train", "index"))
     assert again.metrics == m
     assert time.perf_counter() - t0 < result.wall_s / 2
 

@@ -42,7 +42,7 @@ def main():
 
 
 # Each stage's commands live in commands/<module>.py and attach themselves to `main` on import.
-COMMAND_MODULES = ("extract", "detector", "splits", "train", "formats", "demo")
+COMMAND_MODULES = ("extract", "detector", "splits", "train", "formats", "demo", "search")
 
 
 def _load_commands():

@@ -2,7 +2,8 @@
 
 make-synthetic -> train-detector (butd-tiny) -> extract-regions (with those weights) ->
 build-splits (MiniLM WordPiece) -> train (teran_small) -> eval (test split), then a few
-show-regions and show-alignment PNGs. Every stage is the public function a user would call, and
+show-regions and show-alignment PNGs, and last train-shortlist + an index of the test images
+with one search (prep search / prep serve). Every stage is the public function a user would call, and
 each is resumable, so a second `prep demo --out DIR` finishes at once.
 """
 
@@ -152,6 +153,10 @@ def run_demo(out: Path, settings: DemoSettings | None = None, *, echo=print) -> 
     pictures = _pictures(out, syn, features, run_dir, splits_dir, det.out, s.pictures, echo)
     stages["pictures"] = {"wall_s": time.perf_counter() - t}
 
+    t = stage("index + search (test images)")
+    search_report = _index_and_search(out, syn, features, run_dir, splits_dir, echo)
+    stages["index"] = {"wall_s": time.perf_counter() - t, **search_report}
+
     result = DemoResult(out, stages, metrics, det.final_map, pictures, time.perf_counter() - t_start)
     summary = {"settings": asdict(s), "stages": stages, "metrics": metrics,
                "detector_val_map50": det.final_map, "wall_s": result.wall_s}
@@ -179,6 +184,32 @@ def _pictures(out, syn, features, run_dir, splits_dir, detector_dir, n, echo) ->
         echo(f"  {key}: \"{caption}\" -> {len(pairs)} word pieces aligned ({target})")
         written.append(target)
     return written
+
+
+def _index_and_search(out, syn, features, run_dir, splits_dir, echo) -> dict:
+    """train-shortlist on the demo run, an index of the test images (and their captions), one
+    search with its top 5, and the command that serves it."""
+    from .index import build_index
+    from .search import Searcher
+    from .shortlist import train_shortlist
+    head = train_shortlist(run_dir, splits=splits_dir, epochs=20, echo=echo)
+    echo(head.summary())
+    index_dir = out / "index"
+    built = build_index(run_dir, features, index_dir, splits=splits_dir, split="test",
+                        captions=splits_dir, head=head.out, echo=echo)
+    echo(built.summary())
+    caps = json.loads(Path(syn.captions).read_text("utf-8"))
+    test = [im for im in caps["images"] if im["split"] == "test"]
+    query, truth = test[0]["sentences"][0]["raw"], f"{test[0]['filepath']}/{test[0]['filename']}"
+    with Searcher(index_dir) as searcher:
+        result = searcher.search(query, k=5)
+    echo(f'prep search {index_dir} "{query}" -k 5   (the caption belongs to {truth})')
+    for hit in result.hits:
+        echo(f"  {hit.rank}  {hit.score:8.4f}  {hit.key}" + ("   <- its image" if hit.key == truth else ""))
+    echo(f"serve it: prep serve {index_dir} --images {syn.images_dir}   (then open http://127.0.0.1:8000/)")
+    return {"query": query, "top5": [h.key for h in result.hits], "truth_rank":
+            next((h.rank for h in result.hits if h.key == truth), None),
+            "shortlist_recall": head.recall, "noop": not built.shards_run}
 
 
 def check_demo_targets(result: DemoResult, min_r1: float = 50.0, min_map: float = 0.8) -> list[str]:

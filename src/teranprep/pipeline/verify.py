@@ -351,3 +351,62 @@ def _same_arrow_type(got, want) -> bool:
 
 
 VERIFIERS = {FEATURES_FORMAT: verify_features, SPLITS_FORMAT: verify_splits}
+
+
+# ------------------------------------------------------------------ index/ (prep index)
+
+def verify_index(root: Path, manifest: dict, report: VerifyReport) -> None:
+    """index/: the region shards and index.parquet by the features/ rules, then every other file
+    against its recorded size and sha256, the FAISS shortlist (one vector per ok image, of the
+    recorded dimension), the head (tensors only), the caption set, and the checkpoint lineage."""
+    from ..manifests.index import CAPTIONS_NAME, HEAD_NAME, SHORTLIST_NAME, read_captions
+
+    verify_features(root, manifest, report)
+    for name, info in sorted((manifest.get("files") or {}).items()):
+        path = root / name
+        if not path.is_file():
+            report.problem(path, "listed in the manifest but missing (rebuild with `prep index --overwrite`)")
+            continue
+        if path.stat().st_size != info.get("bytes") or sha256_file(path) != info.get("sha256"):
+            report.problem(path, "size or sha256 differs from the manifest's (damaged or replaced)")
+        report.checked.append(name)
+    ok = (manifest.get("counts") or {}).get("ok")
+    faiss_info = (manifest.get("shortlist") or {}).get("faiss") or {}
+    if (root / SHORTLIST_NAME).is_file():
+        try:
+            import faiss
+            index = faiss.read_index(str(root / SHORTLIST_NAME))
+        except Exception as exc:  # noqa: BLE001 - any failure to read is the finding
+            report.problem(root / SHORTLIST_NAME, f"not a readable FAISS index ({str(exc).splitlines()[0][:200]})")
+        else:
+            if index.ntotal != ok:
+                report.problem(root / SHORTLIST_NAME, f"{index.ntotal} vectors, the index has {ok} ok images")
+            if index.d != faiss_info.get("dim"):
+                report.problem(root / SHORTLIST_NAME, f"{index.d}-d vectors, manifest says {faiss_info.get('dim')}")
+    if (root / HEAD_NAME).is_file():
+        try:
+            from ..extractors.weights import load_torch_file
+            from ..teran.shortlist import ShortlistHead
+            head = ShortlistHead.from_payload(load_torch_file(root / HEAD_NAME))
+            if head.dim != faiss_info.get("dim"):
+                report.problem(root / HEAD_NAME, f"makes {head.dim}-d vectors, the shortlist holds "
+                                                 f"{faiss_info.get('dim')}-d ones")
+        except Exception as exc:  # noqa: BLE001
+            report.problem(root / HEAD_NAME, f"not a loadable shortlist head ({type(exc).__name__})")
+    if manifest.get("captions") and (root / CAPTIONS_NAME).is_file():
+        try:
+            c = read_captions(root / CAPTIONS_NAME)
+            if len(c["offsets"]) - 1 != manifest["captions"].get("n_captions") or \
+                    c["offsets"][-1] != len(c["words"]):
+                report.problem(root / CAPTIONS_NAME, "caption count or offsets disagree with the manifest")
+        except Exception as exc:  # noqa: BLE001
+            report.problem(root / CAPTIONS_NAME, f"unreadable caption set ({type(exc).__name__})")
+    lineage = manifest.get("lineage") or {}
+    checkpoint = Path(lineage.get("checkpoint", ""))
+    if not checkpoint.is_file():
+        report.warnings.append(f"{checkpoint}: the run's checkpoint is not here; search needs it")
+    elif sha256_file(checkpoint) != lineage.get("checkpoint_sha256"):
+        report.problem(checkpoint, f"changed since the index {root} was built; rebuild it (--overwrite)")
+
+
+VERIFIERS["teranprep.index"] = verify_index

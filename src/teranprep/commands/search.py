@@ -1,0 +1,114 @@
+"""CLI: index, train-shortlist, search and serve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..cli import main
+
+
+@main.command("index")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--features", required=True, type=click.Path(path_type=Path), help="features/ to index.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="index/ directory to write.")
+@click.option("--splits", type=click.Path(path_type=Path), help="Index only the images of these splits.")
+@click.option("--split", help="With --splits (and --captions): only this split (train, val, test).")
+@click.option("--captions", type=click.Path(path_type=Path),
+              help="splits/ folder whose captions (--split, else all) are indexed for image->text search.")
+@click.option("--head", type=click.Path(path_type=Path),
+              help="Shortlist head dir (default RUN/shortlist when trained, else mean pooling).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--shard-size", default=1000, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--workers", default=0, show_default=True, help="0: in this process; N: a local dask cluster.")
+@click.option("--scheduler", help="tcp://host:port of a dask scheduler.")
+@click.option("--threads", default=1, show_default=True, help="torch threads per task.")
+@click.option("--exact-max", default=100_000, show_default=True,
+              help="Up to this many images the shortlist is exact; above, FAISS IVF.")
+@click.option("--overwrite", is_flag=True)
+def index_cmd(run, features, out, splits, split, captions, head, dtype, shard_size, batch_size,
+              workers, scheduler, threads, exact_max, overwrite):
+    """Encode every ok image of FEATURES through RUN's image encoder into a searchable index."""
+    from ..pipeline.index import build_index
+    result = build_index(run, features, out, splits=splits, split=split, captions=captions, head=head,
+                         dtype=dtype, shard_size=shard_size, batch_size=batch_size, workers=workers,
+                         scheduler=scheduler, threads=threads, exact_max=exact_max,
+                         overwrite=overwrite, echo=click.echo)
+    click.echo(result.summary())
+
+
+@main.command("train-shortlist")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--splits", type=click.Path(path_type=Path), help="Default: the run's training splits.")
+@click.option("--features", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Default: RUN/shortlist/.")
+@click.option("--dim", default=256, show_default=True, help="Global vector size.")
+@click.option("--epochs", default=30, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--max-images", default=20000, show_default=True, help="Train on at most this many images.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def train_shortlist_cmd(run, splits, features, out, dim, epochs, batch_size, lr, max_images, seed, overwrite):
+    """Distil RUN's alignment scores into a small global-vector head (ALADIN's ListNet)."""
+    from ..pipeline.shortlist import train_shortlist
+    result = train_shortlist(run, splits=splits, features=features, out=out, dim=dim, epochs=epochs,
+                             batch_size=batch_size, lr=lr, max_images=max_images, seed=seed,
+                             overwrite=overwrite, echo=click.echo)
+    click.echo(result.summary())
+
+
+@main.command("search")
+@click.argument("index", type=click.Path(path_type=Path))
+@click.argument("query", required=False)
+@click.option("-k", "k", default=10, show_default=True)
+@click.option("--shortlist", type=int, help="Re-rank the top N of the FAISS shortlist (default 200).")
+@click.option("--exhaustive", is_flag=True, help="Score every image with the alignment (eval's path).")
+@click.option("--image", "image_key", help="Image -> text: rank the indexed captions for this image key.")
+@click.option("--tokenizer", help="Tokenizer dir or 'minilm' (default: the run's text encoder).")
+@click.option("--json", "as_json", is_flag=True)
+def search_cmd(index, query, k, shortlist, exhaustive, image_key, tokenizer, as_json):
+    """Text -> image search for QUERY, or image -> text with --image KEY."""
+    from ..errors import PrepError
+    from ..pipeline.search import Searcher
+    if (query is None) == (image_key is None):
+        raise PrepError("prep search: give a QUERY, or --image KEY for image->text, not both")
+    if image_key is not None and (shortlist is not None or exhaustive):
+        raise PrepError("--shortlist/--exhaustive apply to text queries; --image is always exhaustive "
+                        "over the caption set")
+    with Searcher(index, tokenizer=tokenizer) as searcher:
+        if searcher.warning:
+            click.echo(f"WARNING: {searcher.warning}", err=True)
+        if image_key is not None:
+            ranked = searcher.search_captions(image_key, k)
+            if as_json:
+                click.echo(json.dumps({"image": image_key, "results": ranked}, indent=2))
+            else:
+                for r in ranked:
+                    click.echo(f"{r['rank']:4d}  {r['score']:9.4f}  {r['image_key']}  {r['caption']}")
+            return
+        result = searcher.search(query, k=k, shortlist=shortlist, exhaustive=exhaustive)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(f"{result.mode} search, {len(result.hits)} results"
+               + (f" (shortlist {result.shortlist})" if result.shortlist else "")
+               + f", {result.timings_ms['total']:.1f} ms")
+    for hit in result.hits:
+        click.echo(f"{hit.rank:4d}  {hit.score:9.4f}  {hit.key}")
+
+
+@main.command("serve")
+@click.argument("index", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (localhost only by default).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--images", type=click.Path(path_type=Path),
+              help="Image root served to the page (default: the features' input root, if it exists).")
+@click.option("--tokenizer", help="Tokenizer dir or 'minilm' (default: the run's text encoder).")
+def serve_cmd(index, host, port, images, tokenizer):
+    """A web page and JSON API over INDEX (FastAPI on uvicorn)."""
+    from ..web.app import serve
+    serve(index, host=host, port=port, images=images, tokenizer=tokenizer, echo=click.echo)

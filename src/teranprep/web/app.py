@@ -1,0 +1,119 @@
+"""`prep serve`: JSON API + one HTML page over an index/, on uvicorn.
+
+Safety rules: binds 127.0.0.1 unless told otherwise; image files are served only from under the
+image root (resolved paths, so `..` and symlinks that leave the root are 404); queries are
+length-limited; requests are only ever parsed as query strings (nothing is unpickled); any
+failure of one request is answered with JSON and the server carries on.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from ..errors import PrepError
+from ..pipeline.search import MAX_QUERY_CHARS, Searcher
+
+STATIC = Path(__file__).parent / "static"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+MAX_RESULTS = 100
+
+
+def image_under_root(root: Path | None, key: str) -> Path | None:
+    """The file `key` names under `root`, or None when it is missing, not an image, or (after
+    resolving `..` and symlinks) outside the root."""
+    if root is None or not key or "\x00" in key:
+        return None
+    try:
+        target = (root / key).resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):
+        return None
+    if not target.is_relative_to(root) or not target.is_file() or target.suffix.lower() not in IMAGE_SUFFIXES:
+        return None
+    return target
+
+
+def resolve_image_root(searcher: Searcher, images: Path | None) -> Path | None:
+    if images is not None:
+        if not Path(images).is_dir():
+            raise PrepError(f"--images {images}: not a directory; pass the folder the image keys are relative to")
+        return Path(images).resolve()
+    recorded = (searcher.store.manifest.get("lineage") or {}).get("features_input_root") or ""
+    return Path(recorded).resolve() if recorded and Path(recorded).is_dir() else None
+
+
+def create_app(searcher: Searcher, images: Path | None = None):
+    from fastapi import FastAPI, Query, Request
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+
+    root = resolve_image_root(searcher, images)
+    lock = threading.Lock()  # one model and one set of HDF5 handles: one request at a time
+    app = FastAPI(title="teranprep search", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def image_url(key: str) -> str | None:
+        return f"/images/{key}" if image_under_root(root, key) is not None else None
+
+    @app.exception_handler(PrepError)
+    async def prep_error(request: Request, exc: PrepError):
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def any_error(request: Request, exc: Exception):
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():
+        return HTMLResponse((STATIC / "index.html").read_text("utf-8"))
+
+    @app.get("/api/info")
+    def info():
+        m = searcher.store.manifest
+        return {"images": len(searcher.store), "shortlist": m["shortlist"]["faiss"],
+                "head": {k: m["shortlist"]["head"].get(k) for k in ("kind", "dim")},
+                "warning": searcher.warning, "images_served": root is not None}
+
+    @app.get("/api/search")
+    def api_search(q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS),
+                   k: int = Query(10, ge=1, le=MAX_RESULTS),
+                   shortlist: int | None = Query(None, ge=1, le=100_000),
+                   exhaustive: bool = False):
+        with lock:
+            result = searcher.search(q, k=k, shortlist=shortlist, exhaustive=exhaustive).to_dict()
+            for hit in result["results"]:
+                size = searcher.image_info(hit["key"])
+                hit.update(width=size["width"], height=size["height"], image_url=image_url(hit["key"]))
+        result["warning"] = searcher.warning
+        return result
+
+    @app.get("/api/alignment")
+    def api_alignment(key: str = Query(..., min_length=1, max_length=1000),
+                      q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS)):
+        with lock:
+            result = searcher.alignment_of(key, q)
+        result["image_url"] = image_url(key)
+        return result
+
+    @app.get("/images/{key:path}")
+    def image(key: str):
+        target = image_under_root(root, key)
+        if target is None:
+            return Response("not found", status_code=404, media_type="text/plain")
+        return FileResponse(target)
+
+    return app
+
+
+def serve(index: Path, *, host: str = "127.0.0.1", port: int = 8000, images: Path | None = None,
+          tokenizer: str | None = None, echo=print) -> None:
+    import uvicorn
+    searcher = Searcher(index, tokenizer=tokenizer)
+    app = create_app(searcher, images)
+    if searcher.warning:
+        echo(f"WARNING: {searcher.warning}")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        echo(f"WARNING: serving on {host}: anyone who can reach this machine can search the index")
+    echo(f"serving {index} ({len(searcher.store)} images) on http://{host}:{port}/  (Ctrl-C stops)")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        searcher.close()

@@ -1,0 +1,199 @@
+"""prep serve: a real uvicorn server on a free localhost port, real HTTP, and a real headless
+chromium that types a query and sees thumbnails and the alignment overlay."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from search_fixtures import planted_run, split_captions  # noqa: F401 (fixture)
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(port: int, path: str):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)  # the path goes out exactly as written (no normalisation)
+        response = conn.getresponse()
+        return response.status, response.read(), response.getheader("content-type") or ""
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def server(planted_run, tmp_path_factory):
+    from PIL import Image
+    from teranprep.pipeline.index import build_index
+    p = planted_run
+    root = tmp_path_factory.mktemp("serve")
+    index = root / "index"
+    build_index(p["run"], p["features"], index, splits=p["splits"], split="test", echo=lambda *_: None)
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for key in sorted({k for k, _ in split_captions(p["splits"])}):
+        Image.fromarray(rng.integers(0, 255, (100, 100, 3), dtype=np.uint8)).save(images / key)
+    secret = root / "secret.jpg"
+    secret.write_bytes(b"outside the image root")
+    (images / "escape.jpg").symlink_to(secret)           # a symlink leaving the root
+    (images / "up").symlink_to(root, target_is_directory=True)
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-m", "teranprep", "serve", str(index), "--port", str(port),
+                             "--images", str(images), "--tokenizer", str(p["tokenizer"])],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if _get(port, "/api/info")[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+    else:
+        proc.kill()
+        raise AssertionError("server did not start")
+    yield {"port": port, "index": index, "images": images, "proc": proc, "secret": secret, **p}
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    assert f"http://127.0.0.1:{port}/" in out  # localhost unless told otherwise
+
+
+def test_api_json_schema_and_answers(server):
+    from teranprep.pipeline.search import Searcher
+    port = server["port"]
+    key, ids = split_captions(server["splits"])[0]
+    query = " ".join(f"w{i}" for i in ids[1:-2])
+    status, body, ctype = _get(port, f"/api/search?q={query.replace(' ', '+')}&k=5")
+    assert status == 200 and ctype.startswith("application/json")
+    data = json.loads(body)
+    assert set(data) == {"query", "mode", "shortlist", "results", "timings_ms", "warning"}
+    assert data["mode"] == "two-stage" and data["shortlist"] == 30 and data["warning"] is None
+    assert set(data["timings_ms"]) == {"encode", "shortlist", "rerank", "total"}
+    assert [r["rank"] for r in data["results"]] == [1, 2, 3, 4, 5]
+    for r in data["results"]:
+        assert set(r) == {"rank", "key", "score", "width", "height", "image_url"}
+        assert isinstance(r["score"], float) and r["image_url"] == f"/images/{r['key']}"
+        assert (r["width"], r["height"]) == (100, 100)
+    with Searcher(server["index"], tokenizer=str(server["tokenizer"])) as s:
+        direct = s.search(query, k=5)
+    assert [r["key"] for r in data["results"]] == [h.key for h in direct.hits]
+    assert key in [r["key"] for r in data["results"]][:3]  # planted signal: its own image ranks high
+
+    status, body, _ = _get(port, f"/api/alignment?key={key}&q={query.replace(' ', '+')}")
+    assert status == 200
+    align = json.loads(body)
+    assert set(align) == {"key", "width", "height", "query", "words", "image_url"}
+    assert [w["word"] for w in align["words"]] == query.split()
+    concepts = server["concepts_of"][key]
+    for w in align["words"]:
+        assert set(w) == {"position", "word", "region", "score", "box"}
+        assert 0 <= w["region"] < len(concepts) and len(w["box"]) == 4
+    # each word's region is the one showing the concept it names, for most words
+    hits = sum(concepts[w["region"]] == int(w["word"][1:]) - 5 for w in align["words"])
+    assert hits >= 2
+
+
+def test_image_files_only_from_under_the_root(server):
+    port, images = server["port"], server["images"]
+    key = sorted(p.name for p in images.glob("img*.jpg"))[0]
+    status, body, ctype = _get(port, f"/images/{key}")
+    assert status == 200 and body == (images / key).read_bytes() and ctype == "image/jpeg"
+    for path in ("/images/../../etc/passwd", "/images/../secret.jpg", "/images/%2e%2e/secret.jpg",
+                 "/images/..%2fsecret.jpg", "/images//etc/passwd", "/images/%2fetc%2fpasswd",
+                 "/images/escape.jpg", "/images/up/secret.jpg", "/images/up/images/" + key.replace(".jpg", ".nope"),
+                 "/images/no-such.jpg", "/images/%00.jpg", "/../../etc/passwd"):
+        status, body, _ = _get(port, path)
+        assert status == 404, path
+        assert b"outside the image root" not in body and b"root:" not in body
+
+
+def test_bad_requests_are_refused_and_the_server_keeps_serving(server):
+    port = server["port"]
+    for path, want in ((f"/api/search?q={'w5+' * 300}", 422), ("/api/search?q=w5&k=0", 422),
+                       ("/api/search?q=w5&k=abc", 422), ("/api/search", 422),
+                       ("/api/alignment?key=no-such.jpg&q=w5", 400), ("/api/search?q=+", 400),
+                       ("/api/search?q=w5&shortlist=3&exhaustive=true", 400)):
+        status, body, ctype = _get(port, path)
+        assert status == want, (path, status, body[:200])
+        assert ctype.startswith("application/json")
+    status, body, _ = _get(port, "/api/search?q=w5+w6&k=3")
+    assert status == 200 and len(json.loads(body)["results"]) == 3
+    assert server["proc"].poll() is None
+
+
+def _chrome():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("chromium / chromium-driver not installed (apt-get install chromium chromium-driver)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium not installed (pip install selenium: the test extra)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1200,900"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_browser_types_a_query_and_sees_thumbnails_and_the_overlay(server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser = _chrome()
+    try:
+        browser.get(f"http://127.0.0.1:{server['port']}/")
+        key, ids = split_captions(server["splits"])[0]
+        query = " ".join(f"w{i}" for i in ids[1:-2])
+        box = browser.find_element(By.ID, "q")
+        box.send_keys(query)
+        browser.find_element(By.ID, "go").click()
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results .result img")) == 10)
+        # thumbnails really loaded from /images/
+        wait.until(lambda b: all(b.execute_script("return arguments[0].complete && arguments[0].naturalWidth", im) == 100
+                                 for im in b.find_elements(By.CSS_SELECTOR, "#results .result img")))
+        labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .result .label")]
+        assert labels[0].startswith("1. ") and any(key in label for label in labels[:3])
+        first = browser.find_elements(By.CSS_SELECTOR, "#results .result")[0]
+        first_key = first.get_attribute("data-key")
+        first.click()
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#stage svg rect.word-box")) == len(query.split()))
+        rects = browser.find_elements(By.CSS_SELECTOR, "#stage svg rect.word-box")
+        assert [r.get_attribute("data-word") for r in rects] == query.split()
+        # the boxes are drawn where the API says, scaled to the shown image (100 px shown at 100 px)
+        status, body, _ = _get(server["port"], f"/api/alignment?key={first_key}&q={query.replace(' ', '+')}")
+        boxes = [w["box"] for w in json.loads(body)["words"]]
+        shown = browser.execute_script("return document.querySelector('#stage img').getBoundingClientRect().width")
+        for rect, b in zip(rects, boxes):
+            assert abs(float(rect.get_attribute("x")) - b[0] * shown / 100) < 0.5
+            assert abs(float(rect.get_attribute("width")) - (b[2] - b[0]) * shown / 100) < 0.5
+        assert browser.find_element(By.ID, "detail-title").text == first_key
+    finally:
+        browser.quit()
