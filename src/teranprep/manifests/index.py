@@ -50,17 +50,9 @@ def read_index_manifest(index_dir: Path) -> dict:
 
 
 def refuse_foreign_folder(out: Path) -> None:
-    """An index is never written into a folder another stage owns."""
-    path = Path(out) / MANIFEST_NAME
-    if not path.is_file():
-        return
-    try:
-        fmt = json.loads(path.read_text("utf-8")).get("format")
-    except (OSError, ValueError):
-        fmt = None
-    if fmt != INDEX_FORMAT:
-        raise PrepError(f"{path}: this folder belongs to another stage (format {fmt!r}); pass an "
-                        "empty or index folder as --out")
+    """An index is never written into a folder another stage owns (nor inside one, nor a file)."""
+    from .ownership import claim_output_dir
+    claim_output_dir(out, INDEX_FORMAT)
 
 
 def write_index_manifest(out: Path, *, rows: list[dict], shard_stats: list[dict], manifest: dict,

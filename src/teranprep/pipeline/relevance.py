@@ -64,22 +64,9 @@ def compute_rouge_block(task: RougeBlock) -> dict:
 
 
 def _check_cache_dir(cache_dir: Path, splits_dir: Path) -> None:
-    cache, splits = Path(cache_dir).resolve(), Path(splits_dir).resolve()
-    if cache == splits or splits in cache.parents:
-        raise PrepError(f"{cache_dir}: the relevance cache cannot live inside {splits_dir} (that "
-                        "folder belongs to build-splits); pass --relevance-cache a folder beside it")
-    for owner in cache.parents:
-        fmt = _format_of(owner / "manifest.json")
-        if fmt is not None:
-            raise PrepError(f"{cache_dir}: inside {owner}, the output folder of another stage "
-                            f"({fmt}); pass --relevance-cache a folder of its own")
-
-
-def _format_of(manifest: Path):
-    """The `format` a stage's manifest names; None for no file or a file no stage of ours wrote."""
-    found = _read_json(manifest) if manifest.is_file() else None
-    fmt = found.get("format") if isinstance(found, dict) else None
-    return fmt if isinstance(fmt, str) and fmt.startswith("teranprep.") else None
+    """Its own folder: never splits/ (build-splits') nor inside any stage's data folder."""
+    from ..manifests.ownership import RELEVANCE, claim_output_dir
+    claim_output_dir(cache_dir, RELEVANCE, create=False)
 
 
 def ensure_rouge_matrix(splits_dir: Path, split: str, *, cache_dir: Path | None = None,

@@ -136,6 +136,8 @@ def train_shortlist(run: Path, *, splits: Path | None = None, features: Path | N
               "loss": "listnet", "student_temperature": 6.0}
     params_fp = fingerprint(params)
     manifest_path = out / "manifest.json"
+    from ..manifests.ownership import RUN, claim_output_dir
+    claim_output_dir(out, SHORTLIST_FORMAT, allow_inside=(RUN,))
     if manifest_path.is_file():
         try:
             existing = json.loads(manifest_path.read_text("utf-8"))
