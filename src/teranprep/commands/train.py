@@ -20,7 +20,10 @@ from ..cli import main
               help="Features directory (default: the one recorded in SPLITS/manifest.json).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
 @click.option("--stop-after", type=int, help="Stop (and checkpoint) after this many steps.")
-def train_cmd(splits, config, out, resume, features, device, stop_after):
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]),
+              help="Matrix-product precision (default: the config's training.precision, fp32); "
+                   "bf16 uses autocast on CPU and CUDA. A resumed run keeps its own.")
+def train_cmd(splits, config, out, resume, features, device, stop_after, precision):
     """Train TERAN on SPLITS (train split; validation on val). Multi-GPU: run under torchrun."""
     from ..errors import PrepError
     from ..pipeline.train import train
@@ -28,7 +31,7 @@ def train_cmd(splits, config, out, resume, features, device, stop_after):
         raise PrepError("prep train: --config is required (a YAML path or teran_small, teran_coco, "
                         "teran_f30k) unless --resume continues an existing run")
     result = train(splits, config, out, resume=resume, features=features, device=device,
-                   stop_after=stop_after, echo=click.echo)
+                   stop_after=stop_after, precision=precision, echo=click.echo)
     click.echo(result.summary())
 
 
@@ -42,11 +45,15 @@ def train_cmd(splits, config, out, resume, features, device, stop_after):
 @click.option("--out", type=click.Path(path_type=Path), help="Default: RUN/eval-SPLIT-PROTOCOL/.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
-def eval_cmd(source, splits, split, protocol, features, out, device, batch_size):
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: encode and score under bf16 autocast (default out: ...-bf16/).")
+@click.option("--drift/--no-drift", default=None,
+              help="With bf16: also score in fp32 and report the drift (default on for bf16).")
+def eval_cmd(source, splits, split, protocol, features, out, device, batch_size, precision, drift):
     """Evaluate a run directory, a checkpoint, or an original TERAN model_best_rsum.pth.tar."""
     from ..pipeline.evaluate import evaluate
     evaluate(source, splits, split=split, protocol=protocol, features=features, out=out,
-             device=device, batch_size=batch_size, echo=click.echo)
+             device=device, batch_size=batch_size, precision=precision, drift=drift, echo=click.echo)
 
 
 @main.command("show-alignment")

@@ -101,6 +101,11 @@ class FeatureStore:
         reader, row = self._locate(key)
         return reader.read(row)
 
+    def image_size(self, key: str) -> tuple[int, int]:
+        """(width, height) of one image, from its shard's metadata (no read of its rows)."""
+        reader, row = self._locate(key)
+        return reader.image_size_of(row)
+
     def get(self, key: str, default=None):
         return self[key] if key in self._where else default
 

@@ -258,6 +258,9 @@ class ShardReader:
     def row_of(self, key: str) -> int:
         return self._row_of[key]
 
+    def image_size_of(self, row: int) -> tuple[int, int]:
+        return self._sizes[row]
+
     # -------------------------------------------------------------------------- handles
     def _handles(self) -> int:
         if os.getpid() != self._pid:  # a forked or unpickled copy: HDF5 handles must not cross a fork
