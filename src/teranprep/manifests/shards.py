@@ -204,9 +204,11 @@ def _pread_into(fd: int, buffer: memoryview, offset: int) -> None:
         buffer, offset = buffer[n:], offset + n
 
 
-def _preadv_all(fd: int, buffers: list, offset: int) -> None:
-    """Fills `buffers` in turn from one contiguous stretch of `fd` starting at `offset`."""
+def _preadv_all(fd: int, buffers: list, offset: int, total: int) -> None:
+    """Fills `buffers` (`total` bytes) in turn from one stretch of `fd` starting at `offset`."""
     n = os.preadv(fd, buffers, offset) if len(buffers) <= _IOV_MAX else 0
+    if n == total:
+        return
     for buffer in buffers:  # whatever a short read (or too many buffers) left over, one by one
         size = len(buffer)
         if n >= size:
@@ -350,20 +352,31 @@ class ShardReader:
             ds = self._file()[name]
             return [ds[lo:hi] for lo, hi in spans]
         fd, rb, shape, dtype = self._handles(), raw.row_bytes, raw.row_shape, raw.dtype
-        out, run_offset, run_end, run_buffers = [], None, None, []
+        cr, bases = raw.chunk_rows, raw.bases
+        out, run_offset, run_end, run_buffers = [], -1, -1, []
+        # segments() inlined: this loop runs once per image and dataset of every batch.
         for lo, hi in spans:
             array = np.empty((hi - lo, *shape), dtype)
             out.append(array)
-            view, pos = memoryview(array.reshape(-1).view(np.uint8)), 0
-            for offset, n in raw.segments(lo, hi):
+            if hi == lo:
+                continue
+            view, pos = memoryview(array).cast("B"), 0
+            while lo < hi:
+                if cr:
+                    chunk, within = divmod(lo, cr)
+                    take = min(cr - within, hi - lo)
+                    offset = bases[chunk] + within * rb
+                else:
+                    take, offset = hi - lo, bases[0] + lo * rb
+                size = take * rb
                 if offset != run_end:  # not where the previous piece ended: start a new read
                     if run_buffers:
-                        _preadv_all(fd, run_buffers, run_offset)
+                        _preadv_all(fd, run_buffers, run_offset, run_end - run_offset)
                     run_offset, run_buffers = offset, []
-                run_buffers.append(view[pos:pos + n * rb])
-                run_end, pos = offset + n * rb, pos + n * rb
+                run_buffers.append(view[pos:pos + size])
+                run_end, pos, lo = offset + size, pos + size, lo + take
         if run_buffers:
-            _preadv_all(fd, run_buffers, run_offset)
+            _preadv_all(fd, run_buffers, run_offset, run_end - run_offset)
         return out
 
     def dataset(self, name: str) -> h5py.Dataset:
