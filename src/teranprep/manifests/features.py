@@ -79,6 +79,8 @@ class FeatureStore:
 
     def _reader(self, shard: str) -> ShardReader:
         if os.getpid() != self._pid:  # HDF5 handles must not cross a fork
+            for inherited in self._readers.values():
+                inherited.close()  # the child's copies of the descriptors; HDF5 left alone
             self._readers = {}
             self._pid = os.getpid()
         reader = self._readers.get(shard)
