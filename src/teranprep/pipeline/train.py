@@ -302,29 +302,40 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
             plot_validation(metrics_path, out / "validation.png")
         train_model.train()
 
-    train_model.train()
     from ..teran.precision import autocast
+
+    def step_autocast():
+        if run_precision == "bf16":
+            return autocast(dev, "bf16")
+        return torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp)
+
     # Data wait: the time from asking the loader for a batch to having it on the device, as a
     # share of the whole step (wait + forward + backward + update), per logging interval.
-    waited = stepped = 0.0
-    interval_steps = 0
+    timing = {"waited": 0.0, "stepped": 0.0, "steps": 0}
+
+    def record_timing(t_fetch, t_ready):
+        timing["waited"] += t_ready - t_fetch
+        timing["stepped"] += time.perf_counter() - t_fetch
+        timing["steps"] += 1
+
+    def timing_fields():
+        share = timing["waited"] / timing["stepped"] if timing["stepped"] > 0 else 0.0
+        fields = {"data_wait_share": round(share, 4), "precision": run_precision,
+                  "step_s": round(timing["stepped"] / max(1, timing["steps"]), 4)}
+        result.data_wait.append(share)
+        timing.update(waited=0.0, stepped=0.0, steps=0)
+        return fields
+
+    train_model.train()
     while step < stop_at:
         epoch, start_batch = divmod(step, steps_per_epoch)
         sampler.set_position(epoch, start_batch)
-        batches = iter(loader)
-        while True:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                break
+        t_fetch = time.perf_counter()
+        for batch in loader:
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-            t1 = time.perf_counter()
-            if run_precision == "bf16":
-                with autocast(dev, "bf16"):
-                    scores = train_model(batch)
-            else:
-                with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
-                    scores = train_model(batch)
+            t_ready = time.perf_counter()
+            with step_autocast():
+                scores = train_model(batch)
             loss = hinge_loss(scores.float(), t["margin"])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -337,29 +348,18 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
             scheduler.step()
             step += 1
             loss_value = float(loss.detach())  # also waits for the device: the step is done
-            waited += t1 - t0
-            stepped += time.perf_counter() - t0
-            interval_steps += 1
+            record_timing(t_fetch, t_ready)
             result.losses.append(loss_value)
             if is_main and (step % t["log_every"] == 0 or step == 1):
-                share = waited / stepped if stepped > 0 else 0.0
                 _append_jsonl(metrics_path, {"kind": "train", "step": step, "epoch": epoch,
-                                             "loss": loss_value, "lr": lr_used,
-                                             "data_wait_share": round(share, 4),
-                                             "step_s": round(stepped / interval_steps, 4),
-                                             "precision": run_precision})
-                result.data_wait.append(share)
-                waited = stepped = 0.0
-                interval_steps = 0
+                                             "loss": loss_value, "lr": lr_used, **timing_fields()})
             if step % t["val_every"] == 0 or step == total_steps:
                 validate_and_save()
             elif step == stop_at:
                 checkpoint([out / LAST], None)
             if step >= stop_at:
                 break
-        del batches
-        if step >= stop_at:
-            break
+            t_fetch = time.perf_counter()  # validation and checkpoints are not data wait
     result.step = step
     store.close()
     if distributed:
