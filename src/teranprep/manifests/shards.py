@@ -175,7 +175,11 @@ class _RawColumn:
             if info.filter_mask or info.size != chunk_bytes:
                 sound[0] = False
             bases[info.chunk_offset[0] // chunk_rows] = info.byte_offset
-        dsid.chunk_iter(visit)
+        try:
+            dsid.chunk_iter(visit)
+        except (AttributeError, NotImplementedError):  # HDF5 < 1.12.3: one call per chunk
+            for index in range(dsid.get_num_chunks()):
+                visit(dsid.get_chunk_info(index))
         if not sound[0] or (bases < 0).any():
             return None
         return cls(ds.dtype, row_shape, chunk_rows, bases)
