@@ -43,7 +43,7 @@ def test_quick_demo_runs_every_stage_and_retrieves_well_above_chance(tmp_path):
     n_queries = {"i2t": bf16["n_images"], "t2i": bf16["n_captions"]}
     for d, diffs in drift["recall_difference"].items():
         assert all(abs(v) <= 100.0 / n_queries[d] + 1e-9 for v in diffs.values()), drift
-    assert max(drift["max_rank_change"].values()) <= max(2, n // 10), drift
+    assert max(drift["max_rank_change"].values()) <= max(3, n // 8), drift
 
     # every stage is resumable: a second run redoes nothing and ends with the same metrics
     t0 = time.perf_counter()
