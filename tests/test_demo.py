@@ -56,6 +56,20 @@ def test_quick_demo_runs_every_stage_and_reaches_its_bar(tmp_path):
 
     _check_detector_map_independently(tmp_path / "demo", result.detector_map)
 
+    # bf16 eval of the same checkpoint stays within the documented drift (docs/ARCHITECTURE.md):
+    # scores correlate > 0.999 with fp32, and a recall moves by at most one query's hit.
+    from teranprep.pipeline.evaluate import evaluate
+    demo = tmp_path / "demo"
+    bf16 = evaluate(demo / "runs" / "demo", demo / "splits", split="test", device="cpu",
+                    precision="bf16", echo=lambda _: None)
+    drift = bf16["drift_vs_fp32"]
+    assert drift["fp32_recall"]["t2i"]["r1"] == pytest.approx(m["t2i"]["r1"])
+    assert drift["score_correlation"] > 0.999, drift
+    n_queries = {"i2t": bf16["n_images"], "t2i": bf16["n_captions"]}
+    for d, diffs in drift["recall_difference"].items():
+        assert all(abs(v) <= 100.0 / n_queries[d] + 1e-9 for v in diffs.values()), drift
+    assert max(drift["max_rank_change"].values()) <= max(3, n // 8), drift
+
     # every stage is resumable: a second run redoes nothing and ends with the same metrics
     t0 = time.perf_counter()
     again = run_demo(tmp_path / "demo", settings, echo=lambda _: None)

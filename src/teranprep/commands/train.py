@@ -20,7 +20,10 @@ from ..cli import main
               help="Features directory (default: the one recorded in SPLITS/manifest.json).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
 @click.option("--stop-after", type=int, help="Stop (and checkpoint) after this many steps.")
-def train_cmd(splits, config, out, resume, features, device, stop_after):
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]),
+              help="Matrix-product precision (default: the config's training.precision, fp32); "
+                   "bf16 uses autocast on CPU and CUDA. A resumed run keeps its own.")
+def train_cmd(splits, config, out, resume, features, device, stop_after, precision):
     """Train TERAN on SPLITS (train split; validation on val). Multi-GPU: run under torchrun."""
     from ..errors import PrepError
     from ..pipeline.train import train
@@ -28,7 +31,7 @@ def train_cmd(splits, config, out, resume, features, device, stop_after):
         raise PrepError("prep train: --config is required (a YAML path or teran_small, teran_coco, "
                         "teran_f30k) unless --resume continues an existing run")
     result = train(splits, config, out, resume=resume, features=features, device=device,
-                   stop_after=stop_after, echo=click.echo)
+                   stop_after=stop_after, precision=precision, echo=click.echo)
     click.echo(result.summary())
 
 
@@ -55,8 +58,12 @@ def train_cmd(splits, config, out, resume, features, device, stop_after):
 @click.option("--workers", default=0, show_default=True,
               help="Local dask worker processes for ROUGE-L relevance (0: in this process).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout, nothing else.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: encode and score under bf16 autocast (default out: ...-bf16/).")
+@click.option("--drift/--no-drift", default=None,
+              help="With bf16: also score in fp32 and report the drift (default on for bf16).")
 def eval_cmd(source, splits, split, protocol, features, out, device, batch_size, text_encoder,
-             relevance_files, relevance_cache, no_ndcg, scheduler, workers, as_json):
+             relevance_files, relevance_cache, no_ndcg, scheduler, workers, as_json, precision, drift):
     """Evaluate a run directory, a checkpoint, or an original TERAN model_best_rsum.pth.tar."""
     import json
     from ..pipeline.evaluate import evaluate
@@ -65,7 +72,7 @@ def eval_cmd(source, splits, split, protocol, features, out, device, batch_size,
                        device=device, batch_size=batch_size, text_encoder=text_encoder,
                        ndcg=not no_ndcg, relevance_files=relevance_files,
                        relevance_cache=relevance_cache, scheduler=scheduler, workers=workers,
-                       echo=echo)
+                       precision=precision, drift=drift, echo=echo)
     if as_json:
         click.echo(json.dumps(metrics, sort_keys=True))
 

@@ -49,8 +49,9 @@ def index_frame(rows: list[dict]) -> pd.DataFrame:
 class FeatureStore:
     """Read-only, random-access view of a features/ directory.
 
-    `store[key]` reads one image's rows from its shard (never the whole shard). Shard handles are
-    opened lazily and reopened after a fork, so a store can be shared with DataLoader workers.
+    `store[key]` reads one image's rows from its shard (never the whole shard); `get_many(keys)`
+    reads many in file order; `read_columns` / `features` read only some datasets. Shard handles
+    are opened lazily and reopened after a fork, so a store can be shared with DataLoader workers.
     """
 
     def __init__(self, features_dir: Path):
@@ -78,6 +79,8 @@ class FeatureStore:
 
     def _reader(self, shard: str) -> ShardReader:
         if os.getpid() != self._pid:  # HDF5 handles must not cross a fork
+            for inherited in self._readers.values():
+                inherited.close()  # the child's copies of the descriptors; HDF5 left alone
             self._readers = {}
             self._pid = os.getpid()
         reader = self._readers.get(shard)
@@ -85,16 +88,54 @@ class FeatureStore:
             reader = self._readers[shard] = ShardReader(self.root / shard)
         return reader
 
-    def __getitem__(self, key: str) -> Regions:
+    def _locate(self, key: str) -> tuple[ShardReader, int]:
         try:
             shard, row = self._where[key]
         except KeyError:
             raise KeyError(f"{key!r} has no ok regions in {self.root}") from None
-        regions = self._reader(shard).read(row)
-        if regions.image_key != key:
-            raise PrepError(f"{self.root / shard}: row {row} holds {regions.image_key!r}, the index "
-                            f"says {key!r}; run `prep verify {self.root}`")
-        return regions
+        reader = self._reader(shard)
+        if reader.image_keys[row] != key:
+            raise PrepError(f"{self.root / shard}: row {row} holds {reader.image_keys[row]!r}, the "
+                            f"index says {key!r}; run `prep verify {self.root}`")
+        return reader, row
+
+    def __getitem__(self, key: str) -> Regions:
+        reader, row = self._locate(key)
+        return reader.read(row)
+
+    def image_size(self, key: str) -> tuple[int, int]:
+        """(width, height) of one image, from its shard's metadata (no read of its rows)."""
+        reader, row = self._locate(key)
+        return reader.image_size_of(row)
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self._where else default
+
+    def read_columns(self, key: str, names=("features", "boxes"), max_rows: int | None = None) -> list:
+        """Only the named datasets' rows of one image (at most `max_rows`): the training path."""
+        reader, row = self._locate(key)
+        return reader.read_columns(row, names, max_rows)
+
+    def features(self, key: str, max_rows: int | None = None):
+        """One image's (n, D) features and nothing else."""
+        return self.read_columns(key, ("features",), max_rows)[0]
+
+    def get_many(self, keys, names=None, max_rows: int | None = None) -> list:
+        """`[store[k] for k in keys]` (or read_columns with `names`), read shard by shard in row
+        order: each image is read once however often it is asked for, and neighbouring rows in one
+        read. Results follow the order of `keys`."""
+        keys = list(keys)
+        by_shard: dict[ShardReader, list[int]] = {}
+        slots: dict[ShardReader, list[int]] = {}
+        for i, key in enumerate(keys):
+            reader, row = self._locate(key)
+            by_shard.setdefault(reader, []).append(row)
+            slots.setdefault(reader, []).append(i)
+        out = [None] * len(keys)
+        for reader, rows in by_shard.items():
+            for i, item in zip(slots[reader], reader.read_many(rows, names, max_rows)):
+                out[i] = item
+        return out
 
     def __iter__(self):
         for key in self.keys():

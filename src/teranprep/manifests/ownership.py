@@ -102,12 +102,27 @@ def claim_output_dir(out: Path, fmt: str, *, create: bool = True, allow_inside=(
         if found in _DATA_FOLDERS and found != fmt and found not in allow_inside:
             raise PrepError(f"{out}: lies inside {parent}, which holds {describe(found)}; write "
                             "this stage's output to a folder of its own")
-    if create:
+    if not create:
+        _check_creatable(out)
+    else:
         ensure_writable_dir(out)
         if not (out / OWNER_STAMP).is_file():
             from .atomic import atomic_write_json
             atomic_write_json(out / OWNER_STAMP, {"format": fmt})
     return out
+
+
+def _check_creatable(out: Path) -> None:
+    """Without creating anything: the nearest existing folder of `out` must be writable
+    (access() reports a read-only mount as EROFS, for root too)."""
+    here = Path(os.path.abspath(out))
+    while not here.exists():
+        here = here.parent
+    if not here.is_dir():
+        raise PrepError(f"{out}: {here} is a file, not a folder; pass another output path")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise PrepError(f"{out}: cannot write here ({here} is read-only or not writable); "
+                        "choose a writable output folder")
 
 
 def ensure_writable_dir(out: Path) -> None:

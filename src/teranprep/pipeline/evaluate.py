@@ -57,9 +57,9 @@ def load_model(source: Path, device="cpu", text_encoder: Path | None = None):
     return model.to(device).eval(), ckpt
 
 
-def default_eval_dir(source: Path, split: str, protocol: str) -> Path:
+def default_eval_dir(source: Path, split: str, protocol: str, precision: str = "fp32") -> Path:
     base = Path(source) if Path(source).is_dir() else Path(source).parent
-    return base / f"eval-{split}-{protocol}"
+    return base / (f"eval-{split}-{protocol}" + ("" if precision == "fp32" else f"-{precision}"))
 
 
 def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: str = "all",
@@ -67,20 +67,29 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
              batch_size: int = 64, image_block: int = 100, caption_block: int = 500,
              fold_size: int = 1000, text_encoder: Path | None = None, ndcg: bool = True,
              relevance_files=(), relevance_cache: Path | None = None, scheduler: str | None = None,
-             workers: int = 0, echo=print) -> dict:
+             workers: int = 0, precision: str = "fp32", drift: bool | None = None,
+             echo=print) -> dict:
     """Scores every image of `split` against every caption, block by block, and writes
-    metrics.json + rankings.npz to `out` (default: RUN/eval-SPLIT-PROTOCOL/). With `ndcg`, also
-    NDCG@25 per direction over ROUGE-L relevance (cached beside splits/) and `relevance_files`."""
+    metrics.json + rankings.npz to `out` (default: RUN/eval-SPLIT-PROTOCOL/, -bf16 appended for
+    bf16). With `ndcg`, also NDCG@25 per direction over ROUGE-L relevance (cached beside splits/)
+    and `relevance_files`. `precision` bf16 encodes and scores under bf16 autocast; with `drift`
+    (the default for bf16) the same checkpoint is also scored in fp32 and metrics.json gets
+    `drift_vs_fp32`."""
+    from ..teran.precision import check_precision
+    check_precision(precision)
+    if drift and precision == "fp32":
+        raise PrepError("--drift compares bf16 scores with fp32 ones; it needs --precision bf16")
+    drift = precision != "fp32" if drift is None else drift
     from ..teran.data import load_split, open_features
     from ..teran.metrics import i2t_ranks, retrieval_metrics, t2i_ranks
     from ..teran.scoring import encode_split, model_score_matrix
 
     if protocol not in PROTOCOLS:
         raise PrepError(f"--protocol {protocol!r}: choose one of {PROTOCOLS}")
-    out = default_eval_dir(source, split, protocol) if out is None else Path(out)
+    out = default_eval_dir(source, split, protocol, precision) if out is None else Path(out)
     # Checked before minutes of scoring: a writable folder of its own, inside no features/ or splits/.
     from ..manifests.ownership import EVAL, RUN, claim_output_dir
-    claim_output_dir(out, EVAL, allow_inside=(RUN,))
+    claim_output_dir(out, EVAL, allow_inside=(RUN,), create=False)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     if not ndcg and (relevance_files or relevance_cache or scheduler or workers):
@@ -109,7 +118,11 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
         scorer = ndcg_scorer(splits_dir, split, data, relevance_files=relevance_files,
                              cache_dir=relevance_cache, scheduler=scheduler, workers=workers, echo=echo)
     max_regions = ckpt["config"]["training"]["max_regions"]
-    encoded = encode_split(model, data, store, batch_size=batch_size, device=dev, max_regions=max_regions)
+    encoded = encode_split(model, data, store, batch_size=batch_size, device=dev, max_regions=max_regions,
+                           precision=precision)
+    reference = (encode_split(model, data, store, batch_size=batch_size, device=dev,
+                              max_regions=max_regions, precision="fp32") if drift else None)
+    drift_stats = DriftStats() if drift else None
     from ..teran.metrics import fold_slices
     from ..teran.scoring import EncodedSplit
 
@@ -123,8 +136,14 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
         sub = EncodedSplit(encoded.regions[images], encoded.region_lengths[images],
                            encoded.words[caps], encoded.word_lengths[caps])
         scores = model_score_matrix(model, sub, image_block=image_block,
-                                    caption_block=caption_block, device=dev)
+                                    caption_block=caption_block, device=dev, precision=precision)
         owner = data.caption_image[caps] - images[0]
+        if drift_stats is not None:
+            ref = EncodedSplit(reference.regions[images], reference.region_lengths[images],
+                               reference.words[caps], reference.word_lengths[caps])
+            drift_stats.add(model_score_matrix(model, ref, image_block=image_block,
+                                               caption_block=caption_block, device=dev,
+                                               precision="fp32"), scores, owner)
         per_fold.append(retrieval_metrics(scores, owner))
         if scorer is not None:
             for direction, values in scorer.fold(images, caps, scores).items():
@@ -148,10 +167,13 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
                    n_captions=len(data.caption_image), checkpoint=str(checkpoint_path(source)),
                    text_encoder=ckpt.get("text_encoder") or {"config": ckpt["text_config"],
                                                              "source": "checkpoint"},
-                   **warning_fields(warnings))
+                   precision=precision, **warning_fields(warnings))
     if scorer is not None:
         metrics["relevance"] = scorer.sources
+    if drift_stats is not None:
+        metrics["drift_vs_fp32"] = drift_stats.summary(metrics)
 
+    claim_output_dir(out, EVAL, allow_inside=(RUN,))  # created only now that there is a result
     caption_index = np.concatenate(rankings["caption_index"])
     # Ranks are 0-based and within the scored block (the fold for 1k); rows follow image_keys
     # for images and caption_index (rows of SPLIT.parquet) for captions.
@@ -163,6 +185,8 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
         i2t_top=np.concatenate(rankings["i2t_top"]), t2i_top=np.concatenate(rankings["t2i_top"]))
     atomic_write_bytes(out / "metrics.json", canonical_json(metrics))
     echo(format_metrics(metrics))
+    if "drift_vs_fp32" in metrics:
+        echo(format_drift(metrics["drift_vs_fp32"]))
     store.close()
     return metrics
 
@@ -170,6 +194,45 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
 def _mean_of_folds(values: list):
     # NDCG is None for a fold where no query counts (see teran/relevance.mean_ndcg).
     return None if any(v is None for v in values) else float(np.mean(values))
+
+
+class DriftStats:
+    """How far reduced-precision scores are from fp32 scores of the same checkpoint, gathered
+    fold by fold: Pearson correlation over every score, the largest change of a query's
+    ground-truth rank, and (in summary) the recall differences."""
+
+    def __init__(self):
+        self.sums = np.zeros(6)  # n, sum x, sum y, sum x^2, sum y^2, sum xy (x fp32, y the other)
+        self.max_rank_change = {"i2t": 0, "t2i": 0}
+        self.reference_folds: list[dict] = []
+
+    def add(self, fp32_scores: np.ndarray, scores: np.ndarray, owner: np.ndarray) -> None:
+        from ..teran.metrics import i2t_ranks, retrieval_metrics, t2i_ranks
+        x, y = fp32_scores.astype(np.float64).ravel(), scores.astype(np.float64).ravel()
+        self.sums += [x.size, x.sum(), y.sum(), x @ x, y @ y, x @ y]
+        for d, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
+            change = np.abs(ranks(scores, owner).astype(np.int64) - ranks(fp32_scores, owner))
+            self.max_rank_change[d] = max(self.max_rank_change[d], int(change.max(initial=0)))
+        self.reference_folds.append(retrieval_metrics(fp32_scores, owner))
+
+    def summary(self, metrics: dict) -> dict:
+        n, sx, sy, sxx, syy, sxy = self.sums
+        cov, vx, vy = sxy - sx * sy / n, sxx - sx * sx / n, syy - sy * sy / n
+        corr = float(cov / np.sqrt(vx * vy)) if vx > 0 and vy > 0 else 1.0
+        folds = self.reference_folds
+        fp32 = {d: {k: float(np.mean([f[d][k] for f in folds])) for k in ("r1", "r5", "r10")}
+                for d in ("i2t", "t2i")}
+        diff = {d: {k: metrics[d][k] - fp32[d][k] for k in fp32[d]} for d in fp32}
+        return {"score_correlation": corr, "max_rank_change": self.max_rank_change,
+                "fp32_recall": fp32, "recall_difference": diff,
+                "max_abs_recall_difference": max(abs(v) for d in diff.values() for v in d.values())}
+
+
+def format_drift(d: dict) -> str:
+    diff = d["recall_difference"]
+    parts = "  ".join(f"{name} R@{k[1:]} {diff[name][k]:+.2f}" for name in ("i2t", "t2i") for k in diff[name])
+    return (f"  drift vs fp32: score correlation {d['score_correlation']:.6f}, largest rank change "
+            f"i2t {d['max_rank_change']['i2t']} / t2i {d['max_rank_change']['t2i']}\n  {parts}")
 
 
 def format_metrics(m: dict) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class TrainResult:
     best_rsum: float | None
     last_validation: dict | None = None
     losses: list[float] = field(default_factory=list)
+    data_wait: list[float] = field(default_factory=list)  # share of each logged interval
 
     def summary(self) -> str:
         best = "n/a" if self.best_rsum is None else f"{self.best_rsum:.2f}"
@@ -146,19 +148,26 @@ def validate(model, split, store, config: dict, device) -> dict:
     from ..teran.metrics import retrieval_metrics
     from ..teran.scoring import encode_split, model_score_matrix
     t = config["training"]
+    precision = t.get("precision", "fp32")
     encoded = encode_split(model, split, store, batch_size=max(t["batch_size"], 32), device=device,
-                           max_regions=t["max_regions"])
-    scores = model_score_matrix(model, encoded, device=device)
+                           max_regions=t["max_regions"], precision=precision)
+    scores = model_score_matrix(model, encoded, device=device, precision=precision)
     return retrieval_metrics(scores, split.caption_image)
 
 
 def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features: Path | None = None,
-          device: str = "auto", stop_after: int | None = None, echo=print) -> TrainResult:
+          device: str = "auto", stop_after: int | None = None, precision: str | None = None,
+          echo=print) -> TrainResult:
     """Trains TERAN on splits_dir's train split, validating on its val split, into `out`.
 
     `config` is a YAML path, a bundled config name or a dict. `stop_after` ends the run after that
     many steps (saving the last checkpoint), as an interruption would; `resume` continues it.
+    `precision` (fp32 | bf16) overrides training.precision; it is part of the run's config, so a
+    resume with another precision is refused.
     """
+    from ..teran.precision import check_precision
+    if precision is not None:
+        check_precision(precision)
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -188,8 +197,15 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
             raise PrepError(f"{last_path}: nothing to resume; run `prep train` without --resume first")
         ckpt = load_checkpoint(last_path)
         config = ckpt["config"]
+        run_precision = config["training"].get("precision", "fp32")
+        if precision is not None and precision != run_precision:
+            raise PrepError(f"{out}: this run trains in {run_precision}; --precision {precision} "
+                            "would change its numbers mid-run. Resume without --precision, or "
+                            "start a new run in another --out")
     else:
         config = load_config(config)
+        if precision is not None:
+            config["training"]["precision"] = precision
         if last_path.exists():
             raise PrepError(f"{out}: already holds a run; pass --resume to continue it or choose "
                             "another --out")
@@ -220,7 +236,9 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
     steps_per_epoch = sampler.steps_per_epoch()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, steps_per_epoch, t))
-    use_amp = bool(t["amp"]) and dev.type == "cuda"
+    run_precision = t.get("precision", "fp32")
+    # bf16 needs no loss scaling; float16 autocast (training.amp) is CUDA's fp32-precision option.
+    use_amp = bool(t["amp"]) and dev.type == "cuda" and run_precision == "fp32"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     step, best_rsum = 0, None
@@ -244,8 +262,10 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
 
     train_model = (DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
                    if distributed else model)
+    pin = t.get("pin_memory", "auto")
     loader = make_loader(PairDataset(train_split, store, t["max_regions"]), batch_sampler=sampler,
-                         num_workers=t["num_workers"])
+                         num_workers=t["num_workers"], prefetch_factor=t.get("prefetch_factor", 2),
+                         pin_memory=dev.type == "cuda" if pin == "auto" else bool(pin))
     total_steps = steps_per_epoch * t["epochs"]
     stop_at = min(total_steps, stop_after) if stop_after is not None else total_steps
     result = TrainResult(out, step, best_rsum)
@@ -295,14 +315,40 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
             plot_validation(metrics_path, out / "validation.png")
         train_model.train()
 
+    from ..teran.precision import autocast
+
+    def step_autocast():
+        if run_precision == "bf16":
+            return autocast(dev, "bf16")
+        return torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp)
+
+    # Data wait: the time from asking the loader for a batch to having it on the device, as a
+    # share of the whole step (wait + forward + backward + update), per logging interval.
+    timing = {"waited": 0.0, "stepped": 0.0, "steps": 0}
+
+    def record_timing(t_fetch, t_ready):
+        timing["waited"] += t_ready - t_fetch
+        timing["stepped"] += time.perf_counter() - t_fetch
+        timing["steps"] += 1
+
+    def timing_fields():
+        share = timing["waited"] / timing["stepped"] if timing["stepped"] > 0 else 0.0
+        fields = {"data_wait_share": round(share, 4), "precision": run_precision,
+                  "step_s": round(timing["stepped"] / max(1, timing["steps"]), 4)}
+        result.data_wait.append(share)
+        timing.update(waited=0.0, stepped=0.0, steps=0)
+        return fields
+
     def _train_loop(pending):
         nonlocal step
         while step < stop_at:
             epoch, start_batch = divmod(step, steps_per_epoch)
             sampler.set_position(epoch, start_batch)
+            t_fetch = time.perf_counter()
             for batch in loader:
-                batch = {k: v.to(dev) for k, v in batch.items()}
-                with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
+                batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+                t_ready = time.perf_counter()
+                with step_autocast():
                     scores = train_model(batch)
                 loss = hinge_loss(scores.float(), t["margin"])
                 optimizer.zero_grad(set_to_none=True)
@@ -315,11 +361,12 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
                 scaler.update()
                 scheduler.step()
                 step += 1
-                loss_value = float(loss.detach())
+                loss_value = float(loss.detach())  # also waits for the device: the step is done
+                record_timing(t_fetch, t_ready)
                 result.losses.append(loss_value)
                 if is_main and (step % t["log_every"] == 0 or step == 1):
                     _append_jsonl(metrics_path, {"kind": "train", "step": step, "epoch": epoch,
-                                                 "loss": loss_value, "lr": lr_used})
+                                                 "loss": loss_value, "lr": lr_used, **timing_fields()})
                 if step % t["val_every"] == 0 or step == total_steps:
                     validate_and_save()
                 elif step == stop_at or (t["checkpoint_every"] and step % t["checkpoint_every"] == 0):
@@ -327,6 +374,7 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
                 if step >= stop_at:
                     break
                 pending.check()  # an interrupt lands here, between whole steps
+                t_fetch = time.perf_counter()  # validation and checkpoints are not data wait
 
     def kept():
         return (f"a resumable checkpoint at step {last_saved[0]} of {stop_at} is in {out / LAST}"
@@ -336,7 +384,14 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
     with resumable(kept):
         try:
             with DeferredInterrupts() as pending:
-                _train_loop(pending)
+                try:
+                    _train_loop(pending)
+                except Exception:
+                    if pending.signum is None:
+                        raise
+                    # the same signal reached the loader's worker processes (a process group's
+                    # SIGTERM); their death between two steps is the interrupt, not a failure
+                    raise Interrupted(pending.signum) from None
         except (Interrupted, KeyboardInterrupt):
             # Interrupts land between whole steps (DeferredInterrupts), so the model and optimizer
             # hold exactly `step` steps of training: saved, this resumes like any other checkpoint.

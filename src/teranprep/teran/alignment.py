@@ -47,7 +47,8 @@ def alignment_scores(regions: torch.Tensor, region_mask: torch.Tensor, words: to
     MwSr: sum over kept regions of the max over kept words; with `word_max_floor_zero` that max
           is floored at 0, which is what the reference's evaluation computes (it zero-pads every
           caption to 88 tokens before the max). symm: MrSw + MwSr.
-    The max over regions is never floored: the reference's images all have the same number of
+    The similarities (and their maxima) are in the inputs' dtype (bf16 under --precision bf16),
+    the sums that make the scores in fp32. The max over regions is never floored: the reference's images all have the same number of
     regions, so its zero padding never reaches that max; masking keeps a block's scores
     independent of which other images share it.
     """
@@ -55,8 +56,7 @@ def alignment_scores(regions: torch.Tensor, region_mask: torch.Tensor, words: to
     nc, w, _ = words.shape
     # One (Ni*R) x (Nc*W) matrix product: never a per-caption copy of the regions.
     sims = (regions.reshape(ni * r, d) @ words.reshape(nc * w, d).T).view(ni, r, nc, w)
-    wmask = word_mask.to(sims.dtype)  # (Nc, W)
-    rmask = region_mask.to(sims.dtype)  # (Ni, R)
+    acc = torch.promote_types(sims.dtype, torch.float32)  # bf16/fp16 sums accumulate in fp32
     total = None
     if mode in ("MrSw", "symm"):
         if bool(region_mask.all()):
@@ -65,7 +65,10 @@ def alignment_scores(regions: torch.Tensor, region_mask: torch.Tensor, words: to
             neg = torch.finfo(sims.dtype).min
             best_region = sims.masked_fill(~region_mask[:, :, None, None], neg).amax(dim=1)
             best_region = best_region.masked_fill(~region_mask.any(1)[:, None, None], 0)
-        total = (best_region * wmask[None]).sum(dim=2)
+        # The max is exact in any dtype; the sum over words (the score) accumulates in fp32.
+        if not bool(word_mask.all()):
+            best_region = best_region.masked_fill(~word_mask[None], 0)
+        total = best_region.sum(dim=2, dtype=acc)
     if mode in ("MwSr", "symm"):
         if word_max_floor_zero:
             best_word = sims.masked_fill(~word_mask[None, None], 0).amax(dim=3).clamp(min=0)
@@ -73,7 +76,9 @@ def alignment_scores(regions: torch.Tensor, region_mask: torch.Tensor, words: to
             neg = torch.finfo(sims.dtype).min
             best_word = sims.masked_fill(~word_mask[None, None], neg).amax(dim=3)
             best_word = best_word.masked_fill(~word_mask.any(1)[None, None, :], 0)
-        part = (best_word * rmask[:, :, None]).sum(dim=1)  # (Ni, Nc)
+        if not bool(region_mask.all()):
+            best_word = best_word.masked_fill(~region_mask[:, :, None], 0)
+        part = best_word.sum(dim=1, dtype=acc)  # (Ni, Nc)
         total = part if total is None else total + part
     if total is None:
         raise ValueError(f"unknown alignment mode {mode!r}")

@@ -8,6 +8,7 @@ import yaml
 
 from ..errors import PrepError
 from ..settings import merge_settings
+from .precision import PRECISIONS
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ALIGNMENT_MODES = ("MrSw", "MwSr", "symm")
@@ -58,8 +59,11 @@ DEFAULTS: dict = {
         "log_every": 10,            # steps between training-loss records in metrics.jsonl
         "checkpoint_every": 100,    # steps between resumable checkpoints (also on SIGINT/SIGTERM); 0 = off
         "val_max_images": 1000,
-        "amp": True,                # only ever used on CUDA
-        "num_workers": 0,
+        "amp": True,                # float16 autocast + grad scaling, only on CUDA, only with precision fp32
+        "precision": "fp32",        # fp32 | bf16 (autocast on CPU and CUDA; losses and norms in fp32)
+        "num_workers": 0,           # DataLoader worker processes (docs/ARCHITECTURE.md: loader defaults)
+        "prefetch_factor": 2,       # batches each worker keeps ready (only with num_workers > 0)
+        "pin_memory": "auto",       # auto: pinned host memory when training on CUDA
         "seed": 0,
         "max_regions": None,        # None: all regions of an image (slot 0 is added on top)
     },
@@ -111,6 +115,12 @@ def validate_config(config: dict, where: str = "config") -> None:
     if m["embed_dim"] % m["joint_heads"]:
         raise PrepError(f"{where}: model.embed_dim must be divisible by model.joint_heads")
     t = config["training"]
+    if t["precision"] not in PRECISIONS:
+        raise PrepError(f"{where}: training.precision {t['precision']!r} is not one of {PRECISIONS}")
+    if t["pin_memory"] not in ("auto", True, False):
+        raise PrepError(f"{where}: training.pin_memory must be auto, true or false")
+    if int(t["num_workers"]) < 0 or int(t["prefetch_factor"]) < 1:
+        raise PrepError(f"{where}: training.num_workers must be >= 0 and prefetch_factor >= 1")
     if t["batch_size"] < 2:
         raise PrepError(f"{where}: training.batch_size must be >= 2 (the loss needs negatives)")
 

@@ -52,17 +52,18 @@ def open_features(splits_dir: Path, features: Path | None = None) -> FeatureStor
     return FeatureStore(check_lineage(Path(splits_dir), features))
 
 
-def _image_item(store: FeatureStore, key: str, max_regions: int | None):
-    regions = store[key]
-    feats = np.asarray(regions.features, dtype=np.float32)
-    boxes = np.asarray(regions.boxes, dtype=np.float32)
-    if max_regions is not None:
-        feats, boxes = feats[:max_regions], boxes[:max_regions]
-    return feats, boxes, (regions.width, regions.height)
+def _image_items(store: FeatureStore, keys: list[str], max_regions: int | None) -> list[dict]:
+    """Features (as stored: float16 stays float16 until collate) and boxes of `keys`, read in
+    one get_many: shard by shard, in row order, only the first max_regions rows."""
+    arrays = store.get_many(keys, names=("features", "boxes"), max_rows=max_regions)
+    return [{"features": feats, "boxes": boxes, "size": store.image_size(key)}
+            for key, (feats, boxes) in zip(keys, arrays)]
 
 
 class PairDataset(Dataset):
-    """Item i: caption i of the split and its image's regions (a training pair)."""
+    """Item i: caption i of the split and its image's regions (a training pair).
+
+    `__getitems__` is what a DataLoader calls for a whole batch: one bulk read for it."""
 
     def __init__(self, split: SplitData, store: FeatureStore, max_regions: int | None = None):
         self.keys = split.captions["image_key"].tolist()
@@ -72,9 +73,14 @@ class PairDataset(Dataset):
     def __len__(self):
         return len(self.ids)
 
+    def __getitems__(self, indices):
+        items = _image_items(self.store, [self.keys[i] for i in indices], self.max_regions)
+        for item, i in zip(items, indices):
+            item.update(input_ids=self.ids[i], index=i)
+        return items
+
     def __getitem__(self, i):
-        feats, boxes, size = _image_item(self.store, self.keys[i], self.max_regions)
-        return {"features": feats, "boxes": boxes, "size": size, "input_ids": self.ids[i], "index": i}
+        return self.__getitems__([i])[0]
 
 
 class ImageDataset(Dataset):
@@ -84,9 +90,14 @@ class ImageDataset(Dataset):
     def __len__(self):
         return len(self.keys)
 
+    def __getitems__(self, indices):
+        items = _image_items(self.store, [self.keys[i] for i in indices], self.max_regions)
+        for item, i in zip(items, indices):
+            item["index"] = i
+        return items
+
     def __getitem__(self, i):
-        feats, boxes, size = _image_item(self.store, self.keys[i], self.max_regions)
-        return {"features": feats, "boxes": boxes, "size": size, "index": i}
+        return self.__getitems__([i])[0]
 
 
 class CaptionDataset(Dataset):
@@ -154,12 +165,14 @@ class EpochBatchSampler(Sampler):
 
 
 def make_loader(dataset: Dataset, *, batch_size: int | None = None, batch_sampler=None,
-                num_workers: int = 0) -> DataLoader:
+                num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False) -> DataLoader:
     # A private generator: creating the iterator must not advance torch's global RNG (dropout
     # draws from it, and resume must replay it exactly).
     generator = torch.Generator().manual_seed(0)
     kwargs = dict(collate_fn=collate, num_workers=num_workers, generator=generator,
-                  persistent_workers=False)
+                  persistent_workers=False, pin_memory=pin_memory)
+    if num_workers:
+        kwargs["prefetch_factor"] = prefetch_factor
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, **kwargs)

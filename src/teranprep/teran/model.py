@@ -79,7 +79,7 @@ class TERAN(nn.Module):
         x = self.image_proj(x)
         joint = self.text_transformer if self.image_transformer is None else self.image_transformer
         x = joint(x, src_key_padding_mask=padding)
-        return F.normalize(x, p=2, dim=-1)
+        return F.normalize(x.float(), p=2, dim=-1)  # fp32 under bf16 autocast too
 
     def encode_captions(self, input_ids, lengths):
         """input_ids (B,W) padded with 0, lengths (B,) incl. [CLS]/[SEP] -> (B, W, E) unit vectors."""
@@ -88,7 +88,7 @@ class TERAN(nn.Module):
         hidden = self.text_encoder(input_ids=input_ids, attention_mask=valid.long()).last_hidden_state
         x = self.text_proj(hidden)
         x = self.text_transformer(x, src_key_padding_mask=~valid)
-        return F.normalize(x, p=2, dim=-1)
+        return F.normalize(x.float(), p=2, dim=-1)  # fp32 under bf16 autocast too
 
     def masks(self, region_lengths, n_regions, word_lengths, n_words):
         return (region_keep_mask(region_lengths, n_regions),

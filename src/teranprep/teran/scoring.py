@@ -9,6 +9,7 @@ import torch
 
 from .alignment import alignment_scores, region_keep_mask, word_keep_mask
 from .data import CaptionDataset, ImageDataset, SplitData, make_loader
+from .precision import autocast, compute_dtype
 
 
 @dataclass
@@ -33,21 +34,27 @@ def _pad_cat(chunks: list[torch.Tensor], lengths: list[torch.Tensor], dtype) -> 
 @torch.no_grad()
 def encode_split(model, split: SplitData, store, *, batch_size: int = 64, device="cpu",
                  max_regions: int | None = None, num_workers: int = 0,
-                 dtype=torch.float32) -> EncodedSplit:
-    """Region sets of the split's images (image_keys order) and word sets of its captions (row order)."""
+                 dtype=None, precision: str = "fp32") -> EncodedSplit:
+    """Region sets of the split's images (image_keys order) and word sets of its captions (row order).
+
+    `precision` bf16 runs the encoders under bf16 autocast and keeps the (fp32-normalised) token
+    vectors in bf16, which is what score_matrix multiplies; `dtype` overrides the kept dtype."""
     model.eval()
+    dtype = compute_dtype(precision) if dtype is None else dtype
     regs, rlens = [], []
     for batch in make_loader(ImageDataset(split.image_keys, store, max_regions), batch_size=batch_size,
                              num_workers=num_workers):
-        out = model.encode_images(batch["features"].to(device), batch["boxes"].to(device),
-                                  batch["sizes"].to(device), batch["region_lengths"].to(device))
-        regs.append(out.float().cpu())
+        with autocast(device, precision):
+            out = model.encode_images(batch["features"].to(device), batch["boxes"].to(device),
+                                      batch["sizes"].to(device), batch["region_lengths"].to(device))
+        regs.append(out.to(dtype).cpu())
         rlens.append(batch["region_lengths"])
     words, wlens = [], []
     for batch in make_loader(CaptionDataset(split.captions["input_ids"]), batch_size=batch_size,
                              num_workers=num_workers):
-        out = model.encode_captions(batch["input_ids"].to(device), batch["word_lengths"].to(device))
-        words.append(out.float().cpu())
+        with autocast(device, precision):
+            out = model.encode_captions(batch["input_ids"].to(device), batch["word_lengths"].to(device))
+        words.append(out.to(dtype).cpu())
         wlens.append(batch["word_lengths"])
     return EncodedSplit(_pad_cat(regs, rlens, dtype), torch.cat(rlens),
                         _pad_cat(words, wlens, dtype), torch.cat(wlens))
@@ -57,13 +64,17 @@ def encode_split(model, split: SplitData, store, *, batch_size: int = 64, device
 def score_matrix(regions: torch.Tensor, region_lengths: torch.Tensor, words: torch.Tensor,
                  word_lengths: torch.Tensor, *, mode: str = "MrSw", drop_tokens: str = "reference",
                  word_max_floor_zero: bool = True, image_block: int = 100, caption_block: int = 500,
-                 device="cpu") -> np.ndarray:
+                 device="cpu", precision: str | None = None) -> np.ndarray:
     """(Ni, Nc) float32 scores, computed block by block.
+
+    The similarity GEMM runs in the dtype of `precision` (fp32 | bf16; None: the inputs' own
+    dtype); the scores are always summed in fp32 (alignment_scores).
 
     Each block holds image_block*R x caption_block*W similarities (e.g. 100x37 x 500x14 floats,
     ~100 MB): peak memory is the inputs, the output and one block, whatever the split's size.
     """
     ni, nc = regions.shape[0], words.shape[0]
+    dtype = regions.dtype if precision is None else compute_dtype(precision)
     out = np.empty((ni, nc), dtype=np.float32)
     rmask_all = region_keep_mask(region_lengths, regions.shape[1])
     wmask_all = word_keep_mask(word_lengths, words.shape[1], drop_tokens)
@@ -73,7 +84,7 @@ def score_matrix(regions: torch.Tensor, region_lengths: torch.Tensor, words: tor
         wmask = wmask_all[c0:c1]
         kept_cols = wmask.any(0).nonzero()
         w0, w1 = (int(kept_cols.min()), int(kept_cols.max()) + 1) if len(kept_cols) else (0, 1)
-        blk_words = words[c0:c1, w0:w1].to(device)
+        blk_words = words[c0:c1, w0:w1].to(device, dtype)
         wmask = wmask[:, w0:w1].to(device)
         for i0 in range(0, ni, image_block):
             i1 = min(ni, i0 + image_block)
@@ -81,7 +92,7 @@ def score_matrix(regions: torch.Tensor, region_lengths: torch.Tensor, words: tor
             # every image of the block has the same number of regions.
             rmax = max(int(region_lengths[i0:i1].max()), 2)
             rmask = rmask_all[i0:i1, 1:rmax].to(device)
-            scores = alignment_scores(regions[i0:i1, 1:rmax].to(device), rmask,
+            scores = alignment_scores(regions[i0:i1, 1:rmax].to(device, dtype), rmask,
                                       blk_words, wmask, mode, word_max_floor_zero)
             out[i0:i1, c0:c1] = scores.float().cpu().numpy()
     return out
