@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .base import Detections, Detector, DetectorSpec, resolve_device
+from .base import PRECISIONS, Detections, Detector, DetectorSpec, resolve_device
 
 
 def _torchvision(spec):
@@ -32,6 +32,8 @@ MODELS = {
 }
 DEFAULT_MODEL = "butd-r101"
 DEFAULT_MIN_BOXES, DEFAULT_MAX_BOXES = 10, 100
+# docs/ARCHITECTURE.md "Precision" and benchmarks/README.md give the figures behind this choice
+DEFAULT_PRECISION = "fp32"
 
 
 def resolve_model(model: str, weights, random_weights, min_boxes=None, max_boxes=None):
@@ -54,17 +56,21 @@ _CACHE: dict = {}
 
 
 def build_detector(spec: DetectorSpec) -> Detector:
-    """Builds (once per process) the detector `spec` describes."""
-    detector = _CACHE.get(spec)
+    """Builds (once per process and thread count) the detector `spec` describes. The thread
+    count is part of the key: random weights are calibrated by running the model, and torch's
+    CPU kernels round differently with different thread counts."""
+    import torch
+    key = (spec, torch.get_num_threads())
+    detector = _CACHE.get(key)
     if detector is None:
         from ..errors import PrepError
         if spec.model not in MODELS:
             raise PrepError(f"unknown model {spec.model!r}; choose one of: {', '.join(sorted(MODELS))}")
         _CACHE.clear()  # one model resident per worker
         resolved = replace(spec, device=resolve_device(spec.device))
-        detector = _CACHE[spec] = MODELS[spec.model](resolved)
+        detector = _CACHE[key] = MODELS[spec.model](resolved)
     return detector
 
 
-__all__ = ["Detections", "Detector", "DetectorSpec", "MODELS", "DEFAULT_MODEL", "build_detector", "resolve_model",
+__all__ = ["Detections", "Detector", "DetectorSpec", "MODELS", "DEFAULT_MODEL", "DEFAULT_PRECISION", "PRECISIONS", "build_detector", "resolve_model",
            "resolve_device"]
