@@ -16,14 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ItemError, PrepError
-from ..extractors import DEFAULT_MODEL, MODELS, DetectorSpec, build_detector, resolve_model
+from ..extractors import (DEFAULT_MODEL, DEFAULT_PRECISION, MODELS, PRECISIONS, DetectorSpec, build_detector,
+                          resolve_device, resolve_model)
 from ..manifests import atomic_write_json, fingerprint, sha256_file
-from ..manifests.features import (INDEX_NAME, SHARDS_DIR, completed_shard, current_manifest,
-                                  prepare_output, write_index_and_manifest)
+from ..manifests.features import (INDEX_NAME, OPTIONAL_INDEX_COLUMNS, SHARDS_DIR, completed_shard,
+                                  current_manifest, prepare_output, write_index_and_manifest)
 from ..manifests.shards import Regions, ShardWriter, remove_stale_temps, shard_name
-from .distribute import report_progress, run_tasks, tune_malloc_for_tensors
+from .distribute import default_threads, report_progress, run_tasks, tune_malloc_for_tensors
 from .results import FeaturesResult
-from .images import ImageEntry, discover_images, listing_sha256, read_image
+from .images import ImageEntry, listing_sha256
+from .inputs import discover_inputs, read_entries
 
 RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: these features are meaningless; use them only to "
                           "test the pipeline, never to train or evaluate a model")
@@ -88,7 +90,6 @@ def _run_shard(task: ShardTask) -> dict:
     t0 = time.perf_counter()
     detector = build_detector(task.spec)
     t_build = time.perf_counter() - t0
-    root = Path(task.root)
     given = dict(task.given_boxes)
     rows = []
     timings = {"build_s": t_build, "decode_s": 0.0, "detect_s": 0.0, "write_s": 0.0}
@@ -97,6 +98,7 @@ def _run_shard(task: ShardTask) -> dict:
                          optional_columns=detector.columns,
                          attrs={"detector": task.spec.model, "weights_sha256": detector.weights_sha256,
                                 "params_fingerprint": task.params_fingerprint})
+    stream = read_entries(task.root, task.entries)  # read + decoded ahead, in a thread
     try:
         for start in range(0, len(task.entries), task.batch_size):
             batch = task.entries[start:start + task.batch_size]
@@ -104,13 +106,14 @@ def _run_shard(task: ShardTask) -> dict:
             decoded = []
             for entry in batch:
                 row = _base_row(entry)
-                try:
-                    image, data = read_image(root / entry.key)
+                _, got = next(stream)
+                if isinstance(got, ItemError):
+                    row.update(status="error", error=str(got))
+                else:
+                    image, data = got
                     row.update(file_sha256=hashlib.sha256(data).hexdigest(),
                                height=image.shape[0], width=image.shape[1])
                     decoded.append((entry, image, row))
-                except ItemError as exc:
-                    row.update(status="error", error=str(exc))
                 rows.append(row)
             t1 = time.perf_counter()
             detections = _detect_isolating_failures(detector, decoded, given)
@@ -139,6 +142,8 @@ def _run_shard(task: ShardTask) -> dict:
     except BaseException:
         writer.abort()
         raise
+    finally:
+        stream.close()
     timings["total_s"] = time.perf_counter() - t0
     stats = {
         "shard": f"{SHARDS_DIR}/{task.h5_path.name}",
@@ -157,7 +162,8 @@ def _run_shard(task: ShardTask) -> dict:
 def _base_row(entry: ImageEntry) -> dict:
     return {"image_key": entry.key, "status": "error", "error": "", "shard": "", "row": -1,
             "width": -1, "height": -1, "num_boxes": 0, "file_size": entry.size,
-            "file_mtime_ns": entry.mtime_ns, "file_sha256": ""}
+            "file_mtime_ns": entry.mtime_ns, "file_sha256": "",
+            **{k: v for k, v in entry.extra if k in OPTIONAL_INDEX_COLUMNS}}
 
 
 def _detect_isolating_failures(detector, decoded, given):
@@ -189,11 +195,12 @@ def shard_is_complete(task: ShardTask) -> dict | None:
         (r["image_key"], r["file_size"], r["file_mtime_ns"]) for r in stats.get("rows", [])])
 
 
-def _validate(images, batch_size, shard_size, dtype, workers, retries, max_error_rate,
-              min_boxes, max_boxes, conf_thresh, model, weights, random_weights, limit):
-    if not Path(images).is_dir():
-        raise PrepError(f"{images}: not a directory; pass the folder that holds the images")
-    checks = [(batch_size >= 1, "--batch-size must be >= 1"),
+def _validate(batch_size, shard_size, dtype, workers, retries, max_error_rate,
+              min_boxes, max_boxes, conf_thresh, model, weights, random_weights, limit, precision):
+    checks = [(precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
+              (precision == "fp32" or model != "detectron2",
+               "--precision bf16 is not available with --backend detectron2; use --precision fp32"),
+              (batch_size >= 1, "--batch-size must be >= 1"),
               (shard_size >= 1, "--shard-size must be >= 1"),
               (dtype in ("float16", "float32"), "--dtype must be float16 or float32"),
               (workers >= 0, "--workers must be >= 0"), (retries >= 0, "--retries must be >= 0"),
@@ -219,6 +226,7 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
                     scheduler: str | None = None, threads_per_worker: int | None = None,
                     retries: int = 2, max_error_rate: float = 0.01, overwrite: bool = False,
                     dry_run: bool = False, quiet: bool = False, given_boxes: dict | None = None,
+                    precision: str = DEFAULT_PRECISION,
                     model_options: dict | None = None, echo=print) -> ExtractResult:
     """Detects regions in every image under `images` and writes features/ to `out`.
 
@@ -226,30 +234,33 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
     problem (bad option, changed parameters without overwrite, error rate above the limit).
     """
     t_start = time.perf_counter()
-    images, out = Path(images), Path(out)
+    out = Path(out)
     # registry names (butd-vg-r101-k36) -> architecture + cached weights + their box policy
     model, weights, min_boxes, max_boxes = resolve_model(model, weights, random_weights, min_boxes, max_boxes)
-    _validate(images, batch_size, shard_size, dtype, workers, retries, max_error_rate, min_boxes,
-              max_boxes, conf_thresh, model, weights, random_weights, limit)
-    entries = discover_images(images, limit)
+    _validate(batch_size, shard_size, dtype, workers, retries, max_error_rate, min_boxes,
+              max_boxes, conf_thresh, model, weights, random_weights, limit, precision)
+    inputs = discover_inputs(images, limit)  # a folder, tar shards or a list file
+    entries = inputs.entries
     if not entries:
         raise PrepError(f"{images}: no images found (looked for "
                         "jpg, jpeg, png, bmp, webp, tif; case-insensitive, recursive)")
     weights_sha = sha256_file(Path(weights)) if weights else f"random-seed-{random_weights}"
     spec = DetectorSpec(model=model, weights=str(Path(weights).resolve()) if weights else None,
                         random_seed=random_weights, device=device, conf_thresh=conf_thresh,
-                        min_boxes=min_boxes, max_boxes=max_boxes,
+                        min_boxes=min_boxes, max_boxes=max_boxes, precision=precision,
                         options=tuple(sorted((model_options or {}).items())))
     params = {"model": model, "weights_sha256": weights_sha, "dtype": dtype,
               "shard_size": shard_size, "batch_size": batch_size, "conf_thresh": conf_thresh,
               "min_boxes": min_boxes, "max_boxes": max_boxes, "options": dict(spec.options),
-              "given_boxes_sha256": _given_boxes_digest(given_boxes)}
+              "given_boxes_sha256": _given_boxes_digest(given_boxes), "precision": precision}
     params_fp = fingerprint(params)
     prepare_output(out, params_fp, overwrite and not dry_run)
-    # torch's CPU kernels round differently with different thread counts: a fixed count per task
-    # (1 by default) is what makes features byte-identical whatever the number of workers.
-    threads = threads_per_worker or 1
-    tasks = [ShardTask(index=i, root=str(images.resolve()), out=str(out.resolve()),
+    # torch's CPU kernels round differently with different thread counts: the count per task is
+    # fixed before any task runs (default_threads: cores / tasks that can run at once), so
+    # features are byte-identical for any worker count under the same thread setting.
+    n_shards = -(-len(entries) // shard_size)
+    threads = threads_per_worker or default_threads(workers, n_shards, scheduler)
+    tasks = [ShardTask(index=i, root=inputs.root, out=str(out.resolve()),
                        entries=tuple(entries[s:s + shard_size]), spec=spec, dtype=dtype,
                        batch_size=batch_size, params_fingerprint=params_fp, threads=threads,
                        given_boxes=_boxes_for(entries[s:s + shard_size], given_boxes))
@@ -266,6 +277,10 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
         return ExtractResult(out, len(entries), 0, 0, len(tasks), 0, time.perf_counter() - t_start)
     if random_weights is not None and not quiet:
         echo(f"WARNING: {RANDOM_WEIGHTS_WARNING}")
+    if precision == "fp32" and not quiet and pending and model != "detectron2" \
+            and resolve_device(device) == "cpu":
+        from ..extractors.precision import bf16_speedup_hint
+        echo(bf16_speedup_hint(threads))
     listing = listing_sha256(entries)
     if not pending:
         existing = current_manifest(out, params_fp, listing)
@@ -288,7 +303,7 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
     run_s = time.perf_counter() - t_run
     for task, stats in zip(pending, results):
         done[task.index] = stats
-    manifest = _write_outputs(out, images, tasks, done, params, params_fp, listing, run_s,
+    manifest = _write_outputs(out, inputs, tasks, done, params, params_fp, listing, run_s,
                               total_images, random_weights is not None, device)
     result = _result(out, manifest, len(pending), time.perf_counter() - t_start)
     n = result.n_images
@@ -317,7 +332,7 @@ def _boxes_for(entries, given_boxes):
                  for e in entries)
 
 
-def _write_outputs(out, images, tasks, done, params, params_fp, listing, run_s, images_run,
+def _write_outputs(out, inputs, tasks, done, params, params_fp, listing, run_s, images_run,
                    random_weights, device):
     stats = [done[t.index] for t in tasks]
     detector = stats[0]["detector"]
@@ -332,7 +347,7 @@ def _write_outputs(out, images, tasks, done, params, params_fp, listing, run_s, 
         detector={"name": detector["name"], "weights_sha256": detector["weights_sha256"],
                   "columns": detector["columns"], "random_weights": random_weights},
         feature_dim=detector["feature_dim"], dtype=params["dtype"],
-        input_info={"root": str(Path(images).resolve()), "listing_sha256": listing},
+        input_info={**inputs.info(), "listing_sha256": listing},
         timings={"last_run_wall_s": round(run_s, 3), "images_last_run": images_run,
                  "images_per_s": round(images_run / run_s, 3) if run_s > 0 else None,
                  "shard_compute_s": compute},
