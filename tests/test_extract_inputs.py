@@ -26,7 +26,7 @@ from test_extract import all_arrays, assert_same_arrays, snapshot
 FAST = dict(model="tv-frcnn-mbv3-320", random_weights=0, batch_size=1, quiet=True, threads_per_worker=1)
 
 
-def write_webdataset(image_dir, keys, out_dir, per_tar=3):
+def write_webdataset(image_dir, keys, out_dir, per_tar=3, suffix=".tar"):
     """img2dataset's layout: NNNNN.tar with <sample>.jpg/.png, <sample>.txt, <sample>.json.
     Members are written in a shuffled key order (tars are not sorted). -> {tar key: folder key}."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -34,8 +34,8 @@ def write_webdataset(image_dir, keys, out_dir, per_tar=3):
     order = list(keys)
     random.Random(3).shuffle(order)
     for t in range(0, len(order), per_tar):
-        name = f"{t // per_tar:05d}.tar"
-        with tarfile.open(out_dir / name, "w") as tar:
+        name = f"{t // per_tar:05d}{suffix}"
+        with tarfile.open(out_dir / name, "w:gz" if suffix.endswith("gz") else "w") as tar:
             for i, key in enumerate(order[t:t + per_tar]):
                 sample = f"{t // per_tar:05d}{i:04d}"
                 ext = key.rsplit(".", 1)[1]
@@ -80,6 +80,20 @@ def test_tar_shards_give_the_folders_features_with_captions_in_the_index(image_d
     before = snapshot(out)
     again = extract_regions(str(tmp_path / "wds" / "{00000..00001}.tar"), out, workers=0, shard_size=2, **FAST)
     assert again.shards_run == 0 and snapshot(out) == before
+
+
+def test_compressed_tars_are_streamed_to_the_same_features(image_dir, tmp_path):
+    keys = write_images(image_dir, 4)
+    plain = write_webdataset(image_dir, keys, tmp_path / "plain")
+    gz = write_webdataset(image_dir, keys, tmp_path / "gz", suffix=".tar.gz")
+    inputs = discover_inputs(str(tmp_path / "gz" / "*.tar.gz"))
+    assert not any("offset" in e.extra_dict() for e in inputs.entries)  # the streaming path
+    extract_regions(str(tmp_path / "plain" / "*.tar"), tmp_path / "a", workers=0, shard_size=3, **FAST)
+    extract_regions(str(tmp_path / "gz" / "*.tar.gz"), tmp_path / "b", workers=0, shard_size=3, **FAST)
+    a, b = all_arrays(tmp_path / "a"), all_arrays(tmp_path / "b")
+    rename = {k: k.replace(".tar/", ".tar.gz/") for k in plain}
+    assert set(gz) == set(rename.values())
+    assert_same_arrays({rename[k]: v for k, v in a.items()}, b)
 
 
 def test_missing_tar_of_a_range_is_one_clear_error(tmp_path):

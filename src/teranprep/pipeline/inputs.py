@@ -8,8 +8,10 @@ decoded image in a background thread, so decoding overlaps the detector.
 - tars (`images/{00000..00099}.tar`, a glob, or one .tar): the key is `<tar name>/<sample key>`
   (webdataset's sample key: the member name up to its first dot in the basename); the sample's
   .txt becomes the index's `caption`, its .json the index's `metadata`. Entries follow the tars'
-  own member order, so a shard task streams each tar front to back once (tarfile stream mode,
-  nothing extracted to disk). size = the member's size, mtime_ns = the tar file's mtime.
+  own member order. Nothing is extracted to disk: an uncompressed tar's members are read at the
+  data offsets found at discovery (a task reads only its own samples, not the tar up to them);
+  a compressed one (.tar.gz, .tgz) is streamed front to back (tarfile stream mode). size = the
+  member's size, mtime_ns = the tar file's mtime.
 - list (.parquet / .csv with a `path` column, optional `key`): paths relative to the list file's
   folder, or absolute; the key is the `key` column, else the path as written.
 """
@@ -64,8 +66,11 @@ def expand_braces(pattern: str) -> list[str]:
             for p in expand_braces(f"{head}{str(i).zfill(width)}{tail}")]
 
 
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
 def is_tar_source(source: str) -> bool:
-    return source.endswith(".tar") and not Path(source).is_dir()
+    return source.endswith(TAR_SUFFIXES) and not Path(source).is_dir()
 
 
 def discover_inputs(source, limit: int | None = None) -> InputSet:
@@ -120,9 +125,12 @@ def _discover_tars(pattern: str, limit) -> InputSet:
 def _tar_entries(tar_path: Path) -> list[ImageEntry]:
     """One entry per sample with an image member, in member order; caption/metadata in `extra`."""
     mtime_ns = tar_path.stat().st_mtime_ns
+    with open(tar_path, "rb") as fh:
+        compressed = fh.read(2) == b"\x1f\x8b"
     samples: dict[str, dict] = {}
     try:
-        with tarfile.open(tar_path, "r|*") as tar:
+        # seekable mode: an uncompressed tar's headers are read and its data skipped
+        with tarfile.open(tar_path, "r:*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -131,6 +139,7 @@ def _tar_entries(tar_path: Path) -> list[ImageEntry]:
                 if f".{ext.rsplit('.', 1)[-1]}" in IMAGE_EXTENSIONS and "image" not in sample:
                     sample["image"] = member.name
                     sample["size"] = member.size
+                    sample["offset"] = member.offset_data
                 elif ext == "txt":
                     sample["caption"] = tar.extractfile(member).read().decode("utf-8", "replace").strip()
                 elif ext == "json":
@@ -142,7 +151,9 @@ def _tar_entries(tar_path: Path) -> list[ImageEntry]:
         if "image" not in sample:
             continue
         extra = (("caption", sample.get("caption", "")), ("metadata", sample.get("metadata", "")),
-                 ("member", sample["image"]), ("tar", tar_path.name))
+                 ("member", sample["image"]), ("tar", str(tar_path.resolve())))
+        if not compressed:
+            extra += (("offset", sample["offset"]),)
         entries.append(ImageEntry(f"{tar_path.name}/{key}", sample["size"], mtime_ns, extra))
     return entries
 
@@ -198,8 +209,28 @@ def _entry_bytes(root: Path, entries):
         j = i
         while j < len(entries) and entries[j].extra_dict().get("tar") == tar_name:
             j += 1
-        yield from _stream_tar(root / tar_name, entries[i:j])
+        group = entries[i:j]
+        read = _read_at_offsets if "offset" in group[0].extra_dict() else _stream_tar
+        yield from read(root / tar_name, group)
         i = j
+
+
+def _read_at_offsets(tar_path: Path, entries):
+    """An uncompressed tar's members, read at their data offsets (one open, forward seeks)."""
+    try:
+        fh = open(tar_path, "rb")
+    except OSError as exc:
+        for entry in entries:
+            yield entry, ItemError(f"tar shard {tar_path.name} unreadable: {exc.strerror or exc}")
+        return
+    with fh:
+        for entry in entries:
+            fh.seek(entry.extra_dict()["offset"])
+            data = fh.read(entry.size)
+            if len(data) != entry.size:
+                yield entry, ItemError(f"truncated in {tar_path.name} (the tar changed since discovery?)")
+            else:
+                yield entry, data
 
 
 def _stream_tar(tar_path: Path, entries):
