@@ -68,6 +68,7 @@ class ExtractResult(FeaturesResult):
                 f"{self.n_error} errors, {self.n_shards} shards; {again} in {self.wall_s:.1f} s. "
                 f"Detector {self.manifest.get('detector', {}).get('name')} "
                 f"(weights {str(self.manifest.get('detector', {}).get('weights_sha256'))[:19]}), "
+                f"precision {self.manifest.get('parameters', {}).get('precision', 'fp32')}, "
                 f"features {self.manifest.get('parameters', {}).get('dtype')}. "
                 f"Check with `prep verify {self.out}`.")
 
