@@ -1,21 +1,33 @@
-"""BUTD detector speed on CPU at 600x1000: seconds per image by stage, ratio to the FLOP floor.
+"""BUTD r101 at 600x1000 on CPU: s/image per precision, detector alone and the extract-regions stage.
 
-  stages     backbone (stem..res4), RPN (head + proposals), ROI head (ROIPool + res5 + predictors
-             on the proposals), selection (per-class NMS + box policy), from ButdDetector.timings
-  floor      the model's FLOPs for this input and 300 proposals (counted with hooks on a meta-device
-             copy: no compute) over the conv rate this script measures on the same machine
-  compare    tv-frcnn-r50-fpn and butd-tiny on the same images in the same run
-  --gpu      images/s on CUDA in fp32 and bf16 autocast, and the bf16 feature drift
+  conv rate   a res5-shaped 3x3 dilated conv, channels-last, per precision (extractors/precision.py)
+  floor       the model's FLOPs for this input and 300 proposals (hooks on a meta-device copy: no
+              compute) over that precision's conv rate; ratio = measured / floor
+  detector    ButdDetector in a child process with every core: s/image over all N images (cold,
+              as a stage task sees them), per sub-stage, and that process's peak RSS
+  stage       extract-regions on the same N images as JPEG files, in one run:
+                defaults     no options (1 worker x every core)
+                1 worker     --workers 1 --threads-per-worker 1 (the old default)
+                2 workers    --workers 2 --shard-size N/2 (default threads: cores / 2 each)
+              s/image = (wall - the model build of one task) / N; the build (random-weight
+              calibration here, a checkpoint read in real use) is printed apart
+  --gpu       images/s on CUDA in fp32 and bf16 (CANNOT be measured on a machine without CUDA)
 
 Random weights (calibrated, so activations are realistic in scale): speed does not depend on them.
-Usage: python benchmarks/bench_detector.py [--images 2] [--threads 2] [--gpu]
+Usage: python benchmarks/bench_detector.py [--images 4] [--precisions fp32,bf16] [--skip-stage] [--gpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing as mp
+import os
 import platform
+import resource
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,7 +46,7 @@ def test_images(n, h=600, w=1000, seed=0):
 
 
 def count_flops(cfg, image_hw=(600, 1000), proposals=300):
-    """FLOPs (2 x MACs) of convs and linears per stage, on a meta-device model."""
+    """FLOPs (2 x MACs) of convs and linears per sub-stage, on a meta-device model."""
     from teranprep.extractors.butd.model import ButdModel
     with torch.device("meta"):
         model = ButdModel(cfg)
@@ -63,111 +75,107 @@ def count_flops(cfg, image_hw=(600, 1000), proposals=300):
     return counts
 
 
-def conv_rate(reps=3):
-    """Sustained FLOP/s of a res5-like 3x3 conv (512 -> 512 at 14x14, batch 32)."""
-    conv = nn.Conv2d(512, 512, 3, padding=2, dilation=2, bias=False).eval()
-    x = torch.randn(32, 512, 14, 14)
-    flops = 2 * 32 * 512 * 14 * 14 * 512 * 9
-    with torch.no_grad():
-        conv(x)
-        best = float("inf")
-        for _ in range(reps):
-            t = time.perf_counter()
-            conv(x)
-            best = min(best, time.perf_counter() - t)
-    return flops / best
-
-
-def bench_butd(name, images, device="cpu"):
+def _detector_alone(precision, n, threads, device, queue):
     from teranprep.extractors.base import DetectorSpec
     from teranprep.extractors.butd.detector import ButdDetector
-    det = ButdDetector(DetectorSpec(model=name, random_seed=0, device=device))
-    n_props = []
-    orig = det.model.proposals
-
-    def counting(*a, **k):
-        boxes, scores = orig(*a, **k)
-        n_props.append(len(boxes))
-        return boxes, scores
-
-    det.model.proposals = counting
+    torch.set_num_threads(threads)
+    images = test_images(n)
+    t = time.perf_counter()
+    det = ButdDetector(DetectorSpec(model="butd-r101", random_seed=0, device=device, precision=precision))
+    build = time.perf_counter() - t
+    if device != "cpu":
+        det.detect(images[:1])  # CUDA: kernel selection and allocator warm-up are not the model
+        det.timings = dict.fromkeys(det.timings, 0.0)
     t = time.perf_counter()
     det.detect(images)
     wall = time.perf_counter() - t
-    per = {k: v / len(images) for k, v in det.timings.items()}
-    return det, wall / len(images), per, n_props
+    queue.put({"build_s": build, "s_per_image": wall / n,
+               "parts": {k: v / n for k, v in det.timings.items()},
+               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20})
 
 
-def bench_tv(images):
-    from teranprep.extractors.base import DetectorSpec
-    from teranprep.extractors.torchvision_frcnn import TorchvisionFasterRCNN
-    det = TorchvisionFasterRCNN(DetectorSpec(model="tv-frcnn-r50-fpn", random_seed=0))
+def detector_alone(precision, n, threads, device="cpu"):
+    """Runs in a fresh spawned process, so its peak RSS is the detector's own."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_detector_alone, args=(precision, n, threads, device, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def stage(images_dir, out, precision, **options):
+    from teranprep.pipeline.extract import extract_regions
     t = time.perf_counter()
-    det.detect(images)
-    return (time.perf_counter() - t) / len(images)
-
-
-def bench_gpu(n=8):
-    from teranprep.extractors.base import DetectorSpec
-    from teranprep.extractors.butd.detector import ButdDetector
-    images = test_images(n, seed=1)
-    det = ButdDetector(DetectorSpec(model="butd-r101", random_seed=0, device="cuda"))
-    det.detect(images[:1])
-    out = {}
-    feats = {}
-    for mode in ("fp32", "bf16"):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "bf16"):
-            res = [det.detect_one(im, None) for im in images]
-        torch.cuda.synchronize()
-        out[mode] = n / (time.perf_counter() - t)
-        feats[mode] = res
-    # drift on the same boxes: fp32 boxes fed to the bf16 model in given-box mode
-    drift_abs, cos = 0.0, []
-    for im, r32 in zip(images, feats["fp32"]):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            r16 = det.detect_one(im, r32.boxes)
-        a, b = r32.features, r16.features
-        drift_abs = max(drift_abs, float(np.abs(a - b).max()))
-        cos.append(float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)).min()))
-    return out, drift_abs, min(cos), torch.cuda.get_device_name()
+    result = extract_regions(images_dir, out, model="butd-r101", random_weights=0, precision=precision,
+                             quiet=True, overwrite=True, max_error_rate=0.0, **options)
+    wall = time.perf_counter() - t
+    manifest = json.loads((Path(out) / "manifest.json").read_text())
+    shards = [json.loads(p.read_text()) for p in sorted((Path(out) / "shards").glob("*.json"))]
+    build = max(s["timings"]["build_s"] for s in shards)  # tasks build in parallel
+    return {"wall": wall, "build": build, "n": result.n_ok,
+            "threads": manifest["devices"]["threads_per_task"], "tasks": len(shards)}
 
 
 def main():
     from teranprep.extractors.butd.config import get_config
+    from teranprep.extractors.precision import conv_rate
+    from teranprep.pipeline.distribute import machine_cores
     p = argparse.ArgumentParser()
-    p.add_argument("--images", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--skip-stage", action="store_true")
     p.add_argument("--skip-cpu", action="store_true")
+    p.add_argument("--gpu", action="store_true")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, torch threads "
-          f"{args.threads}, torch {torch.__version__}")
+    cores = machine_cores()
+    precisions = args.precisions.split(",")
+    n = args.images
+    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {cores} cores, "
+          f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
+    flops = sum(count_flops(get_config("butd-r101")).values())
     if not args.skip_cpu:
-        images = test_images(args.images)
-        rate = conv_rate()
-        flops = count_flops(get_config("butd-r101"))
-        total_flops = sum(flops.values())
-        print(f"conv rate: {rate / 1e9:.1f} GFLOP/s; BUTD r101 FLOPs at 600x1000 + 300 proposals: "
-              + ", ".join(f"{k} {v / 1e12:.3f} T" for k, v in flops.items()) + f", total {total_flops / 1e12:.3f} T")
-        _, wall, per, n_props = bench_butd("butd-r101", images)
-        sel_share = per["selection_s"] / sum(per.values())
-        print(f"\nbutd-r101 (CPU, {args.images} images 600x1000, proposals {n_props}): {wall:.2f} s/image")
-        for k, v in per.items():
-            print(f"  {k:12s} {v:8.3f} s  {100 * v / sum(per.values()):5.1f}%")
-        floor = total_flops / rate
-        print(f"  FLOP floor {floor:.2f} s -> ratio {wall / floor:.2f}x; selection share {100 * sel_share:.2f}% "
-              f"({'under' if sel_share < 0.03 else 'OVER'} 3%)")
-        _, tiny_wall, _, _ = bench_butd("butd-tiny", images)
-        print(f"butd-tiny: {tiny_wall:.3f} s/image ({wall / tiny_wall:.0f}x faster than butd-r101)")
-        tv = bench_tv(images)
-        print(f"tv-frcnn-r50-fpn: {tv:.2f} s/image (butd-r101 / tv = {wall / tv:.2f})")
-    if args.gpu and torch.cuda.is_available():
-        rates, drift, cos, name = bench_gpu()
-        print(f"\nGPU {name}: butd-r101 fp32 {rates['fp32']:.2f} images/s, bf16 autocast {rates['bf16']:.2f} "
-              f"images/s; bf16 feature drift on the same boxes: max abs {drift:.4f}, min cosine {cos:.5f}")
+        torch.set_num_threads(cores)
+        rates = {pr: conv_rate(pr) for pr in precisions}
+        print("conv rate (res5 3x3, channels-last, all cores): "
+              + ", ".join(f"{pr} {r / 1e9:.0f} GFLOP/s" for pr, r in rates.items())
+              + f"; BUTD r101 at 600x1000 + 300 proposals: {flops / 1e12:.2f} TFLOP/image")
+        alone = {}
+        print(f"\n{'setting':34s}{'s/image':>9s}{'floor':>8s}{'ratio':>7s}  notes")
+        for pr in precisions:
+            floor = flops / rates[pr]
+            r = alone[pr] = detector_alone(pr, n, cores)
+            parts = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r["parts"].items())
+            print(f"{pr + ' detector alone':34s}{r['s_per_image']:9.2f}{floor:8.2f}{r['s_per_image'] / floor:7.2f}"
+                  f"  {parts}; peak RSS {r['peak_rss_gb']:.2f} GB; build {r['build_s']:.0f} s", flush=True)
+        if not args.skip_stage:
+            from PIL import Image
+            root = Path(tempfile.mkdtemp(prefix="bench-detector-"))
+            (root / "images").mkdir()
+            for i, im in enumerate(test_images(n)):
+                Image.fromarray(im).save(root / "images" / f"{i:03d}.png")  # lossless: same pixels
+            settings = {"defaults": {}, "1 worker x 1 thread": {"workers": 1, "threads_per_worker": 1},
+                        "2 workers": {"workers": 2, "shard_size": max(1, n // 2)}}
+            for pr in precisions:
+                floor = flops / rates[pr]
+                for name, options in settings.items():
+                    r = stage(root / "images", root / f"out-{pr}", pr, **options)
+                    per = (r["wall"] - r["build"]) / r["n"]
+                    print(f"{pr + ' stage ' + name:34s}{per:9.2f}{floor:8.2f}{per / floor:7.2f}  "
+                          f"{r['tasks']} task(s) x {r['threads']} threads; stage / detector alone "
+                          f"{per / alone[pr]['s_per_image']:.2f}; wall {r['wall']:.0f} s incl. build "
+                          f"{r['build']:.0f} s", flush=True)
+    if args.gpu:
+        if not torch.cuda.is_available():
+            print("\n--gpu: torch sees no CUDA device here, so GPU images/s cannot be measured on this machine")
+            return
+        print(f"\nGPU {torch.cuda.get_device_name()}:")
+        for pr in precisions:
+            r = detector_alone(pr, max(n, 8), 1, device="cuda")
+            rate = conv_rate(pr, device="cuda")
+            print(f"  butd-r101 {pr}: {1 / r['s_per_image']:.2f} images/s; FLOP floor ratio "
+                  f"{r['s_per_image'] / (flops / rate):.2f}")
 
 
 if __name__ == "__main__":

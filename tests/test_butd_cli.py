@@ -85,7 +85,7 @@ def test_given_boxes_extract_exactly_those_boxes_with_the_models_features(given_
     # Bit-equal by construction only at the shard task's thread count (the manifest records it):
     # the detector's calibration and its convolutions round differently at other counts.
     threads = json.loads((out / "manifest.json").read_text())["devices"]["threads_per_task"]
-    assert threads == [1]
+    assert len(threads) == 1  # one setting for every shard of the run
     with torch_threads(threads[0]):
         detector = build_detector(DetectorSpec(model="butd-tiny", random_seed=0))
         with FeatureStore(out) as store:

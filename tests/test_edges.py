@@ -386,7 +386,8 @@ def test_settings_that_change_numbers_are_fingerprinted_and_inapplicable_options
     images, feats = features
     before = tree(feats)
     base = ["extract-regions", images, feats, *TV, "--shard-size", "2", "--workers", "0"]
-    assert_one_error(prep(*base, "--threads-per-worker", "2"), "other parameters", "--overwrite")
+    used = json.loads((feats / "manifest.json").read_text())["devices"]["threads_per_task"][0]
+    assert_one_error(prep(*base, "--threads-per-worker", used + 1), "other parameters", "--overwrite")
     assert_one_error(prep(*base, "--box-source", "regressed"), "--box-source applies to the BUTD")
     assert_one_error(prep(*base, "--d2-config", tmp_path / "x.yaml"), "--d2-config applies")
     assert tree(feats) == before

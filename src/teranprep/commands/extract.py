@@ -15,8 +15,13 @@ def _default_model():
     return DEFAULT_MODEL
 
 
+def _default_precision():
+    from ..extractors import DEFAULT_PRECISION
+    return DEFAULT_PRECISION
+
+
 @main.command("extract-regions")
-@click.argument("images", type=click.Path(path_type=Path))
+@click.argument("images")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--model", default=_default_model, show_default=True,
               help="Detector name (see `prep weights list`).")
@@ -26,7 +31,11 @@ def _default_model():
 @click.option("--batch-size", default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
 @click.option("--shard-size", default=1000, show_default=True, help="Images per HDF5 shard.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="dtype the features are stored in.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=_default_precision,
+              show_default=True, help="Detector arithmetic: bf16 conv trunks (channels-last) with "
+                                      "fp32 box selection; see docs/ARCHITECTURE.md.")
 @click.option("--conf-thresh", default=0.2, show_default=True)
 @click.option("--min-boxes", type=int, help="Default 10, or the named weights' policy (36 for -k36).")
 @click.option("--max-boxes", type=int, help="Default 100, or the named weights' policy.")
@@ -45,7 +54,9 @@ def _default_model():
 @click.option("--workers", default=1, show_default=True,
               help="Local dask worker processes (0 = run in this process, no dask).")
 @click.option("--scheduler", help="tcp://HOST:PORT of an existing dask.distributed scheduler.")
-@click.option("--threads-per-worker", type=int, help="torch threads per task (default 1: byte-identical features for any --workers).")
+@click.option("--threads-per-worker", type=int,
+              help="torch threads per task (default: cores / min(workers, shards); features are "
+                   "byte-identical for any --workers at the same value).")
 @click.option("--retries", default=2, show_default=True, help="Retries of a failed shard task.")
 @click.option("--max-error-rate", default=0.01, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Delete previous outputs in OUT and start afresh.")
@@ -53,7 +64,11 @@ def _default_model():
 @click.option("--quiet", is_flag=True)
 def extract_regions_cmd(images, out, weights, random_weights, quiet, given_boxes, box_source, backend,
                         d2_config, **options):
-    """Detect regions in every image under IMAGES and write HDF5 shards + index + manifest to OUT."""
+    """Detect regions in IMAGES and write HDF5 shards + index + manifest to OUT.
+
+    IMAGES is a folder (searched recursively), webdataset/img2dataset tar shards
+    ('images/{00000..00099}.tar', a glob or one .tar; captions and metadata go into the index),
+    or a .parquet/.csv list with a `path` column (and optionally `key`)."""
     from ..pipeline.extract import extract_regions
     from ..errors import PrepError
     model_options = {} if box_source in (None, "proposals") else {"box_source": box_source}

@@ -14,7 +14,7 @@ from ..cli import main
 @click.option("--features", required=True, type=click.Path(path_type=Path),
               help="The features/ directory the splits are tied to (its manifest sha256 is recorded).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The splits/ directory to write.")
-@click.option("--format", "format_", type=click.Choice(["auto", "karpathy", "csv", "jsonl"]),
+@click.option("--format", "format_", type=click.Choice(["auto", "karpathy", "csv", "jsonl", "features-index"]),
               default="auto", show_default=True, help="Caption file format (auto: suffix, then content).")
 @click.option("--image-key-template",
               help="Map caption images to feature keys, e.g. '{filepath}/{filename}' or "
@@ -35,7 +35,10 @@ from ..cli import main
 @click.option("--overwrite", is_flag=True, help="Rebuild OUT even if it holds splits made with other parameters.")
 @click.option("--quiet", is_flag=True)
 def build_splits_cmd(captions, features, out, format_, quiet, **options):
-    """Tokenize CAPTIONS into train/val/test parquet files tied to FEATURES, written to OUT."""
+    """Tokenize CAPTIONS into train/val/test parquet files tied to FEATURES, written to OUT.
+
+    CAPTIONS may be FEATURES/index.parquet itself when extract-regions read webdataset tars:
+    each sample's .txt caption is in it (format features-index; pass --val/--test)."""
     from ..pipeline.splits import build_splits
     result = build_splits(captions, features=features, out=out, format=format_,
                           echo=None if quiet else click.echo, **options)

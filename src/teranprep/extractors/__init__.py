@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .base import Detections, Detector, DetectorSpec, resolve_device
+from .base import PRECISIONS, Detections, Detector, DetectorSpec, resolve_device
 
 
 def _torchvision(spec):
@@ -32,6 +32,8 @@ MODELS = {
 }
 DEFAULT_MODEL = "butd-r101"
 DEFAULT_MIN_BOXES, DEFAULT_MAX_BOXES = 10, 100
+# docs/ARCHITECTURE.md "Precision" and benchmarks/README.md give the figures behind this choice
+DEFAULT_PRECISION = "fp32"
 
 
 def resolve_model(model: str, weights, random_weights, min_boxes=None, max_boxes=None):
@@ -85,5 +87,5 @@ def build_detector(spec: DetectorSpec) -> Detector:
     return detector
 
 
-__all__ = ["Detections", "Detector", "DetectorSpec", "MODELS", "DEFAULT_MODEL", "build_detector", "resolve_model",
+__all__ = ["Detections", "Detector", "DetectorSpec", "MODELS", "DEFAULT_MODEL", "DEFAULT_PRECISION", "PRECISIONS", "build_detector", "resolve_model",
            "resolve_device"]

@@ -50,9 +50,13 @@ class DetectorSpec:
     min_boxes: int = 10
     max_boxes: int = 100
     options: tuple = field(default_factory=tuple)  # (key, value) pairs, backend-specific
+    precision: str = "fp32"  # fp32 | bf16: the conv trunks' weights and activations (PRECISIONS)
 
     def option(self, key, default=None):
         return dict(self.options).get(key, default)
+
+
+PRECISIONS = ("fp32", "bf16")
 
 
 def resolve_device(device: str) -> str:

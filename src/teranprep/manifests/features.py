@@ -22,6 +22,9 @@ INDEX_COLUMNS = {
     "file_size": "int64", "file_mtime_ns": "int64", "file_sha256": "string",
 }
 
+# present when the input carried them (webdataset / img2dataset tars: the sample's .txt and .json)
+OPTIONAL_INDEX_COLUMNS = {"caption": "string", "metadata": "string"}
+
 
 def read_features_manifest(features_dir: Path) -> dict:
     path = Path(features_dir) / MANIFEST_NAME
@@ -41,8 +44,10 @@ def read_features_manifest(features_dir: Path) -> dict:
 
 def index_frame(rows: list[dict]) -> pd.DataFrame:
     """The index as a DataFrame with the documented column types, sorted by image key."""
-    frame = pd.DataFrame(rows, columns=list(INDEX_COLUMNS))
-    frame = frame.astype(INDEX_COLUMNS)
+    optional = {c: t for c, t in OPTIONAL_INDEX_COLUMNS.items() if any(c in r for r in rows)}
+    columns = {**INDEX_COLUMNS, **optional}
+    frame = pd.DataFrame(rows, columns=list(columns))
+    frame = frame.astype(columns)
     return frame.sort_values("image_key", kind="stable").reset_index(drop=True)
 
 

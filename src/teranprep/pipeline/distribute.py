@@ -38,6 +38,25 @@ def report_progress(payload: dict) -> None:
         _inline_progress[-1](payload)
 
 
+def machine_cores() -> int:
+    """Cores this process may run on (the affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_threads(workers: int, n_tasks: int, scheduler: str | None = None) -> int:
+    """torch threads per task when the user sets none: this machine's cores shared by the tasks
+    that can run at once (min(workers, tasks); --workers 0 runs one at a time), at least 1. A
+    function of the core count and the plan only, fixed before any task runs, so every task of
+    a run uses the same count. On a remote scheduler this machine's cores say nothing: 1."""
+    if scheduler is not None:
+        return 1
+    concurrent = max(1, min(max(workers, 1), n_tasks))
+    return max(1, machine_cores() // concurrent)
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 

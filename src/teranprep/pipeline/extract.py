@@ -17,17 +17,19 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ItemError, PrepError
-from ..extractors import DEFAULT_MODEL, MODELS, DetectorSpec, build_detector, resolve_model
+from ..extractors import (DEFAULT_MODEL, DEFAULT_PRECISION, MODELS, PRECISIONS, DetectorSpec, build_detector,
+                          resolve_device, resolve_model)
 from ..interrupts import resumable
 from ..manifests import atomic_write_json, fingerprint, sha256_file
 from ..manifests.atomic import atomic_write_bytes
 from ..manifests.ownership import FEATURES, claim_output_dir
-from ..manifests.features import (INDEX_NAME, SHARDS_DIR, completed_shard, current_manifest,
-                                  prepare_output, write_index_and_manifest)
+from ..manifests.features import (INDEX_NAME, OPTIONAL_INDEX_COLUMNS, SHARDS_DIR, completed_shard,
+                                  current_manifest, prepare_output, write_index_and_manifest)
 from ..manifests.shards import Regions, ShardWriter, remove_stale_temps, shard_name
-from .distribute import report_progress, run_tasks, tune_malloc_for_tensors
+from .distribute import default_threads, report_progress, run_tasks, tune_malloc_for_tensors
 from .results import FeaturesResult
-from .images import IMAGE_EXTENSIONS, ImageEntry, discover_images_with_report, listing_sha256, read_image
+from .images import IMAGE_EXTENSIONS, ImageEntry, listing_sha256
+from .inputs import discover_inputs, read_entries
 
 NO_GIVEN_BOXES = "no given boxes: the --given-boxes file has no entry for this image"
 UNMATCHED_GIVEN_BOXES = "given_boxes_unmatched.txt"  # box-file keys that match no image
@@ -77,6 +79,7 @@ class ExtractResult(FeaturesResult):
                  f"{self.n_error} errors, {self.n_shards} shards; {again} in {self.wall_s:.1f} s. "
                  f"Detector {m.get('detector', {}).get('name')} "
                  f"(weights {str(m.get('detector', {}).get('weights_sha256'))[:19]}), "
+                 f"precision {m.get('parameters', {}).get('precision', 'fp32')}, "
                  f"features {m.get('parameters', {}).get('dtype')}. "
                  f"Check with `prep verify {self.out}`."]
         if m.get("errors_by_reason"):
@@ -110,7 +113,6 @@ def _run_shard(task: ShardTask) -> dict:
     t0 = time.perf_counter()
     detector = build_detector(task.spec)
     t_build = time.perf_counter() - t0
-    root = Path(task.root)
     given = dict(task.given_boxes)
     given_mode = task.given_mode
     # BUTD drops proposals narrower than rpn_min_size original pixels: below that nothing is found.
@@ -122,6 +124,7 @@ def _run_shard(task: ShardTask) -> dict:
                          optional_columns=detector.columns,
                          attrs={"detector": task.spec.model, "weights_sha256": detector.weights_sha256,
                                 "params_fingerprint": task.params_fingerprint})
+    stream = read_entries(task.root, task.entries)  # read + decoded ahead, in a thread
     try:
         for start in range(0, len(task.entries), task.batch_size):
             batch = task.entries[start:start + task.batch_size]
@@ -129,8 +132,11 @@ def _run_shard(task: ShardTask) -> dict:
             decoded = []
             for entry in batch:
                 row = _base_row(entry)
-                try:
-                    image, data = read_image(root / entry.key)
+                _, got = next(stream)
+                if isinstance(got, ItemError):
+                    row.update(status="error", error=str(got))
+                else:
+                    image, data = got
                     row.update(file_sha256=hashlib.sha256(data).hexdigest(),
                                height=image.shape[0], width=image.shape[1])
                     if given_mode and entry.key not in given:
@@ -141,8 +147,6 @@ def _run_shard(task: ShardTask) -> dict:
                                          "on each side")
                     else:
                         decoded.append((entry, image, row))
-                except ItemError as exc:
-                    row.update(status="error", error=str(exc))
                 rows.append(row)
             t1 = time.perf_counter()
             detections = _detect_isolating_failures(detector, decoded, given)
@@ -171,13 +175,15 @@ def _run_shard(task: ShardTask) -> dict:
     except BaseException:
         writer.abort()
         raise
+    finally:
+        stream.close()
     timings["total_s"] = time.perf_counter() - t0
     stats = {
         "shard": f"{SHARDS_DIR}/{task.h5_path.name}",
         "n_images": writer.n_images, "n_boxes": writer.n_boxes,
         "bytes": task.h5_path.stat().st_size, "sha256": sha256_file(task.h5_path),
         "params_fingerprint": task.params_fingerprint, "device": str(getattr(detector, "device", "")),
-        "threads": task.threads,
+        "threads": task.threads, "cpu_capability": _cpu_capability(),
         "detector": {"name": detector.name, "weights_sha256": detector.weights_sha256,
                      "feature_dim": detector.feature_dim, "columns": list(detector.columns)},
         "timings": timings, "rows": rows,
@@ -186,10 +192,16 @@ def _run_shard(task: ShardTask) -> dict:
     return stats
 
 
+def _cpu_capability() -> str:
+    import torch
+    return str(torch.backends.cpu.get_cpu_capability())  # this worker's kernels, not the driver's
+
+
 def _base_row(entry: ImageEntry) -> dict:
     return {"image_key": entry.key, "status": "error", "error": "", "shard": "", "row": -1,
             "width": -1, "height": -1, "num_boxes": 0, "file_size": entry.size,
-            "file_mtime_ns": entry.mtime_ns, "file_sha256": ""}
+            "file_mtime_ns": entry.mtime_ns, "file_sha256": "",
+            **{k: v for k, v in entry.extra if k in OPTIONAL_INDEX_COLUMNS}}
 
 
 def _detect_isolating_failures(detector, decoded, given):
@@ -225,11 +237,12 @@ def shard_is_complete(task: ShardTask) -> dict | None:
         (r["image_key"], r["file_size"], r["file_mtime_ns"]) for r in stats.get("rows", [])])
 
 
-def _validate(images, batch_size, shard_size, dtype, workers, retries, max_error_rate,
-              min_boxes, max_boxes, conf_thresh, model, weights, random_weights, limit):
-    if not Path(images).is_dir():
-        raise PrepError(f"{images}: not a directory; pass the folder that holds the images")
-    checks = [(batch_size >= 1, "--batch-size must be >= 1"),
+def _validate(batch_size, shard_size, dtype, workers, retries, max_error_rate,
+              min_boxes, max_boxes, conf_thresh, model, weights, random_weights, limit, precision):
+    checks = [(precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
+              (precision == "fp32" or model != "detectron2",
+               "--precision bf16 is not available with --backend detectron2; use --precision fp32"),
+              (batch_size >= 1, "--batch-size must be >= 1"),
               (shard_size >= 1, "--shard-size must be >= 1"),
               (dtype in ("float16", "float32"), "--dtype must be float16 or float32"),
               (workers >= 0, "--workers must be >= 0"), (retries >= 0, "--retries must be >= 0"),
@@ -255,7 +268,8 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
                     scheduler: str | None = None, threads_per_worker: int | None = None,
                     retries: int = 2, max_error_rate: float = 0.01, overwrite: bool = False,
                     dry_run: bool = False, quiet: bool = False, given_boxes: dict | None = None,
-                    missing_given_boxes: str = "error", model_options: dict | None = None,
+                    missing_given_boxes: str = "error", precision: str = DEFAULT_PRECISION,
+                    model_options: dict | None = None,
                     echo=print, warn=None) -> ExtractResult:
     """Detects regions in every image under `images` and writes features/ to `out`.
 
@@ -266,11 +280,11 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
     """
     t_start = time.perf_counter()
     warn = warn or echo
-    images, out = Path(images), Path(out)
+    out = Path(out)
     # registry names (butd-vg-r101-k36) -> architecture + cached weights + their box policy
     model, weights, min_boxes, max_boxes = resolve_model(model, weights, random_weights, min_boxes, max_boxes)
-    _validate(images, batch_size, shard_size, dtype, workers, retries, max_error_rate, min_boxes,
-              max_boxes, conf_thresh, model, weights, random_weights, limit)
+    _validate(batch_size, shard_size, dtype, workers, retries, max_error_rate, min_boxes,
+              max_boxes, conf_thresh, model, weights, random_weights, limit, precision)
     options = dict(model_options or {})
     if "box_source" in options and model not in BUTD_MODELS:
         raise PrepError(f"--box-source applies to the BUTD models ({', '.join(BUTD_MODELS)}) only; "
@@ -278,7 +292,8 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
     if missing_given_boxes not in ("error", "skipped"):
         raise PrepError("--missing-given-boxes must be error or skipped")
     claim_output_dir(out, FEATURES, create=not dry_run)
-    entries, passed_over = discover_images_with_report(images, limit)
+    inputs = discover_inputs(images, limit)  # a folder, tar shards or a list file
+    entries, passed_over = inputs.entries, inputs.passed_over
     if not entries:
         extra = f"; passed over: {passed_over.summary()}" if passed_over.total() else ""
         raise PrepError(f"{images}: no images found (looked for "
@@ -288,22 +303,24 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
     resolved_device = _device_kind(device)
     spec = DetectorSpec(model=model, weights=str(Path(weights).resolve()) if weights else None,
                         random_seed=random_weights, device=device, conf_thresh=conf_thresh,
-                        min_boxes=min_boxes, max_boxes=max_boxes,
+                        min_boxes=min_boxes, max_boxes=max_boxes, precision=precision,
                         options=tuple(sorted(options.items())))
-    # torch's CPU kernels round differently with different thread counts: a fixed count per task
-    # (1 by default) is what makes features byte-identical whatever the number of workers.
-    threads = threads_per_worker or 1
+    # torch's CPU kernels round differently with different thread counts: the count per task is
+    # fixed before any task runs (default_threads: cores / tasks that can run at once), so
+    # features are byte-identical for any worker count under the same thread setting.
+    n_shards = -(-len(entries) // shard_size)
+    threads = threads_per_worker or default_threads(workers, n_shards, scheduler)
     params = {"model": model, "weights_sha256": weights_sha, "dtype": dtype,
               "shard_size": shard_size, "batch_size": batch_size, "conf_thresh": conf_thresh,
               "min_boxes": min_boxes, "max_boxes": max_boxes, "options": dict(spec.options),
               "given_boxes_sha256": _given_boxes_digest(given_boxes),
               "missing_given_boxes": missing_given_boxes if given_boxes is not None else None,
-              "threads_per_task": threads, "device": resolved_device}
+              "threads_per_task": threads, "device": resolved_device, "precision": precision}
     params_fp = fingerprint(params)
     prepare_output(out, params_fp, overwrite and not dry_run)
     unmatched = sorted(set(given_boxes) - {e.key for e in entries}) if given_boxes else []
     plan = plan_shards(entries, shard_size, previous_plan(out, params_fp))
-    tasks = [ShardTask(index=i, root=str(images.resolve()), out=str(out.resolve()),
+    tasks = [ShardTask(index=i, root=inputs.root, out=str(out.resolve()),
                        entries=tuple(members), spec=spec, dtype=dtype,
                        batch_size=batch_size, params_fingerprint=params_fp, threads=threads,
                        given_boxes=_boxes_for(members, given_boxes), given_mode=given_boxes is not None,
@@ -325,11 +342,15 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
         return ExtractResult(out, len(entries), 0, 0, len(tasks), 0, time.perf_counter() - t_start)
     if random_weights is not None:
         warn(f"WARNING: {RANDOM_WEIGHTS_WARNING}")  # never hidden by --quiet
+    if precision == "fp32" and not quiet and pending and model != "detectron2" \
+            and resolved_device == "cpu":
+        from ..extractors.precision import bf16_speedup_hint
+        echo(bf16_speedup_hint(threads))
     listing = listing_sha256(entries)
     manifest = current_manifest(out, params_fp, listing) if not pending else None
     shards_run = 0
     if manifest is None:
-        manifest, shards_run = _run_pending(out, images, tasks, done, pending, plan, params, params_fp,
+        manifest, shards_run = _run_pending(out, inputs, tasks, done, pending, plan, params, params_fp,
                                             listing, workers, scheduler, retries, quiet,
                                             random_weights is not None, device, passed_over, unmatched)
     result = _result(out, manifest, shards_run, time.perf_counter() - t_start)
@@ -349,7 +370,7 @@ def _device_kind(device: str) -> str:
     return resolve_device(device).split(":")[0]
 
 
-def _run_pending(out, images, tasks, done, pending, plan, params, params_fp, listing, workers,
+def _run_pending(out, inputs, tasks, done, pending, plan, params, params_fp, listing, workers,
                  scheduler, retries, quiet, random_weights, device, passed_over, unmatched):
     (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out / SHARDS_DIR)
@@ -382,7 +403,7 @@ def _run_pending(out, images, tasks, done, pending, plan, params, params_fp, lis
         atomic_write_bytes(out / UNMATCHED_GIVEN_BOXES, "".join(f"{k}\n" for k in unmatched).encode())
     else:
         (out / UNMATCHED_GIVEN_BOXES).unlink(missing_ok=True)
-    manifest = _write_outputs(out, images, tasks, done, params, params_fp, listing, run_s,
+    manifest = _write_outputs(out, inputs, tasks, done, params, params_fp, listing, run_s,
                               total_images, random_weights, device, passed_over, unmatched)
     return manifest, len(pending)
 
@@ -510,7 +531,7 @@ def _boxes_for(entries, given_boxes):
                  for e in entries if e.key in given_boxes)
 
 
-def _write_outputs(out, images, tasks, done, params, params_fp, listing, run_s, images_run,
+def _write_outputs(out, inputs, tasks, done, params, params_fp, listing, run_s, images_run,
                    random_weights, device, passed_over, unmatched):
     stats = [done[t.index] for t in tasks]
     rows = [row for s in stats for row in s["rows"]]
@@ -530,7 +551,7 @@ def _write_outputs(out, images, tasks, done, params, params_fp, listing, run_s, 
         detector={"name": detector["name"], "weights_sha256": detector["weights_sha256"],
                   "columns": detector["columns"], "random_weights": random_weights},
         feature_dim=detector["feature_dim"], dtype=params["dtype"],
-        input_info={"root": str(Path(images).resolve()), "listing_sha256": listing,
+        input_info={**inputs.info(), "listing_sha256": listing,
                     "passed_over": passed_over.as_dict()},
         timings={"last_run_wall_s": round(run_s, 3), "images_last_run": images_run,
                  "images_per_s": round(images_run / run_s, 3) if run_s > 0 else None,

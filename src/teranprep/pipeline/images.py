@@ -26,9 +26,13 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 @dataclass(frozen=True)
 class ImageEntry:
-    key: str  # path relative to the root, POSIX separators
+    key: str  # path relative to the root, POSIX separators (inputs.py: other input kinds)
     size: int
     mtime_ns: int
+    extra: tuple = ()  # (name, value) pairs: where to read it (tar, member), caption, metadata
+
+    def extra_dict(self) -> dict:
+        return dict(self.extra)
 
 
 @dataclass

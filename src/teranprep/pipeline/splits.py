@@ -27,7 +27,7 @@ from ..tokenizers.captions import CaptionTokenizer
 from ..tokenizers.text import is_valid_utf8, normalize_caption, printable
 from ..tokenizers.wordpiece import load_wordpiece
 
-FORMATS = ("karpathy", "csv", "jsonl")
+FORMATS = ("karpathy", "csv", "jsonl", "features-index")
 RESTVAL_MODES = ("train", "drop", "val")
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
 # Bumped whenever the seeded split would assign images differently: it is part of the fingerprint.
@@ -223,13 +223,38 @@ def read_jsonl(path: Path, image_column: str = "image", caption_column: str = "c
     return False, rows()
 
 
+def read_features_index(path: Path) -> tuple[bool, Iterator]:
+    """Caption rows of a features index.parquet whose input carried captions (extract-regions
+    on webdataset / img2dataset tars: each sample's .txt); one caption per image, in key order."""
+    import pandas as pd
+
+    def rows():
+        try:
+            frame = pd.read_parquet(path, columns=None)
+        except (OSError, ValueError) as exc:
+            raise PrepError(f"{path}: unreadable parquet ({exc}); pass a features index.parquet") from exc
+        if not {"image_key", "caption"} <= set(frame.columns):
+            raise PrepError(f"{path}: no caption column; only extract-regions on tar shards with .txt "
+                            "members writes one; pass a captions file instead")
+        if "status" in frame.columns:  # images that failed extraction are listed there already
+            frame = frame[frame["status"] == "ok"]
+        for caption_id, (key, raw) in enumerate(zip(frame["image_key"], frame["caption"])):
+            yield caption_id, str(key), (raw if isinstance(raw, str) and raw else None), None, \
+                (None if isinstance(raw, str) and raw else ("empty", "the sample has no .txt caption"))
+
+    return False, rows()
+
+
 def detect_format(path: Path, given: str | None = None) -> str:
-    """karpathy | csv | jsonl: `given` when set, else from the suffix, else from the first bytes."""
+    """karpathy | csv | jsonl | features-index: `given` when set, else from the suffix, else from
+    the first bytes."""
     if given and given != "auto":
         if given not in FORMATS:
             raise PrepError(f"--format {given!r}: choose one of {', '.join(FORMATS)}")
         return given
     suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return "features-index"
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
     if suffix in (".csv", ".tsv"):
@@ -337,7 +362,8 @@ def build_splits(captions: Path, *, features: Path, out: Path, format: str | Non
                                "csv": lambda: read_csv(captions, image_column, caption_column,
                                                        image_key_template),
                                "jsonl": lambda: read_jsonl(captions, image_column, caption_column,
-                                                           image_key_template)}[fmt]()
+                                                           image_key_template),
+                               "features-index": lambda: read_features_index(captions)}[fmt]()
     if source_has_splits and (val is not None or test is not None):
         raise PrepError(f"{captions}: the file assigns its own train/val/test splits; drop --val/"
                         "--test (or remove the `split` fields to use a seeded split)")

@@ -20,6 +20,14 @@ from .config import ButdConfig
 from .ops import caffe_cell_anchors, caffe_nms, clip_boxes, decode_boxes, descending_order, grid_anchors
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _channels_last(weight: torch.Tensor) -> bool:
+    return weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) \
+        and not weight.is_contiguous()
+
+
 class ConvNorm(nn.Conv2d):
     """A bias-free conv with its frozen batch norm as `.norm` (detectron2's key layout)."""
 
@@ -29,6 +37,18 @@ class ConvNorm(nn.Conv2d):
 
     def forward(self, x):
         return self.norm(super().forward(x))
+
+    @torch.no_grad()
+    def fold_norm(self) -> None:
+        """Folds the frozen batch norm into the conv's weight and a bias (inference only): the
+        same affine map, one pass over the activations less, and no bf16 rsqrt of running_var."""
+        if isinstance(self.norm, nn.Identity):
+            return
+        n = self.norm
+        scale = n.weight * (n.running_var + n.eps).rsqrt()
+        self.weight.mul_(scale.view(-1, 1, 1, 1))
+        self.bias = nn.Parameter(n.bias - n.running_mean * scale, requires_grad=False)
+        self.norm = nn.Identity()
 
 
 class Bottleneck(nn.Module):
@@ -81,6 +101,9 @@ class Backbone(nn.Module):
         self.res4 = make_stage(cfg, 4, cfg.stage_blocks[2], cfg.stage_out(3), 2)
 
     def forward(self, x):
+        # the input follows the weights' dtype and layout (fp32 or bf16, channels-last)
+        w = self.stem.conv1.weight
+        x = x.to(w.dtype, memory_format=torch.channels_last if _channels_last(w) else torch.contiguous_format)
         return self.res4(self.res3(self.res2(self.stem(x))))
 
 
@@ -114,7 +137,10 @@ class RPNHead(nn.Module):
         self.anchor_deltas = nn.Conv2d(cfg.rpn_channels, 4 * a, 1)
 
     def forward(self, x):
-        t = F.relu(self.conv(x))
+        t = F.relu(self.conv(x.to(self.conv.weight.dtype)))
+        # the 1x1 logit and delta convs may stay fp32 under a bf16 trunk: proposals are selected
+        # from them, and they cost under 1% of the model
+        t = t.to(self.objectness_logits.weight.dtype, memory_format=torch.contiguous_format)
         return self.objectness_logits(t), self.anchor_deltas(t)
 
 
@@ -137,6 +163,7 @@ class BoxPredictor(nn.Module):
             self.attr_linear2 = nn.Linear(cfg.attr_hidden, cfg.num_attrs)
 
     def forward(self, features):
+        features = features.to(self.cls_score.weight.dtype)
         logits = self.cls_score(features)
         deltas = self.bbox_pred(features)
         attr_logits = None
@@ -207,16 +234,55 @@ class ButdModel(nn.Module):
         kept = caffe_nms(boxes, scores, cfg.rpn_nms, max_keep=cfg.post_nms_topk)
         return boxes[kept], scores[kept]
 
-    def box_features(self, res4: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """ROIPool 14x14 of `boxes` (resized-image pixels) on res4, res5, mean over 14x14 -> (R, D)."""
+    def pool_rois(self, res4: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """ROIPool 14x14 of `boxes` (resized-image pixels) on res4 -> (R, C4, 14, 14), in fp32
+        whatever res4's dtype: max pooling of bf16 values is exact in fp32, while a bf16 box
+        corner at x = 1000 would be off by up to 4 px."""
         r = self.cfg.pooler_resolution
-        pooled = roi_pool(res4, [boxes.to(res4.dtype)], output_size=(r, r),
-                          spatial_scale=1.0 / self.cfg.feature_stride)
-        return self.roi_heads.res5(pooled).mean(dim=(2, 3))
+        return roi_pool(res4.float(), [boxes.float()], output_size=(r, r),
+                        spatial_scale=1.0 / self.cfg.feature_stride)
+
+    def res5_features(self, pooled: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """res5 on pooled ROIs in its weights' dtype and layout, then the fp32 mean -> (R, D).
+        `chunk` ROIs at a time when given: bounds the activation memory (300 proposals x 2048 x
+        14 x 14 is 480 MB per fp32 tensor). Each ROI is its own sample, so the chunking and
+        which images share a call change no formula, only the kernel's blocking."""
+        res5 = self.roi_heads.res5
+        w = res5[0].conv2.weight  # a 3x3 conv: a 1x1 weight is contiguous in both layouts
+        layout = torch.channels_last if _channels_last(w) else torch.contiguous_format
+        parts = [pooled] if chunk is None or len(pooled) <= chunk else pooled.split(chunk)
+        outs = [res5(part.to(w.dtype, memory_format=layout)).float().mean(dim=(2, 3)) for part in parts]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def box_features(self, res4: torch.Tensor, boxes: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """ROIPool 14x14 of `boxes` (resized-image pixels) on res4, res5, mean over 14x14 -> (R, D)."""
+        return self.res5_features(self.pool_rois(res4, boxes), chunk)
 
     def predict(self, features: torch.Tensor):
         return self.roi_heads.box_predictor(features)
 
-    def head_outputs(self, res4: torch.Tensor, boxes: torch.Tensor) -> HeadOutputs:
-        features = self.box_features(res4, boxes)
-        return HeadOutputs(features, *self.predict(features))
+    def head_outputs(self, res4: torch.Tensor, boxes: torch.Tensor, chunk: int | None = None) -> HeadOutputs:
+        return self.head_outputs_of(self.box_features(res4, boxes, chunk))
+
+    def head_outputs_of(self, features: torch.Tensor) -> HeadOutputs:
+        return HeadOutputs(features, *(None if t is None else t.float() for t in self.predict(features)))
+
+    def for_inference(self, precision: str = "fp32", channels_last: bool = True) -> "ButdModel":
+        """In place, for detection only (no training afterwards): frozen norms folded into the
+        convs in bf16 mode, the conv trunks (backbone, RPN 3x3 conv, res5) cast to the precision
+        and channels-last; the RPN logit/delta convs, predictors and anchors stay fp32, so
+        proposals, class scores and NMS are computed from fp32 arithmetic. Casting in place
+        leaves no fp32 copy of the trunk's weights behind."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        self.eval().requires_grad_(False)
+        trunks = (self.backbone, self.proposal_generator.rpn_head.conv, self.roi_heads.res5)
+        if precision == "bf16":
+            for m in self.modules():
+                if isinstance(m, ConvNorm):
+                    m.fold_norm()
+        for trunk in trunks:
+            trunk.to(dtype=PRECISIONS[precision])
+            if channels_last:
+                trunk.to(memory_format=torch.channels_last)
+        return self
