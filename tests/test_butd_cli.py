@@ -140,7 +140,7 @@ def test_full_size_butd_with_random_weights_extracts_end_to_end_in_float16(tmp_p
              for m in detector.model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     try:
         result = extract_regions(images, tmp_path / "out", model="butd-r101", random_weights=0, device="cpu",
-                                 workers=0, dtype="float16", quiet=True)
+                                 workers=0, threads_per_worker=1, dtype="float16", quiet=True)
     finally:
         for h in hooks:
             h.remove()
