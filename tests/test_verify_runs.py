@@ -67,7 +67,8 @@ def test_truncated_checkpoint_is_reported(trained, tmp_path):
     data = (run / BEST).read_bytes()
     (run / BEST).write_bytes(data[: len(data) // 2])
     problems = verify(run).problems
-    assert len(problems) == 1 and problems[0].startswith(f"{run / BEST}: not a readable torch checkpoint")
+    assert len(problems) == 1 and problems[0].startswith(f"{run / BEST}: is a zip archive")
+    assert "not a torch checkpoint that loads" in problems[0]
 
 
 class _Payload:
