@@ -181,12 +181,7 @@ def write_index_and_manifest(out: Path, *, stage: str, rows: list[dict], shard_s
     from .atomic import atomic_write_bytes, canonical_json
 
     out = Path(out)
-    frame = index_frame(rows)
-    index_tmp = out / f".{INDEX_NAME}.build"
-    frame.to_parquet(index_tmp, index=False)
-    index_bytes = index_tmp.read_bytes()
-    index_tmp.unlink()
-    atomic_write_bytes(out / INDEX_NAME, index_bytes)
+    frame, index_bytes = write_index_parquet(out, rows)
     manifest = {
         "format": FEATURES_FORMAT, "format_version": FEATURES_FORMAT_VERSION, "stage": stage,
         "teranprep_version": __version__,
@@ -194,12 +189,9 @@ def write_index_and_manifest(out: Path, *, stage: str, rows: list[dict], shard_s
         "parameters": parameters, "parameters_fingerprint": parameters_fingerprint,
         "detector": detector, "feature_dim": int(feature_dim), "dtype": dtype,
         "input": {**input_info, "n_images": len(rows)},
-        "counts": {"ok": int((frame["status"] == "ok").sum()),
-                   "error": int((frame["status"] == "error").sum()),
-                   "skipped": int((frame["status"] == "skipped").sum())},
+        "counts": status_counts(frame),
         "index": {"path": INDEX_NAME, "sha256": hashlib.sha256(index_bytes).hexdigest()},
-        "shards": [{"path": s["shard"], "n_images": s["n_images"], "n_boxes": s["n_boxes"],
-                    "bytes": s["bytes"], "sha256": s["sha256"]} for s in shard_stats],
+        "shards": shard_entries(shard_stats),
         "timings": timings,
         "environment": {"python": sys.version.split()[0], "torch": installed_version("torch"),
                         "torchvision": installed_version("torchvision"), "platform": platform.platform(),
@@ -223,6 +215,29 @@ def cpu_capability(shard_stats: list[dict], computed: bool) -> str | None:
         return None
     import torch
     return str(torch.backends.cpu.get_cpu_capability())
+
+
+def write_index_parquet(out: Path, rows: list[dict]) -> tuple[pd.DataFrame, bytes]:
+    """out/index.parquet from `rows` (documented types, key order), written atomically; returns
+    the frame and the file's bytes (their sha256 goes into the manifest)."""
+    from .atomic import atomic_write_bytes
+    frame = index_frame(rows)
+    tmp = Path(out) / f".{INDEX_NAME}.build"
+    frame.to_parquet(tmp, index=False)
+    index_bytes = tmp.read_bytes()
+    tmp.unlink()
+    atomic_write_bytes(Path(out) / INDEX_NAME, index_bytes)
+    return frame, index_bytes
+
+
+def status_counts(frame: pd.DataFrame) -> dict:
+    return {status: int((frame["status"] == status).sum()) for status in ("ok", "error", "skipped")}
+
+
+def shard_entries(shard_stats: list[dict]) -> list[dict]:
+    """The manifest's shards list from per-shard stats dicts."""
+    return [{"path": s["shard"], "n_images": s["n_images"], "n_boxes": s["n_boxes"],
+             "bytes": s["bytes"], "sha256": s["sha256"]} for s in shard_stats]
 
 
 def installed_version(package: str) -> str:

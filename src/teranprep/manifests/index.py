@@ -24,7 +24,8 @@ import pandas as pd
 
 from ..errors import PrepError
 from .atomic import atomic_write_bytes, canonical_json, commit_temp, sha256_file, temp_path_for
-from .features import INDEX_NAME, MANIFEST_NAME, index_frame, installed_version
+from .features import (INDEX_NAME, MANIFEST_NAME, installed_version, shard_entries, status_counts,
+                       write_index_parquet)
 
 INDEX_FORMAT = "teranprep.index"
 INDEX_FORMAT_VERSION = 1
@@ -62,24 +63,16 @@ def write_index_manifest(out: Path, *, rows: list[dict], shard_stats: list[dict]
     import time
     from .. import __version__
 
-    out = Path(out)
-    frame = index_frame(rows)
-    tmp = out / f".{INDEX_NAME}.build"
-    frame.to_parquet(tmp, index=False)
-    index_bytes = tmp.read_bytes()
-    tmp.unlink()
-    atomic_write_bytes(out / INDEX_NAME, index_bytes)
     import hashlib
+    out = Path(out)
+    frame, index_bytes = write_index_parquet(out, rows)
     full = {
         "format": INDEX_FORMAT, "format_version": INDEX_FORMAT_VERSION, "stage": "index",
         "teranprep_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "counts": {"ok": int((frame["status"] == "ok").sum()),
-                   "error": int((frame["status"] == "error").sum()),
-                   "skipped": int((frame["status"] == "skipped").sum())},
+        "counts": status_counts(frame),
         "index": {"path": INDEX_NAME, "sha256": hashlib.sha256(index_bytes).hexdigest()},
-        "shards": [{"path": s["shard"], "n_images": s["n_images"], "n_boxes": s["n_boxes"],
-                    "bytes": s["bytes"], "sha256": s["sha256"]} for s in shard_stats],
+        "shards": shard_entries(shard_stats),
         "files": {name: {"bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
                   for name in files},
         "environment": {"torch": installed_version("torch"), "faiss": installed_version("faiss")},

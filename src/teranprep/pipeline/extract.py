@@ -22,6 +22,7 @@ from ..extractors import (DEFAULT_MODEL, DEFAULT_PRECISION, MODELS, PRECISIONS, 
 from ..interrupts import resumable
 from ..manifests import atomic_write_json, fingerprint, sha256_file
 from ..manifests.atomic import atomic_write_bytes
+from ..manifests.error_summary import format_error_summary, summarize_errors
 from ..manifests.ownership import FEATURES, claim_output_dir
 from ..manifests.features import (INDEX_NAME, OPTIONAL_INDEX_COLUMNS, SHARDS_DIR, completed_shard,
                                   current_manifest, prepare_output, write_index_and_manifest)
@@ -83,7 +84,7 @@ class ExtractResult(FeaturesResult):
                  f"features {m.get('parameters', {}).get('dtype')}. "
                  f"Check with `prep verify {self.out}`."]
         if m.get("errors_by_reason"):
-            lines.append(f"  errors by reason: {format_reasons(m['errors_by_reason'])}")
+            lines.append(f"  errors by reason: {format_error_summary(m['errors_by_reason'])}")
         passed = m.get("input", {}).get("passed_over") or {}
         if passed:
             lines.append("  passed over (not listed): " + ", ".join(
@@ -359,7 +360,8 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
         # Checked on every run, so a failed stage stays failed until its inputs or limit change.
         raise PrepError(f"{out / INDEX_NAME}: {result.n_error} of {n} images failed "
                         f"({100 * result.n_error / n:.1f}% > --max-error-rate "
-                        f"{100 * max_error_rate:g}%): {format_reasons(manifest.get('errors_by_reason', {}))}; "
+                        f"{100 * max_error_rate:g}%): "
+                        f"{format_error_summary(manifest.get('errors_by_reason', {})) or 'no reasons recorded'}; "
                         "completed shards are kept; fix or remove those images, or raise --max-error-rate")
     return result
 
@@ -487,33 +489,6 @@ def why_pending(task: ShardTask, plan: ShardPlan) -> str:
     return ", ".join(p for p in parts if p) or "parameters changed"
 
 
-def error_reason(message: str) -> str:
-    """The reason of an index row's error, without the image's name and specifics."""
-    text = message or "unknown"
-    for sep in (": ", " ("):
-        head = text.split(sep, 1)[0]
-        if head and head != text and "/" not in head and "." not in head:
-            return head.strip()
-    return text[:60].strip()
-
-
-def errors_by_reason(rows, examples: int = 3) -> dict:
-    out = {}
-    for row in rows:
-        if row["status"] != "error":
-            continue
-        entry = out.setdefault(error_reason(row["error"]), {"count": 0, "examples": []})
-        entry["count"] += 1
-        if len(entry["examples"]) < examples:
-            entry["examples"].append(row["image_key"])
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]["count"]))
-
-
-def format_reasons(reasons: dict) -> str:
-    return "; ".join(f"{r['count']} {reason} (e.g. {', '.join(r['examples'])})"
-                     for reason, r in reasons.items()) or "no reasons recorded"
-
-
 def _given_boxes_digest(given_boxes):
     if not given_boxes:
         return None
@@ -541,7 +516,8 @@ def _write_outputs(out, inputs, tasks, done, params, params_fp, listing, run_s, 
     extra = {"warning": RANDOM_WEIGHTS_WARNING} if random_weights else {}
     extra["devices"] = {"requested": device, "used": sorted({s.get("device", "") for s in stats}),
                         "threads_per_task": sorted({s.get("threads", 0) for s in stats})}
-    extra["errors_by_reason"] = errors_by_reason(rows)
+    failed = [r for r in rows if r["status"] == "error"]
+    extra["errors_by_reason"] = summarize_errors([r["image_key"] for r in failed], [r["error"] for r in failed])
     if params.get("given_boxes_sha256"):
         extra["given_boxes"] = {"unmatched_keys": len(unmatched),
                                 "unmatched_list": UNMATCHED_GIVEN_BOXES if unmatched else None}
