@@ -66,6 +66,17 @@ def tiny_config(bert_dir: Path, **training) -> dict:
     return config
 
 
+def planted_config(bert):
+    """The config the planted-signal learning tests train with (fp32 and bf16 alike)."""
+    config = tiny_config(bert, batch_size=16, epochs=10, lr=1e-3, lr_decay_epochs=100, warmup_iters=20,
+                         val_every=100, log_every=20)
+    for section in ("model", "image"):
+        config[section]["dropout"] = 0.0
+    config["model"].update(embed_dim=32, joint_ffn=64)
+    config["image"].update(hidden_dim=32, ffn=64)
+    return config
+
+
 def random_dataset(tmp_path: Path, make_features, n_train=12, n_val=4, caps=2, seed=0):
     """Random features (dim 8) and random captions: enough to exercise the plumbing."""
     rng = np.random.default_rng(seed)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 from click.testing import CliRunner
 
-from teran_fixtures import make_tiny_bert, planted_dataset, tiny_config, write_tiny_tokenizer, one_thread  # noqa: F401 (autouse)
+from teran_fixtures import make_tiny_bert, planted_config, planted_dataset, write_tiny_tokenizer, one_thread  # noqa: F401 (autouse)
 from teranprep.cli import main
 from teranprep.pipeline.evaluate import evaluate
 from teranprep.pipeline.train import train
@@ -16,12 +16,7 @@ from teranprep.pipeline.train import train
 def test_planted_signal_reaches_high_recall_on_held_out_images(tmp_path):
     splits, features, concepts_of = planted_dataset(tmp_path)
     bert = make_tiny_bert(tmp_path / "bert", vocab_size=40, hidden=32, layers=1)
-    config = tiny_config(bert, batch_size=16, epochs=10, lr=1e-3, lr_decay_epochs=100, warmup_iters=20,
-                         val_every=100, log_every=20)
-    for section in ("model", "image"):
-        config[section]["dropout"] = 0.0
-    config["model"].update(embed_dim=32, joint_ffn=64)
-    config["image"].update(hidden_dim=32, ffn=64)
+    config = planted_config(bert)
     run = tmp_path / "run"
     result = train(splits, config, run, echo=lambda *_: None)
     assert result.step == 200

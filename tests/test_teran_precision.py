@@ -11,21 +11,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from teran_fixtures import make_tiny_bert, planted_dataset, random_dataset, tiny_config, one_thread  # noqa: F401 (autouse)
+from teran_fixtures import make_tiny_bert, planted_config, planted_dataset, random_dataset, tiny_config, one_thread  # noqa: F401 (autouse)
 from teranprep.cli import main
 from teranprep.errors import PrepError
 from teranprep.pipeline.evaluate import evaluate
 from teranprep.pipeline.train import train
-
-
-def planted_config(bert):
-    config = tiny_config(bert, batch_size=16, epochs=10, lr=1e-3, lr_decay_epochs=100, warmup_iters=20,
-                         val_every=100, log_every=20)
-    for section in ("model", "image"):
-        config[section]["dropout"] = 0.0
-    config["model"].update(embed_dim=32, joint_ffn=64)
-    config["image"].update(hidden_dim=32, ffn=64)
-    return config
 
 
 def test_bf16_training_on_planted_signal_reaches_high_recall(tmp_path):
