@@ -9,7 +9,7 @@ import torch
 from teranprep.extractors.base import DetectorSpec
 from teranprep.extractors.box_policy import select_caffe
 from teranprep.extractors.butd.config import get_config
-from teranprep.extractors.butd.detector import ButdDetector
+from teranprep.extractors.butd.detector import ButdDetector, init_random
 from teranprep.extractors.butd.model import ButdModel, RPNRaw
 from teranprep.extractors.butd.ops import caffe_nms, clip_boxes, decode_boxes, preprocess
 
@@ -42,7 +42,9 @@ def test_stem_pools_with_ceil_and_stride_sits_in_the_1x1_conv(detector):
     assert block.conv1.stride == (2, 2) and block.conv2.stride == (1, 1)
     res5 = model.roi_heads.res5[0]
     assert res5.conv1.stride == (1, 1) and res5.conv2.dilation == (2, 2) and res5.conv2.padding == (2, 2)
-    assert model.backbone.stem.conv1.norm.eps == 1e-5
+    assert ButdModel(get_config("butd-tiny")).backbone.stem.conv1.norm.eps == 1e-5
+    # for inference the frozen norms are folded into the convs, in fp32 as in bf16
+    assert isinstance(model.backbone.stem.conv1.norm, torch.nn.Identity)
 
 
 def test_rpn_raw_is_height_width_anchor_ordered_with_bg_fg_halves(detector):
@@ -119,7 +121,9 @@ def test_given_boxes_get_the_features_the_model_computes_for_them(detector):
 def test_regressed_box_option_decodes_the_top_class_deltas(detector):
     cfg = detector.cfg
     spec = DetectorSpec(model="butd-tiny", min_boxes=4, max_boxes=4)
-    state = detector.model.state_dict()
+    unfolded = ButdModel(cfg)  # a detector's own model has its norms folded: not a checkpoint's layout
+    init_random(unfolded, 0)
+    state = unfolded.state_dict()
     props_det = ButdDetector(spec, cfg=cfg, state_dict=state)
     reg_det = ButdDetector(DetectorSpec(model="butd-tiny", min_boxes=4, max_boxes=4,
                                         options=(("box_source", "regressed"),)), cfg=cfg, state_dict=state)

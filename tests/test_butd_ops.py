@@ -155,3 +155,32 @@ def test_torchvision_roi_pool_is_caffe_roi_pooling():
     ours = torchvision.ops.roi_pool(torch.from_numpy(feat)[None], [torch.tensor(boxes)], (7, 7), 1 / 16)
     for i, b in enumerate(boxes):
         np.testing.assert_array_equal(ours[i].numpy(), roi_pool_loop(feat, b, 7, 1 / 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nonnegative", [True, False])
+def test_roi_max_pool_equals_torchvision_bit_for_bit(dtype, nonnegative):
+    """The inference pooling (separable, in the map's dtype, integer compare for a ReLU map)
+    against torchvision's Caffe kernel on the fp32 map: a max rounds nothing, so equal exactly.
+    Boxes cover the map's edges, boxes partly and wholly outside it, one-cell and half-cell
+    corners (C round) and boxes smaller than a bin (repeated cells)."""
+    from teranprep.extractors.butd.ops import roi_max_pool
+    gen = torch.Generator().manual_seed(3)
+    fmap = torch.randn(1, 24, 19, 31, generator=gen)
+    if nonnegative:
+        fmap = fmap.relu()  # ties at 0 too
+    fmap = fmap.to(dtype)
+    n = 120
+    x1 = torch.rand(n, generator=gen) * 560 - 40
+    y1 = torch.rand(n, generator=gen) * 340 - 40
+    boxes = torch.stack([x1, y1, x1 + torch.rand(n, generator=gen) * 400 - 10,
+                         y1 + torch.rand(n, generator=gen) * 250 - 10], 1)
+    boxes[:6] = torch.tensor([[0, 0, 495, 303], [8, 8, 8, 8], [7.5, 7.49, 24.5, 40.5],
+                              [900, 900, 990, 990], [-90, -90, -40, -40], [100, 50, 101, 51]])
+    expected = torchvision.ops.roi_pool(fmap.float(), [boxes], (7, 7), 1 / 16).to(dtype)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = roi_max_pool(fmap.contiguous(memory_format=layout), boxes, 7, 1 / 16)
+        assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got, expected)
+    assert (expected[3] == 0).all() and (expected[4] == 0).all()  # outside the map: empty bins
+    assert roi_max_pool(fmap, boxes[:0], 7, 1 / 16).shape == (0, 24, 7, 7)

@@ -112,3 +112,38 @@ def test_torchvision_bf16_keeps_selection_fp32_and_features_close():
     same = det.detect([im], [ref.boxes])[0]
     # measured min 0.9954 (mean 0.997) on this image; the 1024-d box head has 2 bf16 layers
     assert cosine(ref.features, same.features).min() > 0.98
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_inference_block_matches_conv_norm_relu_add(dtype, tol):
+    """Inference runs each folded conv with its bias, ReLU and residual add fused (oneDNN),
+    on weights reordered once; with gradients on, the same block runs op by op. Both must be
+    the same maths: a bottleneck with a projection shortcut, on 1, 3 and 5 samples (the packed
+    weight, made for the first shape, serves the others)."""
+    from teranprep.extractors.butd.model import Bottleneck
+    torch.manual_seed(0)
+    block = Bottleneck(32, 16, 64, stride=1, dilation=2, stride_in_1x1=True, eps=1e-5).eval()
+    for m in block.modules():
+        if isinstance(m, ConvNorm):
+            m.weight.data.normal_(0, 0.2)
+            m.norm.weight.data.uniform_(0.5, 1.5)
+            m.norm.bias.data.normal_()
+            m.norm.running_mean.data.normal_()
+            m.norm.running_var.data.uniform_(0.5, 2.0)
+    xs = [torch.randn(n, 32, 14, 14) for n in (3, 1, 5)]
+    with torch.no_grad():
+        expected = [block(x) for x in xs]  # unfolded norms: the plain path
+        for m in block.modules():
+            if isinstance(m, ConvNorm):
+                m.fold_norm()
+        block.to(dtype=dtype, memory_format=torch.channels_last)
+    for x, exp in zip(xs, expected):
+        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            fused = block(x)
+        with torch.enable_grad():
+            plain = block(x)  # folded weights, op by op
+        assert fused.dtype == dtype
+        torch.testing.assert_close(fused.float(), plain.float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(fused.float(), exp, rtol=tol * 5, atol=tol * 5)
+    assert block.conv2._packed is not None  # the reordered weight was made and kept

@@ -26,6 +26,15 @@ def test_torch_threads_restores_the_count_even_after_an_error():
     assert torch.get_num_threads() == before
 
 
+def unfolded_state(seed):
+    from teranprep.extractors.butd.config import get_config
+    from teranprep.extractors.butd.detector import init_random
+    from teranprep.extractors.butd.model import ButdModel
+    model = ButdModel(get_config("butd-tiny"))
+    init_random(model, seed)
+    return model.state_dict()
+
+
 def test_detector_cache_is_keyed_by_thread_count_and_weights_file(tmp_path):
     spec = DetectorSpec(model="butd-tiny", random_seed=0)
     with torch_threads(1):
@@ -35,11 +44,11 @@ def test_detector_cache_is_keyed_by_thread_count_and_weights_file(tmp_path):
         two = build_detector(spec)  # calibrated at another thread count: another detector
     assert two is not one
     path = tmp_path / "w.pth"
-    torch.save({"model": two.model.state_dict()}, path)
+    torch.save({"model": unfolded_state(2)}, path)  # a detector's own model has its norms folded
     with torch_threads(1):
         first = build_detector(DetectorSpec(model="butd-tiny", weights=str(path)))
         assert build_detector(DetectorSpec(model="butd-tiny", weights=str(path))) is first
-        torch.save({"model": one.model.state_dict()}, path)  # the same path, rewritten
+        torch.save({"model": unfolded_state(1)}, path)  # the same path, rewritten
         assert build_detector(DetectorSpec(model="butd-tiny", weights=str(path))) is not first
 
 

@@ -163,3 +163,84 @@ def caffe_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float,
             break
         pos = i + 1 + int(alive[0])
     return torch.sort(order[torch.tensor(kept, dtype=torch.long, device=boxes.device)]).values
+
+
+def roi_pool_bins(boxes: torch.Tensor, height: int, width: int, output: int, spatial_scale: float):
+    """Caffe ROIPooling's bins, computed as its kernel (and torchvision's) computes them: corners
+    times spatial_scale in float32, C round (half away from zero), inclusive end, at least 1
+    cell; bin size = extent / output in float32; bin p covers [floor(p * size), ceil((p + 1) *
+    size)) + start, clamped to the map. -> (y0, y1, x0, x1), each (R, output) int64."""
+    b = boxes.float() * torch.tensor(spatial_scale, dtype=torch.float32)
+    corners = torch.floor(b.double().abs() + 0.5).copysign(b.double()).long()  # C round()
+    x1, y1, x2, y2 = corners.unbind(1)
+    p = torch.arange(output, dtype=torch.float32, device=boxes.device)
+
+    def bins(start, end, limit):
+        size = (end - start + 1).clamp(min=1).float() / float(output)  # float32, as the kernel
+        lo = torch.floor(p[None] * size[:, None]).long() + start[:, None]
+        hi = torch.ceil((p[None] + 1) * size[:, None]).long() + start[:, None]
+        return lo.clamp(0, limit), hi.clamp(0, limit)
+
+    y0, y1b = bins(y1, y2, height)
+    x0, x1b = bins(x1, x2, width)
+    return y0, y1b, x0, x1b
+
+
+def roi_max_pool(feature: torch.Tensor, boxes: torch.Tensor, output: int, spatial_scale: float,
+                 nonnegative: bool | None = None) -> torch.Tensor:
+    """Caffe ROIPooling (= torchvision.ops.roi_pool) of one image's (1, C, H, W) map, for
+    inference: the same bins and the same maximum, so the same values bit for bit in any dtype
+    (a max rounds nothing); computed in the map's own dtype, and returned channels-last
+    (R, C, output, output), the layout res5 runs in. Separable: a bin's maximum is the maximum
+    over its columns of the per-row maxima, and each ROI reads only its own window of the map,
+    where torchvision's CPU kernel walks every bin element by element. Indices are clamped to a
+    bin's last cell (a repeated element leaves a maximum unchanged); empty bins are 0.
+    A map with no negative value (res4 comes out of a ReLU) is compared as integers of the same
+    width: non-negative IEEE floats order as their bit patterns do, and integer maxima are
+    several times faster than bf16 ones here. `nonnegative` saves that check when the caller
+    pools the same map several times."""
+    _, c, h, w = feature.shape
+    r = boxes.shape[0]
+    as_int = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}.get(feature.dtype)
+    if nonnegative is None and as_int is not None and r:
+        nonnegative = bool(feature.min() >= 0)  # a NaN fails the test: the float path
+    if as_int is not None and r and nonnegative:
+        return roi_max_pool(feature.view(as_int), boxes, output, spatial_scale, False).view(feature.dtype)
+    hwc = feature[0].permute(1, 2, 0)  # (H, W, C): a contiguous view for a channels-last map
+    out = torch.empty((r, output, output, c), dtype=feature.dtype, device=feature.device)
+    if r == 0:
+        return out.permute(0, 3, 1, 2)
+    y0, y1, x0, x1 = roi_pool_bins(boxes, h, w, output, spatial_scale)
+    empty = (y1 <= y0)[:, :, None] | (x1 <= x0)[:, None, :]  # (R, output, output)
+    rows_k = int((y1 - y0).max().clamp(min=1))
+    cols_k = int((x1 - x0).max().clamp(min=1))
+    span = torch.arange(max(rows_k, cols_k), device=feature.device)
+    # per ROI, the window of the map its bins cover, and each bin's cells inside that window
+    win_y0, win_y1 = y0.min(1).values, torch.maximum(y1.max(1).values, y0.min(1).values + 1).clamp(max=h)
+    win_x0, win_x1 = x0.min(1).values, torch.maximum(x1.max(1).values, x0.min(1).values + 1).clamp(max=w)
+    win_y0, win_x0 = torch.minimum(win_y0, win_y1 - 1), torch.minimum(win_x0, win_x1 - 1)
+    rows = (y0[:, :, None] + span[None, None, :rows_k]).minimum((y1 - 1).clamp(min=0)[:, :, None])
+    cols = (x0[:, :, None] + span[None, None, :cols_k]).minimum((x1 - 1).clamp(min=0)[:, :, None])
+    rows = (rows.clamp(max=h - 1) - win_y0[:, None, None]).clamp(min=0)
+    cols = (cols.clamp(max=w - 1) - win_x0[:, None, None]).clamp(min=0)
+    n_rows = (y1 - y0).clamp(min=1).max(1).values.tolist()
+    n_cols = (x1 - x0).clamp(min=1).max(1).values.tolist()
+    wy0, wy1, wx0, wx1 = win_y0.tolist(), win_y1.tolist(), win_x0.tolist(), win_x1.tolist()
+    ph = torch.arange(output, device=feature.device)[:, None]
+    for i in range(r):
+        window = hwc[wy0[i]:wy1[i], wx0[i]:wx1[i]].contiguous()  # index_select copies a strided one per call
+        wc = window.shape[1]
+        rows_i = rows[i]
+        rmax = window.index_select(0, rows_i[:, 0])  # (output, wc, C): whole rows, contiguous copies
+        for k in range(1, n_rows[i]):
+            torch.maximum(rmax, window.index_select(0, rows_i[:, k]), out=rmax)
+        # columns as rows of the flattened (output * wc, C) matrix: a leading-dim gather again
+        flat = rmax.view(-1, c)
+        cols_i = cols[i][None, :, :] + ph[:, :, None] * wc  # (output, output, k)
+        o = out[i].view(-1, c)
+        torch.index_select(flat, 0, cols_i[:, :, 0].reshape(-1), out=o)
+        for k in range(1, n_cols[i]):
+            torch.maximum(o, flat.index_select(0, cols_i[:, :, k].reshape(-1)), out=o)
+    if bool(empty.any()):
+        out.masked_fill_(empty[..., None], 0)
+    return out.permute(0, 3, 1, 2)
