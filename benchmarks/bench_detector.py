@@ -5,12 +5,13 @@
               compute) over that precision's conv rate; ratio = measured / floor
   detector    ButdDetector in a child process with every core: s/image over all N images (cold,
               as a stage task sees them), per sub-stage, and that process's peak RSS
-  stage       extract-regions on the same N images as JPEG files, in one run:
+  stage       extract-regions on 2 + N of the same images as PNG files and on 2 of them, in one run:
                 defaults     no options (1 worker x every core)
                 1 worker     --workers 1 --threads-per-worker 1 (the old default)
                 2 workers    --workers 2 --shard-size N/2 (default threads: cores / 2 each)
-              s/image = (wall - the model build of one task) / N; the build (random-weight
-              calibration here, a checkpoint read in real use) is printed apart
+              s/image = the difference of the two walls / N: what each further image costs, with
+              the fixed costs (cluster start-up, worker imports, model build, index and manifest)
+              cancelled; the whole run's (wall - build) / images and the fixed cost are printed too
   --gpu       images/s on CUDA in fp32 and bf16 (CANNOT be measured on a machine without CUDA)
 
 Random weights (calibrated, so activations are realistic in scale): speed does not depend on them.
@@ -112,7 +113,8 @@ def stage(images_dir, out, precision, **options):
                              quiet=True, overwrite=True, max_error_rate=0.0, **options)
     wall = time.perf_counter() - t
     manifest = json.loads((Path(out) / "manifest.json").read_text())
-    shards = [json.loads(p.read_text()) for p in sorted((Path(out) / "shards").glob("*.json"))]
+    shards = [json.loads(p.read_text()) for p in sorted((Path(out) / "shards").glob("*.json"))
+              if p.name != "plan.json"]  # shard stats files only
     build = max(s["timings"]["build_s"] for s in shards)  # tasks build in parallel
     return {"wall": wall, "build": build, "n": result.n_ok,
             "threads": manifest["devices"]["threads_per_task"], "tasks": len(shards)}
@@ -152,20 +154,30 @@ def main():
         if not args.skip_stage:
             from PIL import Image
             root = Path(tempfile.mkdtemp(prefix="bench-detector-"))
-            (root / "images").mkdir()
-            for i, im in enumerate(test_images(n)):
-                Image.fromarray(im).save(root / "images" / f"{i:03d}.png")  # lossless: same pixels
-            settings = {"defaults": {}, "1 worker x 1 thread": {"workers": 1, "threads_per_worker": 1},
-                        "2 workers": {"workers": 2, "shard_size": max(1, n // 2)}}
+            small = 2  # the short run: its wall is the fixed cost (start-up, build, manifest) + 2 images
+            for folder, count in (("images", small + n), ("images-small", small)):
+                (root / folder).mkdir()
+                for i, im in enumerate(test_images(count)):
+                    Image.fromarray(im).save(root / folder / f"{i:03d}.png")  # lossless: same pixels
+            settings = {"defaults": ({}, {}),
+                        "1 worker x 1 thread": ({"workers": 1, "threads_per_worker": 1},) * 2,
+                        "2 workers": ({"workers": 2, "shard_size": max(1, (small + n) // 2)},
+                                      {"workers": 2, "shard_size": 1})}
+            print(f"\nstage: s/image = (wall of {small + n} images - wall of {small}) / {n}, the cost of each "
+                  "further image (start-up, model build and manifest cancel); whole = (wall - build) / images "
+                  f"of the {small + n}-image run")
             for pr in precisions:
                 floor = flops / rates[pr]
-                for name, options in settings.items():
+                for name, (options, small_options) in settings.items():
                     r = stage(root / "images", root / f"out-{pr}", pr, **options)
-                    per = (r["wall"] - r["build"]) / r["n"]
+                    r0 = stage(root / "images-small", root / f"out-{pr}-small", pr, **small_options)
+                    per = (r["wall"] - r0["wall"]) / n
+                    whole = (r["wall"] - r["build"]) / r["n"]
+                    fixed = r0["wall"] - small * per
                     print(f"{pr + ' stage ' + name:34s}{per:9.2f}{floor:8.2f}{per / floor:7.2f}  "
                           f"{r['tasks']} task(s) x {r['threads']} threads; stage / detector alone "
-                          f"{per / alone[pr]['s_per_image']:.2f}; wall {r['wall']:.0f} s incl. build "
-                          f"{r['build']:.0f} s", flush=True)
+                          f"{per / alone[pr]['s_per_image']:.2f}; whole {whole:.2f} s/image; fixed cost "
+                          f"{fixed:.0f} s (build {r['build']:.0f} s)", flush=True)
     if args.gpu:
         if not torch.cuda.is_available():
             print("\n--gpu: torch sees no CUDA device here, so GPU images/s cannot be measured on this machine")

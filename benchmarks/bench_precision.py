@@ -118,7 +118,7 @@ def demo_drift(demo_dir: Path, full: bool = False):
                  features=bf16_features, out=splits_bf16, echo=lambda *a: None)
     m16 = evaluate(demo_dir / "runs" / "demo", splits_bf16, split="test", device="cpu",
                    out=demo_dir / "eval-bf16", echo=lambda *a: None)
-    drift["test_images"] = s.test
+    drift["test_images"] = m16.get("n_images", s.test)
     drift["r1"] = {"fp32": (result.metrics["t2i"]["r1"], result.metrics["i2t"]["r1"]),
                    "bf16": (m16["t2i"]["r1"], m16["i2t"]["r1"])}
     return drift

@@ -152,7 +152,11 @@ def _run_dask(fn, tasks, workers, scheduler, retries, on_result, on_progress):
     if scheduler is None:
         # Our own workers start without dask's MALLOC_TRIM_THRESHOLD_ (see tune_malloc_for_tensors),
         # and with SIGINT ignored: a Ctrl-C reaches the driver only, which stops them quietly.
-        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                         # the worker's sampling profiler takes the GIL every 10 ms: on a machine
+                         # whose every core runs the task's threads, that preempts them for a
+                         # report nobody reads here
+                         "distributed.worker.profile.enabled": False})
         with signals_ignored_in_children(), warnings.catch_warnings():
             # Its HTTP endpoint moves off a busy port 8787 with a warning no user needs to read.
             warnings.filterwarnings("ignore", message="Port .* is already in use")

@@ -147,7 +147,8 @@ class ButdDetector:
             del x
             prepared.append((given, rois, h, w, scale))
         t = time.perf_counter()
-        head = model.head_outputs_of(model.roi_features(parts, roi_chunk))
+        head = model.head_outputs_of(model.roi_features(parts, roi_chunk),
+                                     deltas=self.box_source == "regressed")
         del parts
         t = self._tick("roi_head_s", t)
         out, start = [], 0

@@ -199,10 +199,12 @@ class BoxPredictor(nn.Module):
             self.attr_linear1 = nn.Linear(dim + cfg.cls_embed_dim, cfg.attr_hidden)
             self.attr_linear2 = nn.Linear(cfg.attr_hidden, cfg.num_attrs)
 
-    def forward(self, features):
+    def forward(self, features, deltas: bool = True):
+        """-> (class logits, box deltas or None when not asked for, attribute logits or None).
+        The 4 x 1601 box deltas are 80% of the predictors' FLOPs, and only regressed boxes use them."""
         features = features.to(self.cls_score.weight.dtype)
         logits = self.cls_score(features)
-        deltas = self.bbox_pred(features)
+        deltas = self.bbox_pred(features) if deltas else None
         attr_logits = None
         if self.has_attributes:
             # fed the argmax over ALL classes, background included, as the original does
@@ -231,7 +233,7 @@ class RPNRaw:
 class HeadOutputs:
     features: torch.Tensor  # (R, D) mean-pooled res5 output
     class_logits: torch.Tensor  # (R, num_classes)
-    box_deltas: torch.Tensor  # (R, 4 * num_classes)
+    box_deltas: torch.Tensor | None  # (R, 4 * num_classes); None when not asked for
     attr_logits: torch.Tensor | None  # (R, num_attrs)
 
 
@@ -328,14 +330,14 @@ class ButdModel(nn.Module):
         """ROIPool 14x14 of `boxes` (resized-image pixels) on res4, res5, mean over 14x14 -> (R, D)."""
         return self.roi_features([(res4, boxes)], chunk)
 
-    def predict(self, features: torch.Tensor):
-        return self.roi_heads.box_predictor(features)
+    def predict(self, features: torch.Tensor, deltas: bool = True):
+        return self.roi_heads.box_predictor(features, deltas)
 
     def head_outputs(self, res4: torch.Tensor, boxes: torch.Tensor, chunk: int | None = None) -> HeadOutputs:
         return self.head_outputs_of(self.box_features(res4, boxes, chunk))
 
-    def head_outputs_of(self, features: torch.Tensor) -> HeadOutputs:
-        return HeadOutputs(features, *(None if t is None else t.float() for t in self.predict(features)))
+    def head_outputs_of(self, features: torch.Tensor, deltas: bool = True) -> HeadOutputs:
+        return HeadOutputs(features, *(None if t is None else t.float() for t in self.predict(features, deltas)))
 
     def for_inference(self, precision: str = "fp32", channels_last: bool = True) -> "ButdModel":
         """In place, for detection only (no training afterwards): frozen norms folded into the
