@@ -180,6 +180,27 @@ def test_changed_precision_is_refused_on_resume_without_overwrite(image_dir, tmp
     assert json.loads((out / "manifest.json").read_text())["parameters"]["precision"] == "bf16"
 
 
+def test_features_of_older_inference_arithmetic_are_not_resumed(image_dir, tmp_path, monkeypatch):
+    """A folder begun by code that rounded differently (another butd.detector.INFERENCE) is
+    refused on resume, not completed with features of a second kind."""
+    import teranprep.extractors.butd.detector as butd_detector
+    write_images(image_dir, 2)
+    out = tmp_path / "f"
+    base = ["extract-regions", str(image_dir), str(out), "--model", "butd-tiny", "--random-weights",
+            "0", "--quiet", "--workers", "0"]
+    runner = CliRunner()
+    monkeypatch.setattr(butd_detector, "INFERENCE", "older-arithmetic")
+    assert runner.invoke(main, base).exit_code == 0
+    assert json.loads((out / "manifest.json").read_text())["parameters"]["inference"] == "older-arithmetic"
+    before = snapshot(out)
+    monkeypatch.undo()
+    refused = runner.invoke(main, base)
+    assert refused.exit_code == 2 and refused.output.startswith("error:"), refused.output
+    assert snapshot(out) == before
+    assert runner.invoke(main, base + ["--overwrite"]).exit_code == 0
+    assert json.loads((out / "manifest.json").read_text())["parameters"]["inference"] == butd_detector.INFERENCE
+
+
 def test_defaults_use_every_core_for_a_small_folder(image_dir, tmp_path):
     write_images(image_dir, 2)
     cores = len(os.sched_getaffinity(0))

@@ -317,6 +317,9 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
               "given_boxes_sha256": _given_boxes_digest(given_boxes),
               "missing_given_boxes": missing_given_boxes if given_boxes is not None else None,
               "threads_per_task": threads, "device": resolved_device, "precision": precision}
+    if model in BUTD_MODELS:
+        from ..extractors.butd.detector import INFERENCE
+        params["inference"] = INFERENCE
     params_fp = fingerprint(params)
     prepare_output(out, params_fp, overwrite and not dry_run)
     unmatched = sorted(set(given_boxes) - {e.key for e in entries}) if given_boxes else []

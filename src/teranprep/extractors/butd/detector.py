@@ -59,6 +59,11 @@ def init_random(model: ButdModel, seed: int) -> None:
 # so results never depend on the machine or the worker count.
 ROI_CHUNK = 16
 
+# Names the inference arithmetic (what rounding the features carry). It joins extract-regions'
+# parameter fingerprint, so a folder started by code that rounded differently (norms unfolded in
+# fp32, unfused convs, chunks of 50) is not silently resumed with features of two kinds.
+INFERENCE = "folded-norms+onednn-fused-convs+roi-chunks-16"
+
 
 def _slice(head: HeadOutputs, a: int, b: int) -> HeadOutputs:
     return HeadOutputs(*(None if t is None else t[a:b] for t in
