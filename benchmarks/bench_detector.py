@@ -113,8 +113,7 @@ def stage(images_dir, out, precision, **options):
                              quiet=True, overwrite=True, max_error_rate=0.0, **options)
     wall = time.perf_counter() - t
     manifest = json.loads((Path(out) / "manifest.json").read_text())
-    shards = [json.loads(p.read_text()) for p in sorted((Path(out) / "shards").glob("*.json"))
-              if p.name != "plan.json"]  # shard stats files only
+    shards = [json.loads(p.read_text()) for p in sorted((Path(out) / "shards").glob("regions-*.json"))]
     build = max(s["timings"]["build_s"] for s in shards)  # tasks build in parallel
     return {"wall": wall, "build": build, "n": result.n_ok,
             "threads": manifest["devices"]["threads_per_task"], "tasks": len(shards)}

@@ -180,6 +180,24 @@ def test_changed_precision_is_refused_on_resume_without_overwrite(image_dir, tmp
     assert json.loads((out / "manifest.json").read_text())["parameters"]["precision"] == "bf16"
 
 
+def test_an_fp32_run_says_in_one_line_how_much_faster_bf16_would_be(image_dir, tmp_path):
+    """fp32 is the default, so a CPU run names the measured bf16 speed-up of the detector's main
+    kernel on this CPU, once; a bf16 run (and --quiet) does not."""
+    import re
+    write_images(image_dir, 1)
+    base = ["extract-regions", str(image_dir), "--model", "butd-tiny", "--random-weights", "0",
+            "--workers", "0"]
+    runner = CliRunner()
+    fp32 = runner.invoke(main, base[:2] + [str(tmp_path / "a")] + base[2:])
+    assert fp32.exit_code == 0, fp32.output
+    hints = [line for line in fp32.output.splitlines() if "--precision bf16 would run" in line]
+    assert len(hints) == 1
+    assert float(re.search(r"(\d+\.\d)x faster", hints[0]).group(1)) > 0
+    for extra, out in ((["--precision", "bf16"], "b"), (["--quiet"], "c")):
+        other = runner.invoke(main, base[:2] + [str(tmp_path / out)] + base[2:] + extra)
+        assert other.exit_code == 0 and "--precision bf16 would run" not in other.output
+
+
 def test_features_of_older_inference_arithmetic_are_not_resumed(image_dir, tmp_path, monkeypatch):
     """A folder begun by code that rounded differently (another butd.detector.INFERENCE) is
     refused on resume, not completed with features of a second kind."""

@@ -27,19 +27,12 @@ OPTIONAL_INDEX_COLUMNS = {"caption": "string", "metadata": "string"}
 
 
 def read_features_manifest(features_dir: Path) -> dict:
-    path = Path(features_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise PrepError(f"{path}: no features manifest; run `prep extract-regions` or "
-                        "`prep import-features` into this directory first (or finish the run)")
-    try:
-        manifest = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PrepError(f"{path}: unreadable features manifest ({exc}); re-run the stage "
-                        "that wrote it") from exc
-    if manifest.get("format") != FEATURES_FORMAT:
-        raise PrepError(f"{path}: not a teranprep features manifest (format "
-                        f"{manifest.get('format')!r})")
-    return manifest
+    from .ownership import read_stamped_json
+    return read_stamped_json(
+        Path(features_dir) / MANIFEST_NAME, FEATURES_FORMAT, what="features manifest",
+        missing="no features manifest; run `prep extract-regions` or `prep import-features` into "
+                "this directory first (or finish the run)",
+        unreadable="re-run the stage that wrote it", foreign="not a teranprep features manifest")
 
 
 def index_frame(rows: list[dict]) -> pd.DataFrame:

@@ -14,7 +14,6 @@ embeddings are read from the shards for the images asked for.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -36,18 +35,13 @@ CAPTIONS_FORMAT = "teranprep.index-captions"
 
 
 def read_index_manifest(index_dir: Path) -> dict:
-    path = Path(index_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise PrepError(f"{path}: no index manifest; build one with `prep index RUN --features F "
-                        f"--out {index_dir}` (or let an interrupted one finish)")
-    try:
-        manifest = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PrepError(f"{path}: unreadable index manifest ({exc}); re-run `prep index`") from exc
-    if manifest.get("format") != INDEX_FORMAT:
-        raise PrepError(f"{path}: not a teranprep index (format {manifest.get('format')!r}); "
-                        "pass a directory written by `prep index`")
-    return manifest
+    from .ownership import read_stamped_json
+    return read_stamped_json(
+        Path(index_dir) / MANIFEST_NAME, INDEX_FORMAT, what="index manifest",
+        missing=f"no index manifest; build one with `prep index RUN --features F --out {index_dir}` "
+                "(or let an interrupted one finish)",
+        unreadable="re-run `prep index`", foreign="not a teranprep index",
+        foreign_hint="pass a directory written by `prep index`")
 
 
 def refuse_foreign_folder(out: Path) -> None:

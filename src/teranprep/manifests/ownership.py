@@ -78,6 +78,27 @@ def _format_in(path: Path) -> str | None:
     return fmt if isinstance(fmt, str) and fmt else None
 
 
+def read_stamped_json(path: Path, fmt: str, *, what: str, missing: str | None, unreadable: str,
+                      foreign: str, foreign_hint: str = "") -> dict | None:
+    """A stage's JSON file that carries `"format": fmt` (its manifest): the parsed dict, or one
+    PrepError line naming `path`. `missing` is the line's tail when the file is absent (None:
+    return None instead); a file that is not JSON says "unreadable {what} (...); {unreadable}";
+    another format says "{foreign} (format ...)" and "; {foreign_hint}" when given."""
+    path = Path(path)
+    if not path.is_file():
+        if missing is None:
+            return None
+        raise PrepError(f"{path}: {missing}")
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PrepError(f"{path}: unreadable {what} ({exc}); {unreadable}") from exc
+    found = data.get("format") if isinstance(data, dict) else None
+    if found != fmt:
+        raise PrepError(f"{path}: {foreign} (format {found!r})" + (f"; {foreign_hint}" if foreign_hint else ""))
+    return data
+
+
 def describe(fmt: str) -> str:
     return DESCRIPTIONS.get(fmt, f"output of format {fmt!r}")
 

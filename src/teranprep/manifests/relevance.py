@@ -13,7 +13,6 @@ Rows follow SPLIT.parquet's rows, columns the split's images in order of first a
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -51,18 +50,11 @@ def block_name(start: int, stop: int) -> str:
 
 def read_relevance_manifest(relevance_dir: Path) -> dict | None:
     """The folder's manifest, None when there is none yet; refuses another stage's folder."""
-    path = Path(relevance_dir) / RELEVANCE_MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PrepError(f"{path}: unreadable relevance manifest ({exc}); delete {relevance_dir} "
-                        "to recompute it") from exc
-    if manifest.get("format") != RELEVANCE_FORMAT:
-        raise PrepError(f"{path}: belongs to another stage (format {manifest.get('format')!r}); "
-                        "pass --relevance-cache a folder of its own")
-    return manifest
+    from .ownership import read_stamped_json
+    return read_stamped_json(
+        Path(relevance_dir) / RELEVANCE_MANIFEST, RELEVANCE_FORMAT, what="relevance manifest",
+        missing=None, unreadable=f"delete {relevance_dir} to recompute it",
+        foreign="belongs to another stage", foreign_hint="pass --relevance-cache a folder of its own")
 
 
 def write_relevance_manifest(relevance_dir: Path, manifest: dict) -> None:

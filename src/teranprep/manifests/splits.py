@@ -36,16 +36,11 @@ def split_path(splits_dir: Path, name: str) -> Path:
 
 
 def read_splits_manifest(splits_dir: Path) -> dict:
-    path = Path(splits_dir) / "manifest.json"
-    if not path.is_file():
-        raise PrepError(f"{path}: no splits manifest; run `prep build-splits` into {splits_dir} first")
-    try:
-        manifest = json.loads(path.read_text("utf-8"))
-    except ValueError as exc:
-        raise PrepError(f"{path}: unreadable splits manifest ({exc}); re-run build-splits") from exc
-    if manifest.get("format") != SPLITS_FORMAT:
-        raise PrepError(f"{path}: not a teranprep splits manifest (format {manifest.get('format')!r})")
-    return manifest
+    from .ownership import read_stamped_json
+    return read_stamped_json(
+        Path(splits_dir) / "manifest.json", SPLITS_FORMAT, what="splits manifest",
+        missing=f"no splits manifest; run `prep build-splits` into {splits_dir} first",
+        unreadable="re-run build-splits", foreign="not a teranprep splits manifest")
 
 
 def read_split(splits_dir: Path, name: str, columns=None) -> pd.DataFrame:
