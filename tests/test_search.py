@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 def _eval_scores(run, splits):
     """eval's own path: encode the test split, score it with model_score_matrix."""
-    from teranprep.pipeline.evaluate import load_model
+    from teranprep.teran.checkpoint import load_model
     from teranprep.teran.data import load_split, open_features
     from teranprep.teran.scoring import encode_split, model_score_matrix
     model, ckpt = load_model(run)
@@ -233,12 +233,12 @@ def test_verify_catches_damage(planted_run, tmp_path):
 def test_shortlist_head_beats_an_untrained_projection(planted_run, tmp_path):
     """ListNet distillation of the run's scores: the trained head keeps more of exhaustive
     TERAN's top-3 in a shortlist of 6 than the same head untrained (the same initialisation)."""
-    from teranprep.pipeline.evaluate import load_model
+    from teranprep.teran.checkpoint import load_model
     from teranprep.pipeline.shortlist import recall_report, train_shortlist
     from teranprep.teran.data import load_split, open_features
     from teranprep.teran.scoring import encode_split
     from teranprep.teran.shortlist import ShortlistHead
-    from teranprep.extractors.weights import load_torch_file
+    from teranprep.safe_torch import load_torch_file
     import torch
     p = planted_run
     result = train_shortlist(p["run"], out=tmp_path / "head", dim=16, hidden=32, epochs=40,

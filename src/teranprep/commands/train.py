@@ -92,7 +92,7 @@ def eval_cmd(source, splits, split, protocol, features, out, device, batch_size,
               help="Original TERAN checkpoints: the text encoder's model directory (config.json).")
 def show_alignment_cmd(source, image_key, caption, out, splits, features, images, tokenizer, text_encoder):
     """Draw IMAGE_KEY with, for each word of CAPTION, the region it aligns to best."""
-    from ..teran.visualize import show_alignment
+    from ..pipeline.alignment import show_alignment
     result = show_alignment(source, image_key, caption, out, splits=splits, features=features,
                             images=images, tokenizer=tokenizer, text_encoder=text_encoder)
     for word, region, score in result:

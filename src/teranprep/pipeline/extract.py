@@ -27,10 +27,10 @@ from ..manifests.ownership import FEATURES, claim_output_dir
 from ..manifests.features import (INDEX_NAME, OPTIONAL_INDEX_COLUMNS, SHARDS_DIR, completed_shard,
                                   current_manifest, prepare_output, write_index_and_manifest)
 from ..manifests.shards import Regions, ShardWriter, remove_stale_temps, shard_name
-from .distribute import default_threads, report_progress, run_tasks, tune_malloc_for_tensors
-from .results import FeaturesResult
-from .images import IMAGE_EXTENSIONS, ImageEntry, listing_sha256
-from .inputs import discover_inputs, read_entries
+from .common.distribute import default_threads, report_progress, run_tasks, tune_malloc_for_tensors
+from .common.results import FeaturesResult
+from .common.images import IMAGE_EXTENSIONS, ImageEntry, listing_sha256
+from .common.inputs import discover_inputs, read_entries
 
 NO_GIVEN_BOXES = "no given boxes: the --given-boxes file has no entry for this image"
 UNMATCHED_GIVEN_BOXES = "given_boxes_unmatched.txt"  # box-file keys that match no image
@@ -385,7 +385,7 @@ def _run_pending(out, inputs, tasks, done, pending, plan, params, params_fp, lis
         for suffix in (".h5", ".json"):
             (out / SHARDS_DIR / shard_name(index)).with_suffix(suffix).unlink(missing_ok=True)
 
-    from .progress import ExtractProgress
+    from .common.progress import ExtractProgress
     total_images = sum(len(t.entries) for t in pending)
     bar = ExtractProgress(total_images, quiet=quiet)
     def kept():  # read off the disk: a worker may have finished a shard the driver has not heard of

@@ -60,7 +60,7 @@ _worker_cache: dict = {}
 def _worker_model_and_store(task: IndexTask):
     """One model and one feature store per worker process, reused across its tasks."""
     from ..manifests import FeatureStore
-    from .evaluate import load_model
+    from ..teran.checkpoint import load_model
     key = (task.checkpoint, task.features)
     if _worker_cache.get("key") != key:
         model, _ = load_model(Path(task.checkpoint), "cpu")
@@ -72,7 +72,7 @@ def encode_shard(task: IndexTask) -> dict:
     """Encodes one shard's images and writes their region embeddings; returns the shard stats."""
     import torch
     from ..teran.data import ImageDataset, make_loader
-    from .distribute import report_progress, tune_malloc_for_tensors
+    from .common.distribute import report_progress, tune_malloc_for_tensors
     tune_malloc_for_tensors()
     model, store = _worker_model_and_store(task)
     before = torch.get_num_threads()
@@ -153,7 +153,7 @@ def shard_global_vectors(head, embeddings: np.ndarray, offsets: np.ndarray) -> n
 
 def load_head(head_dir: Path | None, embed_dim: int):
     """(head, description for the manifest): a trained head from `head_dir`, else mean pooling."""
-    from ..extractors.weights import load_torch_file
+    from ..safe_torch import load_torch_file
     from ..teran.shortlist import ShortlistHead
     if head_dir is None:
         return ShortlistHead(embed_dim, kind="mean"), {"kind": "mean", "dim": embed_dim, "sha256": ""}
@@ -213,8 +213,8 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
     """Writes index/ to `out`. Resumable: complete shards are kept; a finished index is a no-op."""
     import torch
     from ..manifests import FeatureStore
-    from .distribute import run_tasks
-    from .evaluate import checkpoint_path, load_model
+    from .common.distribute import run_tasks
+    from ..teran.checkpoint import checkpoint_path, load_model
 
     t0 = time.perf_counter()
     out = Path(out)

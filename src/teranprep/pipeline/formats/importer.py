@@ -22,7 +22,7 @@ from ...manifests.build import write_shard
 from ...manifests.features import (INDEX_NAME, SHARDS_DIR, completed_shard,
                                    current_manifest, prepare_output, write_index_and_manifest)
 from ...manifests.shards import remove_stale_temps, shard_name
-from ..results import FeaturesResult
+from ..common.results import FeaturesResult
 from .sources import IMPORT_FORMATS, SourceItem, open_source
 
 MAX_LISTED_DUPLICATES = 1000
@@ -180,7 +180,7 @@ def _run(fmt, src, out, source, mapping, key_map, shard_size, dtype, sizes, spli
         if index >= len(shards):
             extra.unlink()
 
-    from ..progress import ExtractProgress
+    from ..common.progress import ExtractProgress
     bar = ExtractProgress(sum(len(p) for _, p, _ in pending), quiet=quiet)
     detector = {"name": f"imported:{fmt}", "weights_sha256": "", "columns": list(columns)}
     t_run = time.perf_counter()

@@ -13,7 +13,7 @@ import uuid
 import warnings
 from typing import Callable, Iterable
 
-from ..errors import USER_FS_ERRNOS, PrepError, os_error_line
+from ...errors import USER_FS_ERRNOS, PrepError, os_error_line
 
 
 PROGRESS_TOPIC = "teranprep-progress"
@@ -145,7 +145,7 @@ def _run_dask(fn, tasks, workers, scheduler, retries, on_result, on_progress):
     import dask
     from dask.distributed import Client, LocalCluster, as_completed
 
-    from ..interrupts import signals_ignored_in_children
+    from ...interrupts import signals_ignored_in_children
 
     logging.getLogger("distributed").setLevel(logging.ERROR)
     cluster = None
