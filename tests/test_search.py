@@ -159,14 +159,14 @@ def test_index_resume_after_sigkill_gives_identical_files(planted_run, tmp_path)
     proc = subprocess.Popen(_index_cmd(p["run"], p["features"], killed, 5), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((killed / "shards").glob("*.json"))
+    while time.time() < deadline and len(list((killed / "shards").glob("regions-*.json"))
                                            if (killed / "shards").is_dir() else []) < 3:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "manifest.json").exists(), "the run finished before the kill"
-    done_before = len(list((killed / "shards").glob("*.json")))
+    done_before = len(list((killed / "shards").glob("regions-*.json")))
     assert 3 <= done_before < 38
     resumed = subprocess.run(_index_cmd(p["run"], p["features"], killed, 5), env=env,
                              capture_output=True, text=True, timeout=300)
