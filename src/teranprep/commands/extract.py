@@ -51,9 +51,11 @@ def _default_precision():
               help="detectron2: run detectron2's own model (needs detectron2 installed, --d2-config, --weights).")
 @click.option("--d2-config", type=click.Path(path_type=Path), help="detectron2 config YAML (--backend detectron2).")
 @click.option("--limit", type=int, help="Only the first N images (in key order).")
-@click.option("--workers", default=1, show_default=True,
-              help="Local dask worker processes (0 = run in this process, no dask).")
-@click.option("--scheduler", help="tcp://HOST:PORT of an existing dask.distributed scheduler.")
+@click.option("--workers", type=int,
+              help="Local dask worker processes (0 = run in this process, no dask)  [default: 1; "
+                   "refused with --scheduler]")
+@click.option("--scheduler", help="tcp://HOST:PORT of an existing dask.distributed scheduler (its "
+                                  "workers run the shards; --device is checked on them).")
 @click.option("--threads-per-worker", type=int,
               help="torch threads per task (default: cores / min(workers, shards); features are "
                    "byte-identical for any --workers at the same value).")

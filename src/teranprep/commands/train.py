@@ -55,8 +55,9 @@ def train_cmd(splits, config, out, resume, features, device, stop_after, precisi
               help="Folder of the cached ROUGE-L matrices (default: SPLITS-relevance/ beside SPLITS).")
 @click.option("--no-ndcg", is_flag=True, help="Skip NDCG@25 (and the ROUGE-L relevance it needs).")
 @click.option("--scheduler", help="tcp://HOST:PORT of a dask scheduler to compute ROUGE-L relevance on.")
-@click.option("--workers", default=0, show_default=True,
-              help="Local dask worker processes for ROUGE-L relevance (0: in this process).")
+@click.option("--workers", type=int,
+              help="Local dask worker processes for ROUGE-L relevance (0: in this process)  "
+                   "[default: 0; refused with --scheduler]")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout, nothing else.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: encode and score under bf16 autocast (default out: ...-bf16/).")

@@ -27,7 +27,7 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
              batch_size: int = 64, image_block: int = 100, caption_block: int = 500,
              fold_size: int = 1000, text_encoder: Path | None = None, ndcg: bool = True,
              relevance_files=(), relevance_cache: Path | None = None, scheduler: str | None = None,
-             workers: int = 0, precision: str = "fp32", drift: bool | None = None,
+             workers: int | None = None, precision: str = "fp32", drift: bool | None = None,
              echo=print) -> dict:
     """Scores every image of `split` against every caption, block by block, and writes
     metrics.json + rankings.npz to `out` (default: RUN/eval-SPLIT-PROTOCOL/, -bf16 appended for
@@ -35,8 +35,11 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
     and `relevance_files`. `precision` bf16 encodes and scores under bf16 autocast; with `drift`
     (the default for bf16) the same checkpoint is also scored in fp32 and metrics.json gets
     `drift_vs_fp32`."""
+    from ..devices import resolve_device
     from ..teran.precision import check_precision
+    from .common.distribute import check_workers
     check_precision(precision)
+    dev = torch.device(resolve_device(device))  # the model runs here; a scheduler serves ROUGE-L only
     if drift and precision == "fp32":
         raise PrepError("--drift compares bf16 scores with fp32 ones; it needs --precision bf16")
     drift = precision != "fp32" if drift is None else drift
@@ -50,11 +53,10 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
     # Checked before minutes of scoring: a writable folder of its own, inside no features/ or splits/.
     from ..manifests.ownership import EVAL, RUN, claim_output_dir
     claim_output_dir(out, EVAL, allow_inside=(RUN,), create=False)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
     if not ndcg and (relevance_files or relevance_cache or scheduler or workers):
         raise PrepError("--no-ndcg: --relevance, --relevance-cache, --scheduler and --workers "
                         "only serve NDCG; drop them or drop --no-ndcg")
+    workers = check_workers(workers, scheduler, default=0)
     model, ckpt = load_model(source, dev, text_encoder=text_encoder)
     store = open_features(splits_dir, features)
     warnings = merge(recorded_warnings(ckpt.get("lineage")), features_warnings(store.root, store.manifest))

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ItemError, PrepError
+from ..devices import device_kind
 from ..extractors import (DEFAULT_MODEL, DEFAULT_PRECISION, MODELS, PRECISIONS, DetectorSpec, build_detector,
-                          resolve_device, resolve_model)
+                          resolve_model)
 from ..manifests import fingerprint, sha256_file
 from ..manifests.atomic import atomic_write_bytes
 from ..manifests.error_summary import format_error_summary, summarize_errors
@@ -25,7 +26,8 @@ from ..manifests.ownership import FEATURES, claim_output_dir
 from ..manifests.features import (INDEX_NAME, OPTIONAL_INDEX_COLUMNS, SHARDS_DIR, prepare_output,
                                   write_index_and_manifest)
 from ..manifests.shards import Regions, ShardWriter
-from .common.distribute import default_threads, report_progress, tune_malloc_for_tensors
+from .common.distribute import (check_workers, default_threads, report_progress, stage_device,
+                                 tune_malloc_for_tensors)
 from .common.sharded import PlannedItem, ShardedStage, ShardTask
 from .common.results import FeaturesResult
 from .common.images import IMAGE_EXTENSIONS, ImageEntry, listing_sha256
@@ -174,12 +176,17 @@ def _run_shard(task: ExtractTask) -> dict:
         "n_images": writer.n_images, "n_boxes": writer.n_boxes,
         "bytes": task.h5_path.stat().st_size, "sha256": sha256_file(task.h5_path),
         "params_fingerprint": task.params_fingerprint, "device": str(getattr(detector, "device", "")),
-        "threads": task.threads, "cpu_capability": _cpu_capability(),
+        "threads": _threads_now(), "cpu_capability": _cpu_capability(),
         "detector": {"name": detector.name, "weights_sha256": detector.weights_sha256,
                      "feature_dim": detector.feature_dim, "columns": list(detector.columns)},
         "timings": timings, "rows": rows,
     }
     return stats
+
+
+def _threads_now() -> int:
+    import torch
+    return int(torch.get_num_threads())  # what this worker runs at, as the manifest records it
 
 
 def _cpu_capability() -> str:
@@ -233,7 +240,7 @@ def _validate(batch_size, shard_size, dtype, workers, retries, max_error_rate,
               (batch_size >= 1, "--batch-size must be >= 1"),
               (shard_size >= 1, "--shard-size must be >= 1"),
               (dtype in ("float16", "float32"), "--dtype must be float16 or float32"),
-              (workers >= 0, "--workers must be >= 0"), (retries >= 0, "--retries must be >= 0"),
+              (retries >= 0, "--retries must be >= 0"),
               (0 <= max_error_rate <= 1, "--max-error-rate must be within [0, 1]"),
               (1 <= min_boxes <= max_boxes, "need 1 <= --min-boxes <= --max-boxes"),
               (0 <= conf_thresh <= 1, "--conf-thresh must be within [0, 1]"),
@@ -252,7 +259,7 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
                     weights: str | None = None, random_weights: int | None = None,
                     batch_size: int = 2, device: str = "auto", shard_size: int = 1000,
                     dtype: str = "float16", conf_thresh: float = 0.2, min_boxes: int | None = None,
-                    max_boxes: int | None = None, limit: int | None = None, workers: int = 1,
+                    max_boxes: int | None = None, limit: int | None = None, workers: int | None = None,
                     scheduler: str | None = None, threads_per_worker: int | None = None,
                     retries: int = 2, max_error_rate: float = 0.01, overwrite: bool = False,
                     dry_run: bool = False, quiet: bool = False, given_boxes: dict | None = None,
@@ -271,6 +278,7 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
     out = Path(out)
     # registry names (butd-vg-r101-k36) -> architecture + cached weights + their box policy
     model, weights, min_boxes, max_boxes = resolve_model(model, weights, random_weights, min_boxes, max_boxes)
+    workers = check_workers(workers, scheduler, default=1)
     _validate(batch_size, shard_size, dtype, workers, retries, max_error_rate, min_boxes,
               max_boxes, conf_thresh, model, weights, random_weights, limit, precision)
     options = dict(model_options or {})
@@ -279,6 +287,8 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
                         f"--model {model} saves its own boxes: leave --box-source out")
     if missing_given_boxes not in ("error", "skipped"):
         raise PrepError("--missing-given-boxes must be error or skipped")
+    # before any input is read: this machine's CUDA, or what the scheduler's workers report
+    run_device = stage_device(device, scheduler)
     claim_output_dir(out, FEATURES, create=not dry_run)
     inputs = discover_inputs(images, limit)  # a folder, tar shards or a list file
     entries, passed_over = inputs.entries, inputs.passed_over
@@ -288,9 +298,9 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
                         f"{', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}; case-insensitive, "
                         f"recursive){extra}")
     weights_sha = sha256_file(Path(weights)) if weights else f"random-seed-{random_weights}"
-    resolved_device = _device_kind(device)
+    resolved_device = device_kind(run_device)
     spec = DetectorSpec(model=model, weights=str(Path(weights).resolve()) if weights else None,
-                        random_seed=random_weights, device=device, conf_thresh=conf_thresh,
+                        random_seed=random_weights, device=run_device, conf_thresh=conf_thresh,
                         min_boxes=min_boxes, max_boxes=max_boxes, precision=precision,
                         options=tuple(sorted(options.items())))
     # torch's CPU kernels round differently with different thread counts: the count per task is
@@ -349,12 +359,6 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
                         f"{format_error_summary(manifest.get('errors_by_reason', {})) or 'no reasons recorded'}; "
                         "completed shards are kept; fix or remove those images, or raise --max-error-rate")
     return result
-
-
-def _device_kind(device: str) -> str:
-    """What the numbers depend on: cpu or cuda (not which card); refuses cuda without CUDA."""
-    from ..extractors import resolve_device
-    return resolve_device(device).split(":")[0]
 
 
 def _run_pending(stage, inputs, params, workers, scheduler, retries, quiet, random_weights, device,

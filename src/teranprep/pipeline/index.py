@@ -44,6 +44,7 @@ class IndexTask(ShardTask):
     batch_size: int = 64
     max_regions: int | None = None
     threads: int = 1
+    device: str = "cpu"
 
     def __repr__(self):  # the executor names failed tasks with this
         return f"IndexTask({self.h5_path.name}, {len(self.keys)} images)"
@@ -59,9 +60,9 @@ def _worker_model_and_store(task: IndexTask):
     """One model and one feature store per worker process, reused across its tasks."""
     from ..manifests import FeatureStore
     from ..teran.checkpoint import load_model
-    key = (task.checkpoint, task.features)
+    key = (task.checkpoint, task.features, task.device)
     if _worker_cache.get("key") != key:
-        model, _ = load_model(Path(task.checkpoint), "cpu")
+        model, _ = load_model(Path(task.checkpoint), task.device)
         _worker_cache.update(key=key, model=model, store=FeatureStore(Path(task.features)))
     return _worker_cache["model"], _worker_cache["store"]
 
@@ -81,21 +82,23 @@ def encode_shard(task: IndexTask) -> dict:
                              batch_size=task.batch_size)
         with torch.no_grad():
             for batch in loader:
-                out = model.encode_images(batch["features"], batch["boxes"], batch["sizes"],
-                                          batch["region_lengths"]).float().numpy()
+                out = model.encode_images(*(batch[k].to(task.device) for k in
+                                            ("features", "boxes", "sizes", "region_lengths"))).float().cpu().numpy()
                 for b, i in enumerate(batch["index"].tolist()):
                     n = int(batch["region_lengths"][b]) - 1  # slot 0 is never scored: not stored
                     w, h = (int(v) for v in batch["sizes"][b].tolist())
                     items.append(Regions(task.keys[i], w, h, batch["boxes"][b, 1:n + 1].numpy().copy(),
                                          out[b, 1:n + 1].copy()))
                 report_progress({"run": task.out, "shard": task.index, "images": len(items)})
+        threads_used = int(torch.get_num_threads())  # what this worker ran at, for the manifest
     finally:
         torch.set_num_threads(before)
     ckpt_attr = {"detector": "teran-image-encoder", "weights_sha256": ""}
     return write_shard(task.h5_path, items, feature_dim=model.config["model"]["embed_dim"],
                        dtype=task.dtype, attrs=ckpt_attr, columns=(),
                        params_fingerprint=task.params_fingerprint,
-                       extra_stats={"keys": list(task.keys), "sources": [list(s) for s in task.sources]},
+                       extra_stats={"keys": list(task.keys), "sources": [list(s) for s in task.sources],
+                                    "device": str(next(model.parameters()).device), "threads": threads_used},
                        marker=False)
 
 
@@ -212,20 +215,24 @@ def _plan_keys(features_manifest_dir: Path, splits: Path | None, split: str | No
 def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = None,
                 split: str | None = None, captions: Path | None = None,
                 head: Path | None = None, dtype: str = "float16", shard_size: int = 1000,
-                batch_size: int = 64, workers: int = 0, scheduler: str | None = None,
-                threads: int = 1, exact_max: int = EXACT_MAX, overwrite: bool = False,
+                batch_size: int = 64, workers: int | None = None, scheduler: str | None = None,
+                device: str = "auto", threads: int = 1, exact_max: int = EXACT_MAX, overwrite: bool = False,
                 dry_run: bool = False, echo=print) -> IndexResult:
     """Writes index/ to `out`. Resumable: complete shards are kept; a finished index is a no-op;
     images added to the features later go into new shards."""
     import torch
+    from ..devices import device_kind
     from ..manifests import FeatureStore
     from ..teran.checkpoint import checkpoint_path, load_model
+    from .common.distribute import check_workers, stage_device
 
     t0 = time.perf_counter()
     out = Path(out)
+    workers = check_workers(workers, scheduler, default=0)
+    run_device = stage_device(device, scheduler)  # this machine's CUDA, or the workers' report
     checks = [(dtype in ("float16", "float32"), "--dtype must be float16 or float32"),
               (shard_size >= 1, "--shard-size must be >= 1"), (batch_size >= 1, "--batch-size must be >= 1"),
-              (workers >= 0, "--workers must be >= 0"), (threads >= 1, "--threads must be >= 1"),
+              (threads >= 1, "--threads must be >= 1"),
               (exact_max >= 1, "--exact-max must be >= 1")]
     for ok, message in checks:
         if not ok:
@@ -258,7 +265,7 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
               "features_parameters_fingerprint": features_manifest.get("parameters_fingerprint"),
               "dtype": dtype,
               "shard_size": shard_size, "batch_size": batch_size, "max_regions": max_regions,
-              "threads_per_task": threads, "head_sha256": head_info["sha256"], "head_kind": head_info["kind"],
+              "threads_per_task": threads, "device": device_kind(run_device), "head_sha256": head_info["sha256"], "head_kind": head_info["kind"],
               "shortlist": plan, "captions_splits_sha256": captions_sha,
               "captions_split": split if captions else None}
     params_fp = fingerprint(params)
@@ -273,7 +280,8 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
         return IndexTask(index=index, out=str(out.resolve()), params_fingerprint=params_fp,
                          checkpoint=str(ckpt_file.resolve()), features=str(Path(features).resolve()),
                          keys=tuple(m.key for m in members), sources=tuple(tuple(m.signature) for m in members),
-                         dtype=dtype, batch_size=batch_size, max_regions=max_regions, threads=threads)
+                         dtype=dtype, batch_size=batch_size, max_regions=max_regions, threads=threads,
+                         device=run_device)
 
     stage = ShardedStage("index", out, items, shard_size, params_fp, make_task, recorded_items)
     listing = stage.listing
@@ -298,7 +306,8 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
          f"{len(pending)} to encode")
     t_run = time.perf_counter()
     if workers == 0 and scheduler is None and pending:  # in-process: hand the loaded model to the tasks
-        _worker_cache.update(key=(str(ckpt_file.resolve()), str(Path(features).resolve())), model=model,
+        _worker_cache.update(key=(str(ckpt_file.resolve()), str(Path(features).resolve()), run_device),
+                             model=model if run_device == "cpu" else load_model(ckpt_file, run_device)[0],
                              store=FeatureStore(features))
     stage.run(workers=workers, scheduler=scheduler,
               on_result=lambda st: echo(f"  {st['shard']}: {st['n_images']} images"))
@@ -339,6 +348,9 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
                     "trained_on": ckpt.get("lineage")},
         "captions": caption_info,
         "timings": {"encode_s": round(encode_s, 3), "wall_s": round(time.perf_counter() - t0, 3)},
+        # as the workers reported them (a scheduler's workers, not this driver)
+        "devices": {"requested": device, "used": sorted({st.get("device", "") for st in stats}),
+                    "threads_per_task": sorted({st.get("threads", 0) for st in stats})},
     }
     if warning:
         manifest["warning"] = warning

@@ -97,9 +97,8 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def _resolve_device(device: str, local_rank: int) -> torch.device:
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    from ..devices import resolve_device
+    return torch.device(resolve_device(device, local_rank=local_rank))
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
