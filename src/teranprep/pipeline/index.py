@@ -233,6 +233,8 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
     checks = [(dtype in ("float16", "float32"), "--dtype must be float16 or float32"),
               (shard_size >= 1, "--shard-size must be >= 1"), (batch_size >= 1, "--batch-size must be >= 1"),
               (threads >= 1, "--threads must be >= 1"),
+              (split is None or splits is not None,
+               "--split needs --splits (the splits folder whose split to index)"),
               (exact_max >= 1, "--exact-max must be >= 1")]
     for ok, message in checks:
         if not ok:
