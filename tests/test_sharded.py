@@ -201,3 +201,21 @@ def test_dry_run_on_a_fresh_folder_writes_nothing(stage, planted_run, tmp_path):
                     dry_run=True, echo=lines.append)
     assert dry_run_shape(lines) == ((3, 2, 0, 2), ["new images", "new images"])
     assert not (tmp_path / "out").exists()
+
+
+def test_the_extract_command_builds_typed_options_that_the_manifest_records(image_dir, tmp_path):
+    import json
+    from click.testing import CliRunner
+    from teranprep.cli import main
+    from teranprep.pipeline.extract import ExtractOptions
+    write_images(image_dir, 2)
+    out = tmp_path / "f"
+    res = CliRunner().invoke(main, ["extract-regions", str(image_dir), str(out), "--model", "tv-frcnn-mbv3-320",
+                                    "--random-weights", "3", "--workers", "0", "--shard-size", "5", "--quiet"])
+    assert res.exit_code == 0, res.output
+    recorded = json.loads((out / "manifest.json").read_text())["options"]
+    expected = ExtractOptions(model="tv-frcnn-mbv3-320", random_weights=3, workers=0, shard_size=5,
+                              quiet=True).recorded()
+    assert recorded == json.loads(json.dumps(expected))
+    with pytest.raises(TypeError, match="not both"):
+        extract_regions(image_dir, out, ExtractOptions(), shard_size=2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -255,24 +255,81 @@ def _validate(batch_size, shard_size, dtype, workers, retries, max_error_rate,
         raise PrepError(f"{weights}: weights file not found; pass the checkpoint path to --weights")
 
 
-def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
-                    weights: str | None = None, random_weights: int | None = None,
-                    batch_size: int = 2, device: str = "auto", shard_size: int = 1000,
-                    dtype: str = "float16", conf_thresh: float = 0.2, min_boxes: int | None = None,
-                    max_boxes: int | None = None, limit: int | None = None, workers: int | None = None,
-                    scheduler: str | None = None, threads_per_worker: int | None = None,
-                    retries: int = 2, max_error_rate: float = 0.01, overwrite: bool = False,
-                    dry_run: bool = False, quiet: bool = False, given_boxes: dict | None = None,
-                    missing_given_boxes: str = "error", precision: str = DEFAULT_PRECISION,
-                    model_options: dict | None = None,
-                    echo=print, warn=None) -> ExtractResult:
+@dataclass(frozen=True)
+class ExtractOptions:
+    """Every setting of one extract-regions run, typed: the command builds it from its options,
+    extract_regions runs it, and the manifest records it (`options`, given boxes by digest)."""
+    model: str = DEFAULT_MODEL
+    weights: str | None = None
+    random_weights: int | None = None
+    batch_size: int = 2
+    device: str = "auto"
+    shard_size: int = 1000
+    dtype: str = "float16"
+    conf_thresh: float = 0.2
+    min_boxes: int | None = None
+    max_boxes: int | None = None
+    limit: int | None = None
+    workers: int | None = None  # None: 1 local worker; refused with a scheduler
+    scheduler: str | None = None
+    threads_per_worker: int | None = None
+    retries: int = 2
+    max_error_rate: float = 0.01
+    overwrite: bool = False
+    dry_run: bool = False
+    quiet: bool = False
+    given_boxes: dict | None = field(default=None, compare=False, repr=False)  # key -> (k, 4) boxes
+    missing_given_boxes: str = "error"
+    precision: str = DEFAULT_PRECISION
+    model_options: dict | None = None
+
+    def recorded(self) -> dict:
+        """What the manifest keeps: every field, the given boxes as their sha256."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "given_boxes"}
+        out["given_boxes_sha256"] = _given_boxes_digest(self.given_boxes)
+        return out
+
+
+def extract_regions(images: Path, out: Path, options: ExtractOptions | None = None, *, echo=print,
+                    warn=None, **settings) -> ExtractResult:
     """Detects regions in every image under `images` and writes features/ to `out`.
 
-    Resumable: complete shards are kept, a finished stage is a no-op; images added later go into
-    new shards (shards/plan.json keeps each shard's membership). Raises PrepError on a fatal
-    problem (bad option, changed parameters without overwrite, error rate above the limit, which
-    a re-run reports again until the inputs or the limit change).
+    `options` is an ExtractOptions; or pass its fields as keywords (extract_regions(images, out,
+    shard_size=2)), not both. Resumable: complete shards are kept, a finished stage is a no-op;
+    images added later go into new shards (shards/plan.json keeps each shard's membership).
+    Raises PrepError on a fatal problem (bad option, changed parameters without overwrite, error
+    rate above the limit, which a re-run reports again until the inputs or the limit change).
     """
+    if options is not None and settings:
+        raise TypeError("extract_regions: pass an ExtractOptions or keyword settings, not both")
+    options = options if options is not None else ExtractOptions(**settings)
+    return _extract_regions(Path(images), Path(out), options, echo, warn)
+
+
+def _extract_regions(images: Path, out: Path, opts: ExtractOptions, echo, warn) -> ExtractResult:
+    model = opts.model
+    weights = opts.weights
+    random_weights = opts.random_weights
+    batch_size = opts.batch_size
+    device = opts.device
+    shard_size = opts.shard_size
+    dtype = opts.dtype
+    conf_thresh = opts.conf_thresh
+    min_boxes = opts.min_boxes
+    max_boxes = opts.max_boxes
+    limit = opts.limit
+    workers = opts.workers
+    scheduler = opts.scheduler
+    threads_per_worker = opts.threads_per_worker
+    retries = opts.retries
+    max_error_rate = opts.max_error_rate
+    overwrite = opts.overwrite
+    dry_run = opts.dry_run
+    quiet = opts.quiet
+    given_boxes = opts.given_boxes
+    missing_given_boxes = opts.missing_given_boxes
+    precision = opts.precision
+    model_options = opts.model_options
     t_start = time.perf_counter()
     warn = warn or echo
     out = Path(out)
@@ -347,7 +404,7 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
     manifest = stage.current_manifest()
     shards_run = 0
     if manifest is None:
-        manifest, shards_run = _run_pending(stage, inputs, params, workers, scheduler, retries, quiet,
+        manifest, shards_run = _run_pending(stage, inputs, params, opts, workers, scheduler, retries, quiet,
                                             random_weights is not None, device, passed_over, unmatched)
     result = _result(out, manifest, shards_run, time.perf_counter() - t_start)
     n = result.n_images
@@ -361,7 +418,7 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
     return result
 
 
-def _run_pending(stage, inputs, params, workers, scheduler, retries, quiet, random_weights, device,
+def _run_pending(stage, inputs, params, opts, workers, scheduler, retries, quiet, random_weights, device,
                  passed_over, unmatched):
     from .common.progress import ExtractProgress
     out = stage.out
@@ -378,7 +435,7 @@ def _run_pending(stage, inputs, params, workers, scheduler, retries, quiet, rand
         atomic_write_bytes(out / UNMATCHED_GIVEN_BOXES, "".join(f"{k}\n" for k in unmatched).encode())
     else:
         (out / UNMATCHED_GIVEN_BOXES).unlink(missing_ok=True)
-    manifest = _write_outputs(out, inputs, stage.ordered_stats(), params, stage.params_fingerprint,
+    manifest = _write_outputs(out, inputs, stage.ordered_stats(), params, opts, stage.params_fingerprint,
                               stage.listing, run_s, total_images, random_weights, device, passed_over,
                               unmatched)
     return manifest, len(stage.pending)
@@ -401,13 +458,14 @@ def _boxes_for(entries, given_boxes):
                  for e in entries if e.key in given_boxes)
 
 
-def _write_outputs(out, inputs, stats, params, params_fp, listing, run_s, images_run,
+def _write_outputs(out, inputs, stats, params, options, params_fp, listing, run_s, images_run,
                    random_weights, device, passed_over, unmatched):
     rows = [row for s in stats for row in s["rows"]]
     detector = stats[0]["detector"]
     compute = {k: round(sum(s["timings"].get(k, 0.0) for s in stats), 3)
                for k in ("build_s", "decode_s", "detect_s", "write_s", "total_s")}
     extra = {"warning": RANDOM_WEIGHTS_WARNING} if random_weights else {}
+    extra["options"] = options.recorded()  # as the command built them (not fingerprinted)
     extra["devices"] = {"requested": device, "used": sorted({s.get("device", "") for s in stats}),
                         "threads_per_task": sorted({s.get("threads", 0) for s in stats})}
     failed = [r for r in rows if r["status"] == "error"]
