@@ -122,7 +122,7 @@ def stage(images_dir, out, precision, **options):
 def main():
     from teranprep.extractors.butd.config import get_config
     from teranprep.extractors.precision import conv_rate
-    from teranprep.pipeline.distribute import machine_cores
+    from teranprep.pipeline.common.distribute import machine_cores
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--precisions", default="fp32,bf16")

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from teranprep.extractors import DetectorSpec, build_detector
 from teranprep.pipeline.extract import extract_regions
-from teranprep.pipeline.images import discover_images, read_image
+from teranprep.pipeline.common.images import discover_images, read_image
 
 
 def make_images(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:

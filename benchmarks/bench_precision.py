@@ -94,7 +94,7 @@ def demo_drift(demo_dir: Path, full: bool = False):
     from teranprep.pipeline.demo import DemoSettings, run_demo
     from teranprep.pipeline.evaluate import evaluate
     from teranprep.pipeline.extract import extract_regions
-    from teranprep.pipeline.images import discover_images, read_image
+    from teranprep.pipeline.common.images import discover_images, read_image
     from teranprep.pipeline.splits import build_splits
     s = DemoSettings() if full else DemoSettings.quick()
     result = run_demo(demo_dir, s, echo=lambda *a, **k: None)

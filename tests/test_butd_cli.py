@@ -18,7 +18,7 @@ from teranprep.extractors import DetectorSpec, build_detector, resolve_model
 from teranprep.extractors import registry
 from teranprep.manifests import FeatureStore
 from teranprep.pipeline.extract import extract_regions
-from teranprep.pipeline.images import read_image
+from teranprep.pipeline.common.images import read_image
 from teranprep.pipeline.regions import read_given_boxes
 from teranprep.threads import torch_threads
 

@@ -263,7 +263,7 @@ def test_extract_regions_with_detectron2_writes_features_verify_accepts(setup, t
 
     from teranprep.cli import main
     from teranprep.manifests import FeatureStore
-    from teranprep.pipeline.images import read_image
+    from teranprep.pipeline.common.images import read_image
     from teranprep.pipeline.verify import verify
     images = tmp_path / "images"
     keys = write_images(images, 3, size=(60, 80))

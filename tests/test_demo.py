@@ -88,8 +88,8 @@ def _check_detector_map_independently(demo, recorded_map):
 
     from teranprep.extractors.butd.config import get_config
     from teranprep.extractors.butd.model import ButdModel
-    from teranprep.pipeline.images import read_image
-    from teranprep.pipeline.train_detector import detect_objects, load_coco
+    from teranprep.pipeline.common.images import read_image
+    from teranprep.extractors.butd.training.engine import detect_objects, load_coco
     ckpt = torch.load(demo / "detector" / "model_final.pth", weights_only=True)
     model = ButdModel(get_config(ckpt["architecture"], **{k: tuple(v) if isinstance(v, list) else v
                                                           for k, v in ckpt["config"].items()}))

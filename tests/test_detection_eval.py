@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from teranprep.pipeline.detection_eval import (ImageDetections, ImageTruth, average_precision,
+from teranprep.extractors.butd.training.ap import (ImageDetections, ImageTruth, average_precision,
                                                class_average_precision, mean_average_precision)
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from teranprep.extractors.butd.ops import decode_boxes
-from teranprep.pipeline.detector_losses import (RoiSample, RoiSettings, RpnSettings,
+from teranprep.extractors.butd.training.losses import (RoiSample, RoiSettings, RpnSettings,
                                                 attr_logits_for_labels, encode_boxes, label_anchors,
                                                 roi_losses, rpn_losses, sample_rois, subsample_labels)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from teranprep.errors import PrepError
-from teranprep.pipeline.distribute import report_progress, run_tasks
+from teranprep.pipeline.common.distribute import report_progress, run_tasks
 
 
 def square_reporting(task):
@@ -48,7 +48,7 @@ def test_a_task_failing_every_retry_is_one_clear_error(workers):
 _FAULTS = """
 import resource, sys
 import numpy as np
-from teranprep.pipeline.distribute import tune_malloc_for_tensors
+from teranprep.pipeline.common.distribute import tune_malloc_for_tensors
 if sys.argv[1] == "tuned":
     tune_malloc_for_tensors()
 np.ones(1 << 20)  # warm-up: the heap grows once

@@ -68,7 +68,7 @@ def test_bad_inputs_are_recorded_and_the_run_goes_on(image_dir, tmp_path):
 @pytest.mark.threads
 def test_regions_match_a_direct_detector_call(image_dir, tmp_path):
     from teranprep.extractors import DetectorSpec, build_detector
-    from teranprep.pipeline.images import read_image
+    from teranprep.pipeline.common.images import read_image
     keys = write_images(image_dir, 3)
     extract_regions(image_dir, tmp_path / "f", workers=0, dtype="float32", batch_size=1,
                     threads_per_worker=1, **{k: v for k, v in FAST.items() if k != "batch_size"})

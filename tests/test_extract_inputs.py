@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from conftest import write_images
 from teranprep.cli import main
 from teranprep.errors import PrepError
-from teranprep.pipeline.distribute import default_threads, machine_cores
+from teranprep.pipeline.common.distribute import default_threads, machine_cores
 from teranprep.pipeline.extract import extract_regions
-from teranprep.pipeline.inputs import discover_inputs, expand_braces, sample_key
+from teranprep.pipeline.common.inputs import discover_inputs, expand_braces, sample_key
 from teranprep.pipeline.verify import verify
 from test_extract import all_arrays, assert_same_arrays, snapshot
 

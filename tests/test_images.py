@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from teranprep.errors import ItemError
-from teranprep.pipeline.images import decode_image, discover_images
+from teranprep.pipeline.common.images import decode_image, discover_images
 
 
 def _png_bytes(img):

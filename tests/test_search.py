@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 def _eval_scores(run, splits):
     """eval's own path: encode the test split, score it with model_score_matrix."""
-    from teranprep.pipeline.evaluate import load_model
+    from teranprep.teran.checkpoint import load_model
     from teranprep.teran.data import load_split, open_features
     from teranprep.teran.scoring import encode_split, model_score_matrix
     model, ckpt = load_model(run)
@@ -159,14 +159,14 @@ def test_index_resume_after_sigkill_gives_identical_files(planted_run, tmp_path)
     proc = subprocess.Popen(_index_cmd(p["run"], p["features"], killed, 5), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((killed / "shards").glob("*.json"))
+    while time.time() < deadline and len(list((killed / "shards").glob("regions-*.json"))
                                            if (killed / "shards").is_dir() else []) < 3:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "manifest.json").exists(), "the run finished before the kill"
-    done_before = len(list((killed / "shards").glob("*.json")))
+    done_before = len(list((killed / "shards").glob("regions-*.json")))
     assert 3 <= done_before < 38
     resumed = subprocess.run(_index_cmd(p["run"], p["features"], killed, 5), env=env,
                              capture_output=True, text=True, timeout=300)
@@ -233,12 +233,12 @@ def test_verify_catches_damage(planted_run, tmp_path):
 def test_shortlist_head_beats_an_untrained_projection(planted_run, tmp_path):
     """ListNet distillation of the run's scores: the trained head keeps more of exhaustive
     TERAN's top-3 in a shortlist of 6 than the same head untrained (the same initialisation)."""
-    from teranprep.pipeline.evaluate import load_model
+    from teranprep.teran.checkpoint import load_model
     from teranprep.pipeline.shortlist import recall_report, train_shortlist
     from teranprep.teran.data import load_split, open_features
     from teranprep.teran.scoring import encode_split
     from teranprep.teran.shortlist import ShortlistHead
-    from teranprep.extractors.weights import load_torch_file
+    from teranprep.safe_torch import load_torch_file
     import torch
     p = planted_run
     result = train_shortlist(p["run"], out=tmp_path / "head", dim=16, hidden=32, epochs=40,

@@ -40,7 +40,7 @@ def test_planted_signal_reaches_high_recall_on_held_out_images(tmp_path):
     # Word-level alignment: each word's best region is the region showing the concept it names.
     from PIL import Image
     from teranprep.manifests import FeatureStore
-    from teranprep.pipeline.evaluate import load_model
+    from teranprep.teran.checkpoint import load_model
     from teranprep.teran.visualize import word_region_alignment
     model, _ = load_model(run)
     store = FeatureStore(features)

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
 from teranprep.errors import PrepError
-from teranprep.extractors.weights import load_torch_file
-from teranprep.pipeline.evaluate import load_model
+from teranprep.safe_torch import load_torch_file
+from teranprep.teran.checkpoint import load_model
 from teranprep.teran.reference_import import REFERENCE_SAFE_GLOBALS
 
 pytestmark = pytest.mark.threads  # float comparisons with the reference code, within tolerances

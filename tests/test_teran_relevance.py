@@ -203,7 +203,8 @@ def test_dask_workers_write_the_same_matrix(tmp_path, splits):
 
 
 def test_eval_reports_ndcg_of_its_rankings_and_takes_original_relevance_files(tmp_path, splits):
-    from teranprep.pipeline.evaluate import evaluate, load_model
+    from teranprep.pipeline.evaluate import evaluate
+    from teranprep.teran.checkpoint import load_model
     from teranprep.pipeline.train import train
     from teranprep.teran.data import load_split, open_features
     from teranprep.teran.metrics import fold_slices

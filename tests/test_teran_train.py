@@ -137,7 +137,8 @@ def _smallest_rank_margin(scores, caption_image):
 @pytest.mark.threads
 def test_eval_protocols_match_a_pair_by_pair_computation(tmp_path, dataset):
     import numpy as np
-    from teranprep.pipeline.evaluate import evaluate, load_model
+    from teranprep.pipeline.evaluate import evaluate
+    from teranprep.teran.checkpoint import load_model
     from teranprep.teran.data import load_split, open_features
 
     splits, features, bert = dataset

@@ -71,7 +71,7 @@ def test_features_manifest_records_the_cpu_capability_and_threads(tmp_path):
     assert result.exit_code == 0 and "Traceback" not in result.output, result.output
     manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
     assert manifest["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    from teranprep.pipeline.distribute import default_threads
+    from teranprep.pipeline.common.distribute import default_threads
     assert manifest["devices"]["threads_per_task"] == [default_threads(0, 1, None)]  # one shard, all cores
     before = (tmp_path / "f" / "manifest.json").read_bytes()
     again = CliRunner().invoke(main, args)  # a re-run completes and rewrites nothing

@@ -107,8 +107,8 @@ def test_validation_map_is_the_ap_of_the_saved_models_detections(shapes, tmp_pat
     the final checkpoint makes on the validation images (same thread count: the same boxes)."""
     from teranprep.extractors.butd.config import get_config
     from teranprep.extractors.butd.model import ButdModel
-    from teranprep.pipeline.images import read_image
-    from teranprep.pipeline.train_detector import detect_objects, load_coco, load_detector_config
+    from teranprep.pipeline.common.images import read_image
+    from teranprep.extractors.butd.training.engine import detect_objects, load_coco, load_detector_config
     from teranprep.threads import torch_threads
     result = train_detector(shapes.instances, shapes.images_dir, out=tmp_path / "det",
                             overrides={**TINY, "epochs": 3}, echo=lambda _: None)

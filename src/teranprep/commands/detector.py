@@ -1,4 +1,4 @@
-"""CLI: weights list / weights path (the named-weights registry) and show-regions."""
+"""CLI: weights list / weights path (the named-weights registry), train-detector and show-regions."""
 
 from __future__ import annotations
 
@@ -30,6 +30,33 @@ def weights_path_cmd(name):
     """Where NAME's file belongs in the cache ($TERANPREP_CACHE or ~/.cache/teranprep/weights)."""
     from ..extractors.registry import weights_path
     click.echo(str(weights_path(name)))
+
+
+@main.command("train-detector")
+@click.argument("annotations", type=click.Path(path_type=Path))
+@click.argument("images", type=click.Path(path_type=Path))
+@click.option("--config", "config", type=click.Path(path_type=Path),
+              help="YAML settings (e.g. configs/detector_tiny.yaml); default: built-in defaults.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--epochs", type=int, help="Override the config's epochs (more epochs continue a run).")
+@click.option("--init-weights", type=click.Path(path_type=Path),
+              help="A BUTD checkpoint to fine-tune from (heads of another size start fresh).")
+@click.option("--overwrite", is_flag=True, help="Discard a previous run in --out.")
+def train_detector_cmd(annotations, images, config, out, epochs, init_weights, overwrite):
+    """Train a BUTD-family detector on COCO boxes (classes + attributes) in ANNOTATIONS.
+
+    IMAGES is the folder the file_name paths are relative to. Resumes from OUT/last.pth; prints
+    validation mAP@0.5 per epoch; OUT/model_final.pth loads with `prep extract-regions --weights`.
+    """
+    from ..pipeline.train_detector import train_detector
+    overrides = {}
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    if init_weights is not None:
+        overrides["init_weights"] = str(init_weights)
+    result = train_detector(annotations, images, config=config, out=out, overrides=overrides,
+                            overwrite=overwrite, echo=click.echo)
+    click.echo(result.summary())
 
 
 @main.command("show-regions")

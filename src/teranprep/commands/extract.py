@@ -51,9 +51,11 @@ def _default_precision():
               help="detectron2: run detectron2's own model (needs detectron2 installed, --d2-config, --weights).")
 @click.option("--d2-config", type=click.Path(path_type=Path), help="detectron2 config YAML (--backend detectron2).")
 @click.option("--limit", type=int, help="Only the first N images (in key order).")
-@click.option("--workers", default=1, show_default=True,
-              help="Local dask worker processes (0 = run in this process, no dask).")
-@click.option("--scheduler", help="tcp://HOST:PORT of an existing dask.distributed scheduler.")
+@click.option("--workers", type=int,
+              help="Local dask worker processes (0 = run in this process, no dask)  [default: 1; "
+                   "refused with --scheduler]")
+@click.option("--scheduler", help="tcp://HOST:PORT of an existing dask.distributed scheduler (its "
+                                  "workers run the shards; --device is checked on them).")
 @click.option("--threads-per-worker", type=int,
               help="torch threads per task (default: cores / min(workers, shards); features are "
                    "byte-identical for any --workers at the same value).")
@@ -69,8 +71,8 @@ def extract_regions_cmd(images, out, weights, random_weights, quiet, given_boxes
     IMAGES is a folder (searched recursively), webdataset/img2dataset tar shards
     ('images/{00000..00099}.tar', a glob or one .tar; captions and metadata go into the index),
     or a .parquet/.csv list with a `path` column (and optionally `key`)."""
-    from ..pipeline.extract import extract_regions
     from ..errors import PrepError
+    from ..pipeline.extract import ExtractOptions, extract_regions
     model_options = {} if box_source in (None, "proposals") else {"box_source": box_source}
     if box_source is not None and backend == "detectron2":
         raise PrepError("--box-source applies to the native BUTD models only; detectron2 saves "
@@ -98,10 +100,11 @@ def extract_regions_cmd(images, out, weights, random_weights, quiet, given_boxes
     if given_boxes is not None:
         from ..pipeline.regions import read_given_boxes
         given_boxes = read_given_boxes(given_boxes)
-    result = extract_regions(images, out, weights=str(weights) if weights else None,
-                             random_weights=random_weights, quiet=quiet, echo=click.echo,
-                             warn=lambda line: click.echo(line, err=True),
-                             given_boxes=given_boxes, model_options=model_options or None, **options)
+    settings = ExtractOptions(weights=str(weights) if weights else None, random_weights=random_weights,
+                              quiet=quiet, given_boxes=given_boxes, model_options=model_options or None,
+                              **options)
+    result = extract_regions(images, out, settings, echo=click.echo,
+                             warn=lambda line: click.echo(line, err=True))
     if not options["dry_run"]:
         click.echo(result.summary())
 

@@ -29,12 +29,14 @@ _EXPORT = ("scan-precomp", "teran", "butd-tsv")
               help="Fail when more than this share of images are malformed (they are always "
                    "recorded as status=error rows and skipped).")
 @click.option("--overwrite", is_flag=True, help="Delete previous outputs in OUT and start afresh.")
+@click.option("--dry-run", is_flag=True, help="Print the shard plan (and why each shard would run); write nothing.")
 @click.option("--quiet", is_flag=True)
 def import_features_cmd(format_, src, out, splits, **options):
     """Convert FORMAT features in SRC into a features/ directory OUT (HDF5 shards + index + manifest)."""
     from ..pipeline.formats import import_features
-    result = import_features(format_, src, out, splits=tuple(splits), **options)
-    click.echo(result.summary())
+    result = import_features(format_, src, out, splits=tuple(splits), echo=click.echo, **options)
+    if not options["dry_run"]:
+        click.echo(result.summary())
 
 
 @main.command("export-features")

@@ -23,21 +23,25 @@ from ..cli import main
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--shard-size", default=1000, show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--workers", default=0, show_default=True, help="0: in this process; N: a local dask cluster.")
+@click.option("--workers", type=int,
+              help="0: in this process; N: a local dask cluster  [default: 0; refused with --scheduler]")
 @click.option("--scheduler", help="tcp://host:port of a dask scheduler.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
 @click.option("--threads", default=1, show_default=True, help="torch threads per task.")
 @click.option("--exact-max", default=100_000, show_default=True,
               help="Up to this many images the shortlist is exact; above, FAISS IVF.")
 @click.option("--overwrite", is_flag=True)
+@click.option("--dry-run", is_flag=True, help="Print the shard plan (and why each shard would run); write nothing.")
 def index_cmd(run, features, out, splits, split, captions, head, dtype, shard_size, batch_size,
-              workers, scheduler, threads, exact_max, overwrite):
+              workers, scheduler, device, threads, exact_max, overwrite, dry_run):
     """Encode every ok image of FEATURES through RUN's image encoder into a searchable index."""
     from ..pipeline.index import build_index
     result = build_index(run, features, out, splits=splits, split=split, captions=captions, head=head,
                          dtype=dtype, shard_size=shard_size, batch_size=batch_size, workers=workers,
-                         scheduler=scheduler, threads=threads, exact_max=exact_max,
-                         overwrite=overwrite, echo=click.echo)
-    click.echo(result.summary())
+                         scheduler=scheduler, device=device, threads=threads, exact_max=exact_max,
+                         overwrite=overwrite, dry_run=dry_run, echo=click.echo)
+    if not dry_run:
+        click.echo(result.summary())
 
 
 @main.command("train-shortlist")

@@ -55,8 +55,9 @@ def train_cmd(splits, config, out, resume, features, device, stop_after, precisi
               help="Folder of the cached ROUGE-L matrices (default: SPLITS-relevance/ beside SPLITS).")
 @click.option("--no-ndcg", is_flag=True, help="Skip NDCG@25 (and the ROUGE-L relevance it needs).")
 @click.option("--scheduler", help="tcp://HOST:PORT of a dask scheduler to compute ROUGE-L relevance on.")
-@click.option("--workers", default=0, show_default=True,
-              help="Local dask worker processes for ROUGE-L relevance (0: in this process).")
+@click.option("--workers", type=int,
+              help="Local dask worker processes for ROUGE-L relevance (0: in this process)  "
+                   "[default: 0; refused with --scheduler]")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout, nothing else.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: encode and score under bf16 autocast (default out: ...-bf16/).")
@@ -92,7 +93,7 @@ def eval_cmd(source, splits, split, protocol, features, out, device, batch_size,
               help="Original TERAN checkpoints: the text encoder's model directory (config.json).")
 def show_alignment_cmd(source, image_key, caption, out, splits, features, images, tokenizer, text_encoder):
     """Draw IMAGE_KEY with, for each word of CAPTION, the region it aligns to best."""
-    from ..teran.visualize import show_alignment
+    from ..pipeline.alignment import show_alignment
     result = show_alignment(source, image_key, caption, out, splits=splits, features=features,
                             images=images, tokenizer=tokenizer, text_encoder=text_encoder)
     for word, region, score in result:

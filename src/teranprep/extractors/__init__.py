@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .base import PRECISIONS, Detections, Detector, DetectorSpec, resolve_device
+from ..devices import resolve_device
+from .base import PRECISIONS, Detections, Detector, DetectorSpec
 
 
 def _torchvision(spec):
@@ -87,5 +88,4 @@ def build_detector(spec: DetectorSpec) -> Detector:
     return detector
 
 
-__all__ = ["Detections", "Detector", "DetectorSpec", "MODELS", "DEFAULT_MODEL", "DEFAULT_PRECISION", "PRECISIONS", "build_detector", "resolve_model",
-           "resolve_device"]
+__all__ = ["Detections", "Detector", "DetectorSpec", "MODELS", "DEFAULT_MODEL", "DEFAULT_PRECISION", "PRECISIONS", "build_detector", "resolve_model"]

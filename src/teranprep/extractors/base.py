@@ -57,14 +57,3 @@ class DetectorSpec:
 
 
 PRECISIONS = ("fp32", "bf16")
-
-
-def resolve_device(device: str) -> str:
-    import torch
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from ..errors import PrepError
-        raise PrepError("--device cuda was asked for but torch sees no CUDA device; "
-                        "use --device cpu or auto")
-    return device

@@ -47,7 +47,7 @@ def read_checkpoint_file(path, with_config: bool = False):
     checkpoint's "config" entry (input size, pooler, proposal counts...; {} for other files).
     """
     from ..safe_pickle import safe_load_file
-    from .weights import load_torch_file
+    from ..safe_torch import load_torch_file
     path = Path(path)
     if not path.is_file():
         raise PrepError(f"{path}: checkpoint not found; pass an existing file to --weights")

@@ -29,7 +29,7 @@ from ..errors import PrepError
 from ..manifests.atomic import sha256_file
 from .base import Detections, DetectorSpec
 from .box_policy import select_top
-from .weights import load_torch_file
+from ..safe_torch import load_torch_file
 
 
 def _import_detectron2():

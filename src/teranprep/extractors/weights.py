@@ -1,36 +1,13 @@
-"""Loading checkpoint files safely: never unrestricted unpickling."""
+"""Detector state dicts from checkpoint files (through the safe loader) and their sha256."""
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
-import torch
 
 from ..errors import PrepError
+from ..safe_torch import load_torch_file
 from ..manifests.atomic import sha256_file
-
-
-def load_torch_file(path, extra_safe_globals=(), expected="a torch checkpoint"):
-    """torch.load with weights_only=True; a file that needs arbitrary code is refused by name, and
-    anything that is not a torch checkpoint at all (text, truncated, another format) gets one line."""
-    from ..filetypes import describe_file
-    path = Path(path)
-    if path.is_dir():
-        raise PrepError(f"{path}: is a folder; expected {expected} file")
-    if not path.is_file():
-        raise PrepError(f"{path}: checkpoint not found; pass an existing file to --weights")
-    try:
-        with torch.serialization.safe_globals(list(extra_safe_globals)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise PrepError(f"{path}: refused to load: the checkpoint needs objects outside plain "
-                        f"tensors and containers ({first}); re-save it as a plain state dict") from exc
-    except Exception as exc:  # noqa: BLE001 - torch.load on a non-checkpoint raises anything (KeyError: 101 on text)
-        raise PrepError(f"{path}: is {describe_file(path)}, not {expected} that loads "
-                        f"({type(exc).__name__}); pass the right file (a truncated download? "
-                        "download it again)") from exc
 
 
 def load_state_dict_file(path) -> dict:

@@ -24,11 +24,12 @@ def empty_row(key: str, **extra) -> dict:
 
 def write_shard(path: Path, items: Iterable, *, feature_dim: int, dtype: str, attrs: dict,
                 columns=OPTIONAL_COLUMNS, params_fingerprint: str = "",
-                extra_stats: dict | None = None) -> dict:
+                extra_stats: dict | None = None, marker: bool = True) -> dict:
     """Writes one shard from `items` (Regions, or (key, error message) pairs), in key order.
 
-    Returns the shard's stats (also written next to it as the completion marker); `extra_stats`
-    joins them, so a caller's resume check (e.g. the planned source items) is in the same marker.
+    Returns the shard's stats (with `marker`, also written next to it as the completion marker;
+    the sharded stages leave that to pipeline/common/sharded.run_shard); `extra_stats` joins
+    them, so a caller's resume check (e.g. the planned source items) is in the same marker.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +57,8 @@ def write_shard(path: Path, items: Iterable, *, feature_dim: int, dtype: str, at
     stats = {"shard": f"{SHARDS_DIR}/{path.name}", "n_images": writer.n_images,
              "n_boxes": writer.n_boxes, "bytes": path.stat().st_size, "sha256": sha256_file(path),
              "params_fingerprint": params_fingerprint, "rows": rows, **(extra_stats or {})}
-    atomic_write_json(path.with_suffix(".json"), stats)
+    if marker:
+        atomic_write_json(path.with_suffix(".json"), stats)
     return stats
 
 

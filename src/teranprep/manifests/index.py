@@ -44,10 +44,10 @@ def read_index_manifest(index_dir: Path) -> dict:
         foreign_hint="pass a directory written by `prep index`")
 
 
-def refuse_foreign_folder(out: Path) -> None:
+def refuse_foreign_folder(out: Path, create: bool = True) -> None:
     """An index is never written into a folder another stage owns (nor inside one, nor a file)."""
     from .ownership import claim_output_dir
-    claim_output_dir(out, INDEX_FORMAT)
+    claim_output_dir(out, INDEX_FORMAT, create=create)
 
 
 def write_index_manifest(out: Path, *, rows: list[dict], shard_stats: list[dict], manifest: dict,

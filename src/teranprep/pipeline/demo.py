@@ -168,7 +168,7 @@ def run_demo(out: Path, settings: DemoSettings | None = None, *, echo=print) -> 
 
 def _pictures(out, syn, features, run_dir, splits_dir, detector_dir, n, echo) -> list[Path]:
     """show-regions and show-alignment for the first `n` test images (and one of their captions)."""
-    from ..teran.visualize import show_alignment
+    from .alignment import show_alignment
     from .regions import show_regions
     caps = json.loads(Path(syn.captions).read_text("utf-8"))
     test = [im for im in caps["images"] if im["split"] == "test"][:n]

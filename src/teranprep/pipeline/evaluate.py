@@ -10,51 +10,11 @@ import torch
 from ..errors import PrepError
 from ..manifests.atomic import atomic_write_bytes, canonical_json
 from ..manifests.lineage_warnings import emit, features_warnings, merge, recorded_warnings, warning_fields
-from .train import BEST, CHECKPOINT_FORMAT, LAST
+from ..teran.checkpoint import checkpoint_path, load_model
 
 PROTOCOLS = ("all", "1k", "5k")
 TOP_K_SAVED = 10
 NDCG_LABELS = {"ndcg_rougeL": "NDCG@25(ROUGE-L)", "ndcg_spice": "NDCG@25(SPICE)"}
-
-
-def checkpoint_path(source: Path) -> Path:
-    """A run directory's best checkpoint (else its last), or the file itself."""
-    source = Path(source)
-    if source.is_dir():
-        for name in (BEST, LAST):
-            if (source / name).is_file():
-                return source / name
-        raise PrepError(f"{source}: no {BEST} or {LAST}; train into it with `prep train` first")
-    if not source.is_file():
-        raise PrepError(f"{source}: no such run directory or checkpoint file")
-    return source
-
-
-def load_model(source: Path, device="cpu", text_encoder: Path | None = None):
-    """(model in eval mode, checkpoint metadata) from a teranprep run/checkpoint or an original
-    TERAN checkpoint (model_best_rsum.pth.tar). `text_encoder`: a model directory whose
-    config.json supplies what an original checkpoint does not record (--text-encoder)."""
-    from transformers import BertConfig, BertModel
-    from ..extractors.weights import load_torch_file
-    from ..teran.model import TERAN
-    from ..teran.reference_import import REFERENCE_SAFE_GLOBALS, convert_reference_checkpoint, is_reference_checkpoint
-
-    path = checkpoint_path(source)
-    raw = load_torch_file(path, extra_safe_globals=REFERENCE_SAFE_GLOBALS)
-    if isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT:
-        if text_encoder is not None:
-            raise PrepError(f"--text-encoder applies to original TERAN checkpoints only; {path} "
-                            "records its text encoder's configuration: drop the option")
-        ckpt = raw
-    elif is_reference_checkpoint(raw):
-        ckpt = convert_reference_checkpoint(raw, path, text_encoder=text_encoder)
-    else:
-        raise PrepError(f"{path}: neither a teranprep checkpoint nor an original TERAN checkpoint "
-                        "(dict with 'model' and 'config'); pass RUN/checkpoint_best.pt")
-    text = BertModel(BertConfig.from_dict(ckpt["text_config"]), add_pooling_layer=False)
-    model = TERAN(ckpt["config"], ckpt["feature_dim"], text)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
 
 
 def default_eval_dir(source: Path, split: str, protocol: str, precision: str = "fp32") -> Path:
@@ -67,7 +27,7 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
              batch_size: int = 64, image_block: int = 100, caption_block: int = 500,
              fold_size: int = 1000, text_encoder: Path | None = None, ndcg: bool = True,
              relevance_files=(), relevance_cache: Path | None = None, scheduler: str | None = None,
-             workers: int = 0, precision: str = "fp32", drift: bool | None = None,
+             workers: int | None = None, precision: str = "fp32", drift: bool | None = None,
              echo=print) -> dict:
     """Scores every image of `split` against every caption, block by block, and writes
     metrics.json + rankings.npz to `out` (default: RUN/eval-SPLIT-PROTOCOL/, -bf16 appended for
@@ -75,8 +35,11 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
     and `relevance_files`. `precision` bf16 encodes and scores under bf16 autocast; with `drift`
     (the default for bf16) the same checkpoint is also scored in fp32 and metrics.json gets
     `drift_vs_fp32`."""
+    from ..devices import resolve_device
     from ..teran.precision import check_precision
+    from .common.distribute import check_workers
     check_precision(precision)
+    dev = torch.device(resolve_device(device))  # the model runs here; a scheduler serves ROUGE-L only
     if drift and precision == "fp32":
         raise PrepError("--drift compares bf16 scores with fp32 ones; it needs --precision bf16")
     drift = precision != "fp32" if drift is None else drift
@@ -90,11 +53,10 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
     # Checked before minutes of scoring: a writable folder of its own, inside no features/ or splits/.
     from ..manifests.ownership import EVAL, RUN, claim_output_dir
     claim_output_dir(out, EVAL, allow_inside=(RUN,), create=False)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
     if not ndcg and (relevance_files or relevance_cache or scheduler or workers):
         raise PrepError("--no-ndcg: --relevance, --relevance-cache, --scheduler and --workers "
                         "only serve NDCG; drop them or drop --no-ndcg")
+    workers = check_workers(workers, scheduler, default=0)
     model, ckpt = load_model(source, dev, text_encoder=text_encoder)
     store = open_features(splits_dir, features)
     warnings = merge(recorded_warnings(ckpt.get("lineage")), features_warnings(store.root, store.manifest))

@@ -1,56 +1,53 @@
 """extract-regions: image folder -> features/ (HDF5 shards + index.parquet + manifest.json).
 
-The plan is a pure function of the sorted listing and --shard-size, so every run (and every
-worker count) cuts the same shards. Each shard task decodes, detects and writes its own file
-atomically, then its stats file (shards/regions-NNNNN.json); the stats file is the completion
-marker and carries the shard's index rows. The driver assembles index and manifest last.
+A thin definition on pipeline/common/sharded.py (the plan, markers, resume, dry run): an item
+is an image entry, whose signature is its (size, mtime); a shard task decodes, detects and
+writes its own file atomically and returns its stats (with the shard's index rows), which the
+engine writes as the completion marker. The driver assembles index and manifest last.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ItemError, PrepError
+from ..devices import device_kind
 from ..extractors import (DEFAULT_MODEL, DEFAULT_PRECISION, MODELS, PRECISIONS, DetectorSpec, build_detector,
-                          resolve_device, resolve_model)
-from ..interrupts import resumable
-from ..manifests import atomic_write_json, fingerprint, sha256_file
+                          resolve_model)
+from ..manifests import fingerprint, sha256_file
 from ..manifests.atomic import atomic_write_bytes
 from ..manifests.error_summary import format_error_summary, summarize_errors
 from ..manifests.ownership import FEATURES, claim_output_dir
-from ..manifests.features import (INDEX_NAME, OPTIONAL_INDEX_COLUMNS, SHARDS_DIR, completed_shard,
-                                  current_manifest, prepare_output, write_index_and_manifest)
-from ..manifests.shards import Regions, ShardWriter, remove_stale_temps, shard_name
-from .distribute import default_threads, report_progress, run_tasks, tune_malloc_for_tensors
-from .results import FeaturesResult
-from .images import IMAGE_EXTENSIONS, ImageEntry, listing_sha256
-from .inputs import discover_inputs, read_entries
+from ..manifests.features import (INDEX_NAME, OPTIONAL_INDEX_COLUMNS, SHARDS_DIR, prepare_output,
+                                  write_index_and_manifest)
+from ..manifests.shards import Regions, ShardWriter
+from .common.distribute import (check_workers, default_threads, report_progress, stage_device,
+                                 tune_malloc_for_tensors)
+from .common.sharded import PlannedItem, ShardedStage, ShardTask
+from .common.results import FeaturesResult
+from .common.images import IMAGE_EXTENSIONS, ImageEntry, listing_sha256
+from .common.inputs import discover_inputs, read_entries
 
 NO_GIVEN_BOXES = "no given boxes: the --given-boxes file has no entry for this image"
 UNMATCHED_GIVEN_BOXES = "given_boxes_unmatched.txt"  # box-file keys that match no image
-PLAN_NAME = "plan.json"  # shards/plan.json: which images each shard holds (stable across runs)
 BUTD_MODELS = ("butd-r101", "butd-tiny")
 RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: these features are meaningless; use them only to "
                           "test the pipeline, never to train or evaluate a model")
 
 
 @dataclass(frozen=True)
-class ShardTask:
-    index: int
-    root: str
-    out: str
-    entries: tuple  # ImageEntry, sorted
-    spec: DetectorSpec
-    dtype: str
-    batch_size: int
-    params_fingerprint: str
-    threads: int
+class ExtractTask(ShardTask):
+    root: str = ""
+    entries: tuple = ()  # ImageEntry, sorted
+    spec: DetectorSpec | None = None
+    dtype: str = "float16"
+    batch_size: int = 2
+    threads: int = 1
     given_boxes: tuple = ()  # (key, (k,4) list) pairs for this shard's images, given-box mode
     given_mode: bool = False
     missing_given_boxes: str = "error"  # status of an image the given-box file has no entry for
@@ -58,13 +55,8 @@ class ShardTask:
     def __repr__(self):
         return f"shard {self.index:05d} ({len(self.entries)} images)"
 
-    @property
-    def h5_path(self) -> Path:
-        return Path(self.out) / SHARDS_DIR / shard_name(self.index)
-
-    @property
-    def stats_path(self) -> Path:
-        return self.h5_path.with_suffix(".json")
+    def compute(self) -> dict:
+        return run_shard(self)
 
 
 @dataclass
@@ -98,8 +90,8 @@ class ExtractResult(FeaturesResult):
 
 # ---------------------------------------------------------------- worker side
 
-def run_shard(task: ShardTask) -> dict:
-    """Extracts one shard and writes it; returns (and writes) its stats. Runs inside a worker."""
+def run_shard(task: ExtractTask) -> dict:
+    """Extracts one shard and writes it; returns its stats (the engine writes them as the marker)."""
     import torch
     tune_malloc_for_tensors()
     threads_before = torch.get_num_threads()
@@ -110,7 +102,7 @@ def run_shard(task: ShardTask) -> dict:
         torch.set_num_threads(threads_before)
 
 
-def _run_shard(task: ShardTask) -> dict:
+def _run_shard(task: ExtractTask) -> dict:
     t0 = time.perf_counter()
     detector = build_detector(task.spec)
     t_build = time.perf_counter() - t0
@@ -184,13 +176,17 @@ def _run_shard(task: ShardTask) -> dict:
         "n_images": writer.n_images, "n_boxes": writer.n_boxes,
         "bytes": task.h5_path.stat().st_size, "sha256": sha256_file(task.h5_path),
         "params_fingerprint": task.params_fingerprint, "device": str(getattr(detector, "device", "")),
-        "threads": task.threads, "cpu_capability": _cpu_capability(),
+        "threads": _threads_now(), "cpu_capability": _cpu_capability(),
         "detector": {"name": detector.name, "weights_sha256": detector.weights_sha256,
                      "feature_dim": detector.feature_dim, "columns": list(detector.columns)},
         "timings": timings, "rows": rows,
     }
-    atomic_write_json(task.stats_path, stats)
     return stats
+
+
+def _threads_now() -> int:
+    import torch
+    return int(torch.get_num_threads())  # what this worker runs at, as the manifest records it
 
 
 def _cpu_capability() -> str:
@@ -231,11 +227,9 @@ def _first_line(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------- driver side
 
-def shard_is_complete(task: ShardTask) -> dict | None:
-    """The shard's stats when it was completed for exactly these inputs and parameters."""
-    planned = [(e.key, e.size, e.mtime_ns) for e in task.entries]
-    return completed_shard(task.h5_path, task.params_fingerprint, lambda stats: planned == [
-        (r["image_key"], r["file_size"], r["file_mtime_ns"]) for r in stats.get("rows", [])])
+def recorded_items(stats: dict) -> list:
+    """[(key, signature)] a marker was computed for: each row's key, (file size, mtime)."""
+    return [[r["image_key"], [r["file_size"], r["file_mtime_ns"]]] for r in stats.get("rows", [])]
 
 
 def _validate(batch_size, shard_size, dtype, workers, retries, max_error_rate,
@@ -246,7 +240,7 @@ def _validate(batch_size, shard_size, dtype, workers, retries, max_error_rate,
               (batch_size >= 1, "--batch-size must be >= 1"),
               (shard_size >= 1, "--shard-size must be >= 1"),
               (dtype in ("float16", "float32"), "--dtype must be float16 or float32"),
-              (workers >= 0, "--workers must be >= 0"), (retries >= 0, "--retries must be >= 0"),
+              (retries >= 0, "--retries must be >= 0"),
               (0 <= max_error_rate <= 1, "--max-error-rate must be within [0, 1]"),
               (1 <= min_boxes <= max_boxes, "need 1 <= --min-boxes <= --max-boxes"),
               (0 <= conf_thresh <= 1, "--conf-thresh must be within [0, 1]"),
@@ -261,29 +255,87 @@ def _validate(batch_size, shard_size, dtype, workers, retries, max_error_rate,
         raise PrepError(f"{weights}: weights file not found; pass the checkpoint path to --weights")
 
 
-def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
-                    weights: str | None = None, random_weights: int | None = None,
-                    batch_size: int = 2, device: str = "auto", shard_size: int = 1000,
-                    dtype: str = "float16", conf_thresh: float = 0.2, min_boxes: int | None = None,
-                    max_boxes: int | None = None, limit: int | None = None, workers: int = 1,
-                    scheduler: str | None = None, threads_per_worker: int | None = None,
-                    retries: int = 2, max_error_rate: float = 0.01, overwrite: bool = False,
-                    dry_run: bool = False, quiet: bool = False, given_boxes: dict | None = None,
-                    missing_given_boxes: str = "error", precision: str = DEFAULT_PRECISION,
-                    model_options: dict | None = None,
-                    echo=print, warn=None) -> ExtractResult:
+@dataclass(frozen=True)
+class ExtractOptions:
+    """Every setting of one extract-regions run, typed: the command builds it from its options,
+    extract_regions runs it, and the manifest records it (`options`, given boxes by digest)."""
+    model: str = DEFAULT_MODEL
+    weights: str | None = None
+    random_weights: int | None = None
+    batch_size: int = 2
+    device: str = "auto"
+    shard_size: int = 1000
+    dtype: str = "float16"
+    conf_thresh: float = 0.2
+    min_boxes: int | None = None
+    max_boxes: int | None = None
+    limit: int | None = None
+    workers: int | None = None  # None: 1 local worker; refused with a scheduler
+    scheduler: str | None = None
+    threads_per_worker: int | None = None
+    retries: int = 2
+    max_error_rate: float = 0.01
+    overwrite: bool = False
+    dry_run: bool = False
+    quiet: bool = False
+    given_boxes: dict | None = field(default=None, compare=False, repr=False)  # key -> (k, 4) boxes
+    missing_given_boxes: str = "error"
+    precision: str = DEFAULT_PRECISION
+    model_options: dict | None = None
+
+    def recorded(self) -> dict:
+        """What the manifest keeps: every field, the given boxes as their sha256."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "given_boxes"}
+        out["given_boxes_sha256"] = _given_boxes_digest(self.given_boxes)
+        return out
+
+
+def extract_regions(images: Path, out: Path, options: ExtractOptions | None = None, *, echo=print,
+                    warn=None, **settings) -> ExtractResult:
     """Detects regions in every image under `images` and writes features/ to `out`.
 
-    Resumable: complete shards are kept, a finished stage is a no-op; images added later go into
-    new shards (shards/plan.json keeps each shard's membership). Raises PrepError on a fatal
-    problem (bad option, changed parameters without overwrite, error rate above the limit, which
-    a re-run reports again until the inputs or the limit change).
+    `options` is an ExtractOptions; or pass its fields as keywords (extract_regions(images, out,
+    shard_size=2)), not both. Resumable: complete shards are kept, a finished stage is a no-op;
+    images added later go into new shards (shards/plan.json keeps each shard's membership).
+    Raises PrepError on a fatal problem (bad option, changed parameters without overwrite, error
+    rate above the limit, which a re-run reports again until the inputs or the limit change).
     """
+    if options is not None and settings:
+        raise TypeError("extract_regions: pass an ExtractOptions or keyword settings, not both")
+    options = options if options is not None else ExtractOptions(**settings)
+    return _extract_regions(Path(images), Path(out), options, echo, warn)
+
+
+def _extract_regions(images: Path, out: Path, opts: ExtractOptions, echo, warn) -> ExtractResult:
+    model = opts.model
+    weights = opts.weights
+    random_weights = opts.random_weights
+    batch_size = opts.batch_size
+    device = opts.device
+    shard_size = opts.shard_size
+    dtype = opts.dtype
+    conf_thresh = opts.conf_thresh
+    min_boxes = opts.min_boxes
+    max_boxes = opts.max_boxes
+    limit = opts.limit
+    workers = opts.workers
+    scheduler = opts.scheduler
+    threads_per_worker = opts.threads_per_worker
+    retries = opts.retries
+    max_error_rate = opts.max_error_rate
+    overwrite = opts.overwrite
+    dry_run = opts.dry_run
+    quiet = opts.quiet
+    given_boxes = opts.given_boxes
+    missing_given_boxes = opts.missing_given_boxes
+    precision = opts.precision
+    model_options = opts.model_options
     t_start = time.perf_counter()
     warn = warn or echo
     out = Path(out)
     # registry names (butd-vg-r101-k36) -> architecture + cached weights + their box policy
     model, weights, min_boxes, max_boxes = resolve_model(model, weights, random_weights, min_boxes, max_boxes)
+    workers = check_workers(workers, scheduler, default=1)
     _validate(batch_size, shard_size, dtype, workers, retries, max_error_rate, min_boxes,
               max_boxes, conf_thresh, model, weights, random_weights, limit, precision)
     options = dict(model_options or {})
@@ -292,6 +344,8 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
                         f"--model {model} saves its own boxes: leave --box-source out")
     if missing_given_boxes not in ("error", "skipped"):
         raise PrepError("--missing-given-boxes must be error or skipped")
+    # before any input is read: this machine's CUDA, or what the scheduler's workers report
+    run_device = stage_device(device, scheduler)
     claim_output_dir(out, FEATURES, create=not dry_run)
     inputs = discover_inputs(images, limit)  # a folder, tar shards or a list file
     entries, passed_over = inputs.entries, inputs.passed_over
@@ -301,9 +355,9 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
                         f"{', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}; case-insensitive, "
                         f"recursive){extra}")
     weights_sha = sha256_file(Path(weights)) if weights else f"random-seed-{random_weights}"
-    resolved_device = _device_kind(device)
+    resolved_device = device_kind(run_device)
     spec = DetectorSpec(model=model, weights=str(Path(weights).resolve()) if weights else None,
-                        random_seed=random_weights, device=device, conf_thresh=conf_thresh,
+                        random_seed=random_weights, device=run_device, conf_thresh=conf_thresh,
                         min_boxes=min_boxes, max_boxes=max_boxes, precision=precision,
                         options=tuple(sorted(options.items())))
     # torch's CPU kernels round differently with different thread counts: the count per task is
@@ -323,39 +377,34 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
     params_fp = fingerprint(params)
     prepare_output(out, params_fp, overwrite and not dry_run)
     unmatched = sorted(set(given_boxes) - {e.key for e in entries}) if given_boxes else []
-    plan = plan_shards(entries, shard_size, previous_plan(out, params_fp))
-    tasks = [ShardTask(index=i, root=inputs.root, out=str(out.resolve()),
-                       entries=tuple(members), spec=spec, dtype=dtype,
-                       batch_size=batch_size, params_fingerprint=params_fp, threads=threads,
-                       given_boxes=_boxes_for(members, given_boxes), given_mode=given_boxes is not None,
-                       missing_given_boxes=missing_given_boxes)
-             for i, members in plan.shards]
-    done = {t.index: stats for t in tasks if (stats := shard_is_complete(t)) is not None}
-    pending = [t for t in tasks if t.index not in done]
+    items = [PlannedItem(e.key, [e.size, e.mtime_ns], e) for e in entries]
+
+    def make_task(index, members):
+        part = [m.payload for m in members]
+        return ExtractTask(index=index, out=str(out.resolve()), params_fingerprint=params_fp,
+                           root=inputs.root, entries=tuple(part), spec=spec, dtype=dtype,
+                           batch_size=batch_size, threads=threads,
+                           given_boxes=_boxes_for(part, given_boxes), given_mode=given_boxes is not None,
+                           missing_given_boxes=missing_given_boxes)
+
+    stage = ShardedStage("extract-regions", out, items, shard_size, params_fp, make_task,
+                         recorded_items, listing=listing_sha256(entries))
     if dry_run:
-        echo(f"dry run: {len(entries)} images -> {len(tasks)} shards of up to {shard_size} "
-             f"images in {out / SHARDS_DIR}; {len(done)} complete, {len(pending)} to run")
-        for t in tasks:
-            state = "complete" if t.index in done else why_pending(t, plan)
-            echo(f"  {t.h5_path.name}  {len(t.entries):6d} images  {t.entries[0].key} .. "
-                 f"{t.entries[-1].key}  [{state}]")
-        for index in plan.emptied:
-            echo(f"  {shard_name(index)}  every image removed from the input  [to delete]")
+        for line in stage.report_lines():
+            echo(line)
         if passed_over.total():
             echo(f"  passed over: {passed_over.summary()}")
-        return ExtractResult(out, len(entries), 0, 0, len(tasks), 0, time.perf_counter() - t_start)
+        return ExtractResult(out, len(entries), 0, 0, len(stage.tasks), 0, time.perf_counter() - t_start)
     if random_weights is not None:
         warn(f"WARNING: {RANDOM_WEIGHTS_WARNING}")  # never hidden by --quiet
-    if precision == "fp32" and not quiet and pending and model != "detectron2" \
+    if precision == "fp32" and not quiet and stage.pending and model != "detectron2" \
             and resolved_device == "cpu":
         from ..extractors.precision import bf16_speedup_hint
         echo(bf16_speedup_hint(threads))
-    listing = listing_sha256(entries)
-    manifest = current_manifest(out, params_fp, listing) if not pending else None
+    manifest = stage.current_manifest()
     shards_run = 0
     if manifest is None:
-        manifest, shards_run = _run_pending(out, inputs, tasks, done, pending, plan, params, params_fp,
-                                            listing, workers, scheduler, retries, quiet,
+        manifest, shards_run = _run_pending(stage, inputs, params, opts, workers, scheduler, retries, quiet,
                                             random_weights is not None, device, passed_over, unmatched)
     result = _result(out, manifest, shards_run, time.perf_counter() - t_start)
     n = result.n_images
@@ -369,127 +418,27 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
     return result
 
 
-def _device_kind(device: str) -> str:
-    """What the numbers depend on: cpu or cuda (not which card); refuses cuda without CUDA."""
-    from ..extractors import resolve_device
-    return resolve_device(device).split(":")[0]
-
-
-def _run_pending(out, inputs, tasks, done, pending, plan, params, params_fp, listing, workers,
-                 scheduler, retries, quiet, random_weights, device, passed_over, unmatched):
-    (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out / SHARDS_DIR)
-    remove_stale_temps(out)
-    write_plan(out, plan, params_fp)
-    for index in plan.emptied:  # shards whose every image left the input
-        for suffix in (".h5", ".json"):
-            (out / SHARDS_DIR / shard_name(index)).with_suffix(suffix).unlink(missing_ok=True)
-
-    from .progress import ExtractProgress
-    total_images = sum(len(t.entries) for t in pending)
+def _run_pending(stage, inputs, params, opts, workers, scheduler, retries, quiet, random_weights, device,
+                 passed_over, unmatched):
+    from .common.progress import ExtractProgress
+    out = stage.out
+    total_images = sum(len(t.entries) for t in stage.pending)
     bar = ExtractProgress(total_images, quiet=quiet)
-    def kept():  # read off the disk: a worker may have finished a shard the driver has not heard of
-        complete = sum(shard_is_complete(t) is not None for t in tasks)
-        return (f"{complete} of {len(tasks)} shards complete in {out} (kept; the index and "
-                "manifest are written when every shard is)")
-
     t_run = time.perf_counter()
     try:
-        with resumable(kept):
-            results = run_tasks(run_shard, pending, workers=workers, scheduler=scheduler,
-                                retries=retries, on_result=bar.shard_done,
-                                on_progress=lambda p: p.get("run") == str(out.resolve()) and bar.shard_progress(p))
+        stage.run(workers=workers, scheduler=scheduler, retries=retries, on_result=bar.shard_done,
+                  on_progress=lambda p: p.get("run") == str(out.resolve()) and bar.shard_progress(p))
     finally:
         bar.close()
     run_s = time.perf_counter() - t_run
-    for task, stats in zip(pending, results):
-        done[task.index] = stats
     if unmatched:
         atomic_write_bytes(out / UNMATCHED_GIVEN_BOXES, "".join(f"{k}\n" for k in unmatched).encode())
     else:
         (out / UNMATCHED_GIVEN_BOXES).unlink(missing_ok=True)
-    manifest = _write_outputs(out, inputs, tasks, done, params, params_fp, listing, run_s,
-                              total_images, random_weights, device, passed_over, unmatched)
-    return manifest, len(pending)
-
-
-# ---------------------------------------------------------------- the shard plan
-
-@dataclass
-class ShardPlan:
-    shards: list  # [(index, [ImageEntry, ...])], ascending index
-    next_index: int
-    emptied: list  # indices of earlier shards none of whose images is in the input any more
-    new_indices: set = field(default_factory=set)
-    earlier: dict = field(default_factory=dict)  # index -> keys the shard held in the earlier plan
-
-
-def plan_shards(entries, shard_size: int, earlier: dict | None) -> ShardPlan:
-    """Shards keep the images an earlier plan gave them (minus removed ones); images no shard
-    holds go, in key order, into new shards of up to `shard_size` after the last index."""
-    earlier = earlier or {"shards": {}, "next_index": 0}
-    by_key = {e.key: e for e in entries}
-    shards, emptied, assigned = [], [], set()
-    for index in sorted(earlier["shards"]):
-        keys = earlier["shards"][index]
-        assigned.update(keys)
-        members = [by_key[k] for k in keys if k in by_key]
-        (shards.append((index, members)) if members else emptied.append(index))
-    fresh = [e for e in entries if e.key not in assigned]
-    next_index = earlier["next_index"]
-    new_indices = set()
-    for s in range(0, len(fresh), shard_size):
-        shards.append((next_index, fresh[s:s + shard_size]))
-        new_indices.add(next_index)
-        next_index += 1
-    return ShardPlan(shards, next_index, emptied, new_indices, dict(earlier["shards"]))
-
-
-def previous_plan(out: Path, params_fp: str) -> dict | None:
-    """The membership of every earlier shard: shards/plan.json, else (older outputs) the
-    completed shards' stats files; None for a fresh folder."""
-    shards_dir = Path(out) / SHARDS_DIR
-    try:
-        data = json.loads((shards_dir / PLAN_NAME).read_text("utf-8"))
-        if data.get("params_fingerprint") == params_fp:
-            return {"shards": {int(k): list(v) for k, v in data["shards"].items()},
-                    "next_index": int(data["next_index"])}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    found = {}
-    for path in sorted(shards_dir.glob("regions-*.json")) if shards_dir.is_dir() else []:
-        try:
-            stats = json.loads(path.read_text("utf-8"))
-            index = int(path.stem.split("-")[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if stats.get("params_fingerprint") == params_fp:
-            found[index] = [r["image_key"] for r in stats.get("rows", [])]
-    if not found:
-        return None
-    return {"shards": found, "next_index": max(found) + 1}
-
-
-def write_plan(out: Path, plan: ShardPlan, params_fp: str) -> None:
-    atomic_write_json(Path(out) / SHARDS_DIR / PLAN_NAME, {
-        "params_fingerprint": params_fp, "next_index": plan.next_index,
-        "shards": {str(i): [e.key for e in members] for i, members in plan.shards}})
-
-
-def why_pending(task: ShardTask, plan: ShardPlan) -> str:
-    """Why a shard would run, for --dry-run."""
-    if task.index in plan.new_indices:
-        return "new images"
-    try:
-        stats = json.loads(task.stats_path.read_text("utf-8"))
-    except (OSError, ValueError):
-        return "not run yet (or interrupted)"
-    before = {r["image_key"]: (r["file_size"], r["file_mtime_ns"]) for r in stats.get("rows", [])}
-    now = {e.key: (e.size, e.mtime_ns) for e in task.entries}
-    removed = len(set(before) - set(now))
-    changed = sum(1 for k, v in now.items() if k in before and before[k] != v)
-    parts = [f"{changed} changed" if changed else "", f"{removed} removed" if removed else ""]
-    return ", ".join(p for p in parts if p) or "parameters changed"
+    manifest = _write_outputs(out, inputs, stage.ordered_stats(), params, opts, stage.params_fingerprint,
+                              stage.listing, run_s, total_images, random_weights, device, passed_over,
+                              unmatched)
+    return manifest, len(stage.pending)
 
 
 def _given_boxes_digest(given_boxes):
@@ -509,14 +458,14 @@ def _boxes_for(entries, given_boxes):
                  for e in entries if e.key in given_boxes)
 
 
-def _write_outputs(out, inputs, tasks, done, params, params_fp, listing, run_s, images_run,
+def _write_outputs(out, inputs, stats, params, options, params_fp, listing, run_s, images_run,
                    random_weights, device, passed_over, unmatched):
-    stats = [done[t.index] for t in tasks]
     rows = [row for s in stats for row in s["rows"]]
     detector = stats[0]["detector"]
     compute = {k: round(sum(s["timings"].get(k, 0.0) for s in stats), 3)
                for k in ("build_s", "decode_s", "detect_s", "write_s", "total_s")}
     extra = {"warning": RANDOM_WEIGHTS_WARNING} if random_weights else {}
+    extra["options"] = options.recorded()  # as the command built them (not fingerprinted)
     extra["devices"] = {"requested": device, "used": sorted({s.get("device", "") for s in stats}),
                         "threads_per_task": sorted({s.get("threads", 0) for s in stats})}
     failed = [r for r in rows if r["status"] == "error"]

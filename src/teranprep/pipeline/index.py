@@ -1,14 +1,15 @@
 """The index stage: a run + features/ -> index/ (region embeddings, FAISS shortlist, captions).
 
 Every ok image (or one split's) goes once through the run's image encoder; shards of
-alignment-space region vectors are written through manifests/ with the features/ rules (atomic
-shards, a stats file as completion marker, resume keeps complete shards), one task per shard on
-the same executor as extract-regions. The shortlist vectors come from the shards afterwards.
+alignment-space region vectors are written through manifests/ with the features/ rules. A thin
+definition on pipeline/common/sharded.py (plan, markers, resume, dry run, run_tasks): an item is
+an image key whose signature is where its features are (features shard, that shard's sha256,
+row), so features that grew add index shards and a re-extracted features shard re-encodes only
+the index shards of its images. The shortlist vectors come from the shards afterwards.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,13 @@ import numpy as np
 from ..errors import PrepError
 from ..manifests.atomic import commit_temp, sha256_file, temp_path_for
 from ..manifests.build import write_shard
-from ..manifests.features import (MANIFEST_NAME, SHARDS_DIR, completed_shard,
-                                  current_manifest, manifest_sha256, prepare_output,
+from ..manifests.features import (MANIFEST_NAME, manifest_sha256, prepare_output,
                                   read_features_manifest)
 from ..manifests.fingerprint import fingerprint
 from ..manifests.index import (CAPTIONS_NAME, HEAD_NAME, SHORTLIST_NAME, refuse_foreign_folder,
                                write_captions, write_index_manifest)
-from ..manifests.shards import Regions, remove_stale_temps, shard_name
+from ..manifests.shards import Regions
+from .common.sharded import PlannedItem, ShardedStage, ShardTask
 
 RANDOM_FEATURES_WARNING = ("the indexed features came from a detector with random weights: "
                            "search results over them are meaningless")
@@ -34,24 +35,22 @@ FAISS_SEED = 1234
 
 
 @dataclass(frozen=True)
-class IndexTask:
-    index: int
-    checkpoint: str
-    features: str
-    keys: tuple
-    out: str
-    dtype: str
-    batch_size: int
-    max_regions: int | None
-    params_fingerprint: str
-    threads: int
-
-    @property
-    def h5_path(self) -> Path:
-        return Path(self.out) / SHARDS_DIR / shard_name(self.index)
+class IndexTask(ShardTask):
+    checkpoint: str = ""
+    features: str = ""
+    keys: tuple = ()
+    sources: tuple = ()  # per key: [features shard, its sha256, row], the items' signatures
+    dtype: str = "float16"
+    batch_size: int = 64
+    max_regions: int | None = None
+    threads: int = 1
+    device: str = "cpu"
 
     def __repr__(self):  # the executor names failed tasks with this
         return f"IndexTask({self.h5_path.name}, {len(self.keys)} images)"
+
+    def compute(self) -> dict:
+        return encode_shard(self)
 
 
 _worker_cache: dict = {}
@@ -60,10 +59,10 @@ _worker_cache: dict = {}
 def _worker_model_and_store(task: IndexTask):
     """One model and one feature store per worker process, reused across its tasks."""
     from ..manifests import FeatureStore
-    from .evaluate import load_model
-    key = (task.checkpoint, task.features)
+    from ..teran.checkpoint import load_model
+    key = (task.checkpoint, task.features, task.device)
     if _worker_cache.get("key") != key:
-        model, _ = load_model(Path(task.checkpoint), "cpu")
+        model, _ = load_model(Path(task.checkpoint), task.device)
         _worker_cache.update(key=key, model=model, store=FeatureStore(Path(task.features)))
     return _worker_cache["model"], _worker_cache["store"]
 
@@ -72,7 +71,7 @@ def encode_shard(task: IndexTask) -> dict:
     """Encodes one shard's images and writes their region embeddings; returns the shard stats."""
     import torch
     from ..teran.data import ImageDataset, make_loader
-    from .distribute import report_progress, tune_malloc_for_tensors
+    from .common.distribute import report_progress, tune_malloc_for_tensors
     tune_malloc_for_tensors()
     model, store = _worker_model_and_store(task)
     before = torch.get_num_threads()
@@ -83,21 +82,30 @@ def encode_shard(task: IndexTask) -> dict:
                              batch_size=task.batch_size)
         with torch.no_grad():
             for batch in loader:
-                out = model.encode_images(batch["features"], batch["boxes"], batch["sizes"],
-                                          batch["region_lengths"]).float().numpy()
+                out = model.encode_images(*(batch[k].to(task.device) for k in
+                                            ("features", "boxes", "sizes", "region_lengths"))).float().cpu().numpy()
                 for b, i in enumerate(batch["index"].tolist()):
                     n = int(batch["region_lengths"][b]) - 1  # slot 0 is never scored: not stored
                     w, h = (int(v) for v in batch["sizes"][b].tolist())
                     items.append(Regions(task.keys[i], w, h, batch["boxes"][b, 1:n + 1].numpy().copy(),
                                          out[b, 1:n + 1].copy()))
                 report_progress({"run": task.out, "shard": task.index, "images": len(items)})
+        threads_used = int(torch.get_num_threads())  # what this worker ran at, for the manifest
     finally:
         torch.set_num_threads(before)
     ckpt_attr = {"detector": "teran-image-encoder", "weights_sha256": ""}
     return write_shard(task.h5_path, items, feature_dim=model.config["model"]["embed_dim"],
                        dtype=task.dtype, attrs=ckpt_attr, columns=(),
                        params_fingerprint=task.params_fingerprint,
-                       extra_stats={"keys": list(task.keys)})
+                       extra_stats={"keys": list(task.keys), "sources": [list(s) for s in task.sources],
+                                    "device": str(next(model.parameters()).device), "threads": threads_used},
+                       marker=False)
+
+
+def recorded_items(stats: dict) -> list:
+    """[(key, signature)] an index marker was computed for (markers before `sources`: none)."""
+    keys = stats.get("keys", [])
+    return [[k, src] for k, src in zip(keys, stats.get("sources") or [None] * len(keys))]
 
 
 # ---------------------------------------------------------------- shortlist (FAISS)
@@ -153,7 +161,7 @@ def shard_global_vectors(head, embeddings: np.ndarray, offsets: np.ndarray) -> n
 
 def load_head(head_dir: Path | None, embed_dim: int):
     """(head, description for the manifest): a trained head from `head_dir`, else mean pooling."""
-    from ..extractors.weights import load_torch_file
+    from ..safe_torch import load_torch_file
     from ..teran.shortlist import ShortlistHead
     if head_dir is None:
         return ShortlistHead(embed_dim, kind="mean"), {"kind": "mean", "dim": embed_dim, "sha256": ""}
@@ -207,27 +215,33 @@ def _plan_keys(features_manifest_dir: Path, splits: Path | None, split: str | No
 def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = None,
                 split: str | None = None, captions: Path | None = None,
                 head: Path | None = None, dtype: str = "float16", shard_size: int = 1000,
-                batch_size: int = 64, workers: int = 0, scheduler: str | None = None,
-                threads: int = 1, exact_max: int = EXACT_MAX, overwrite: bool = False,
-                echo=print) -> IndexResult:
-    """Writes index/ to `out`. Resumable: complete shards are kept; a finished index is a no-op."""
+                batch_size: int = 64, workers: int | None = None, scheduler: str | None = None,
+                device: str = "auto", threads: int = 1, exact_max: int = EXACT_MAX, overwrite: bool = False,
+                dry_run: bool = False, echo=print) -> IndexResult:
+    """Writes index/ to `out`. Resumable: complete shards are kept; a finished index is a no-op;
+    images added to the features later go into new shards."""
     import torch
+    from ..devices import device_kind
     from ..manifests import FeatureStore
-    from .distribute import run_tasks
-    from .evaluate import checkpoint_path, load_model
+    from ..teran.checkpoint import checkpoint_path, load_model
+    from .common.distribute import check_workers, stage_device
 
     t0 = time.perf_counter()
     out = Path(out)
+    workers = check_workers(workers, scheduler, default=0)
+    run_device = stage_device(device, scheduler)  # this machine's CUDA, or the workers' report
     checks = [(dtype in ("float16", "float32"), "--dtype must be float16 or float32"),
               (shard_size >= 1, "--shard-size must be >= 1"), (batch_size >= 1, "--batch-size must be >= 1"),
-              (workers >= 0, "--workers must be >= 0"), (threads >= 1, "--threads must be >= 1"),
+              (threads >= 1, "--threads must be >= 1"),
+              (split is None or splits is not None,
+               "--split needs --splits (the splits folder whose split to index)"),
               (exact_max >= 1, "--exact-max must be >= 1")]
     for ok, message in checks:
         if not ok:
             raise PrepError(message)
     ckpt_file = checkpoint_path(run)
     features_manifest = read_features_manifest(features)
-    refuse_foreign_folder(out)
+    refuse_foreign_folder(out, create=not dry_run)
     if head is None and Path(run).is_dir() and (Path(run) / "shortlist" / HEAD_NAME).is_file():
         head = Path(run) / "shortlist"
     model, ckpt = load_model(ckpt_file, "cpu")
@@ -238,62 +252,69 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
     shortlist_head, head_info = load_head(head, embed_dim)
     with FeatureStore(features) as store:
         keys = _plan_keys(features, splits, split, store)
+        located = dict(zip(store.index["image_key"], zip(store.index["shard"], store.index["row"])))
     if not keys:
         raise PrepError(f"{features}: no ok images to index")
+    shard_sha = {e["path"]: e["sha256"] for e in features_manifest.get("shards", [])}
     ckpt_sha = sha256_file(ckpt_file)
     feat_sha = manifest_sha256(features)
     captions_sha = manifest_sha256_of_splits(captions) if captions else None
     max_regions = ckpt["config"]["training"].get("max_regions")
     plan = faiss_plan(len(keys), exact_max)
-    params = {"checkpoint_sha256": ckpt_sha, "features_manifest_sha256": feat_sha, "dtype": dtype,
+    # Not the features manifest's sha256 (lineage records it): features that grew must not
+    # invalidate the index, only the shards whose images' features changed (their signatures).
+    params = {"checkpoint_sha256": ckpt_sha,
+              "features_parameters_fingerprint": features_manifest.get("parameters_fingerprint"),
+              "dtype": dtype,
               "shard_size": shard_size, "batch_size": batch_size, "max_regions": max_regions,
-              "threads_per_task": threads, "head_sha256": head_info["sha256"], "head_kind": head_info["kind"],
+              "threads_per_task": threads, "device": device_kind(run_device), "head_sha256": head_info["sha256"], "head_kind": head_info["kind"],
               "shortlist": plan, "captions_splits_sha256": captions_sha,
               "captions_split": split if captions else None}
     params_fp = fingerprint(params)
-    prepare_output(out, params_fp, overwrite)
-    if overwrite:
+    prepare_output(out, params_fp, overwrite and not dry_run)
+    if overwrite and not dry_run:
         for name in (SHORTLIST_NAME, HEAD_NAME, CAPTIONS_NAME):
             (out / name).unlink(missing_ok=True)
-    listing = hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()
+    items = [PlannedItem(k, [located[k][0], shard_sha.get(located[k][0], ""), int(located[k][1])])
+             for k in keys]
+
+    def make_task(index, members):
+        return IndexTask(index=index, out=str(out.resolve()), params_fingerprint=params_fp,
+                         checkpoint=str(ckpt_file.resolve()), features=str(Path(features).resolve()),
+                         keys=tuple(m.key for m in members), sources=tuple(tuple(m.signature) for m in members),
+                         dtype=dtype, batch_size=batch_size, max_regions=max_regions, threads=threads,
+                         device=run_device)
+
+    stage = ShardedStage("index", out, items, shard_size, params_fp, make_task, recorded_items)
+    listing = stage.listing
+    if dry_run:
+        for line in stage.report_lines():
+            echo(line)
+        return IndexResult(out, len(keys), 0, {"type": plan["type"]}, None, time.perf_counter() - t0)
     # extract-regions records random_weights as a bool (older manifests: the seed or null)
     recorded = features_manifest.get("detector", {}).get("random_weights")
     random_features = bool(features_manifest.get("warning")) or (recorded is not None and recorded is not False)
     warning = RANDOM_FEATURES_WARNING if random_features else None
     if warning:
         echo(f"WARNING: {warning}")
-    existing = current_manifest(out, params_fp, listing)
+    existing = stage.current_manifest()
     if existing is not None:
         echo(f"index: {out} is complete for these inputs, nothing to do")
         return IndexResult(out, existing["counts"]["ok"], 0, existing["shortlist"]["faiss"], warning,
                            time.perf_counter() - t0)
 
-    tasks = [IndexTask(index=i, checkpoint=str(ckpt_file.resolve()), features=str(Path(features).resolve()),
-                       keys=tuple(keys[s:s + shard_size]), out=str(out.resolve()), dtype=dtype,
-                       batch_size=batch_size, max_regions=max_regions, params_fingerprint=params_fp,
-                       threads=threads)
-             for i, s in enumerate(range(0, len(keys), shard_size))]
-    done = {}
-    for t in tasks:
-        stats = completed_shard(t.h5_path, params_fp, lambda st, t=t: st.get("keys") == list(t.keys))
-        if stats is not None:
-            done[t.index] = stats
-    pending = [t for t in tasks if t.index not in done]
-    (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out / SHARDS_DIR)
-    remove_stale_temps(out)
-    echo(f"index: {len(keys)} images in {len(tasks)} shard(s); {len(done)} complete, {len(pending)} to encode")
+    pending = stage.pending
+    echo(f"index: {len(keys)} images in {len(stage.tasks)} shard(s); {len(stage.done)} complete, "
+         f"{len(pending)} to encode")
     t_run = time.perf_counter()
-    if pending:
-        if workers == 0 and scheduler is None:  # in-process: hand the loaded model to the tasks
-            _worker_cache.update(key=(str(ckpt_file.resolve()), str(Path(features).resolve())), model=model,
-                                 store=FeatureStore(features))
-        results = run_tasks(encode_shard, pending, workers=workers, scheduler=scheduler,
-                            on_result=lambda st: echo(f"  {st['shard']}: {st['n_images']} images"))
-        for t, stats in zip(pending, results):
-            done[t.index] = stats
+    if workers == 0 and scheduler is None and pending:  # in-process: hand the loaded model to the tasks
+        _worker_cache.update(key=(str(ckpt_file.resolve()), str(Path(features).resolve()), run_device),
+                             model=model if run_device == "cpu" else load_model(ckpt_file, run_device)[0],
+                             store=FeatureStore(features))
+    stage.run(workers=workers, scheduler=scheduler,
+              on_result=lambda st: echo(f"  {st['shard']}: {st['n_images']} images"))
     encode_s = time.perf_counter() - t_run
-    stats = [done[t.index] for t in tasks]
+    stats = stage.ordered_stats()
 
     # Shortlist vectors, shard by shard, from what was written (row i = i-th ok key).
     from ..manifests.shards import ShardReader
@@ -329,6 +350,9 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
                     "trained_on": ckpt.get("lineage")},
         "captions": caption_info,
         "timings": {"encode_s": round(encode_s, 3), "wall_s": round(time.perf_counter() - t0, 3)},
+        # as the workers reported them (a scheduler's workers, not this driver)
+        "devices": {"requested": device, "used": sorted({st.get("device", "") for st in stats}),
+                    "threads_per_task": sorted({st.get("threads", 0) for st in stats})},
     }
     if warning:
         manifest["warning"] = warning

@@ -70,7 +70,7 @@ def show_regions(features_dir, image_keys, out_dir, *, images_root=None, labels=
     from PIL import Image, ImageDraw
 
     from ..manifests.features import FeatureStore
-    from .images import read_image
+    from .common.images import read_image
     store = FeatureStore(Path(features_dir))
     root = Path(images_root) if images_root else Path(store.manifest.get("input", {}).get("root", ""))
     class_names, attr_names = read_labels(labels), read_labels(attr_labels)

@@ -136,7 +136,7 @@ def ensure_rouge_matrix(splits_dir: Path, split: str, *, cache_dir: Path | None 
 
 
 def run_tasks_for_relevance(tasks, *, scheduler, workers):
-    from .distribute import run_tasks
+    from .common.distribute import run_tasks
     return run_tasks(compute_rouge_block, tasks, workers=workers, scheduler=scheduler)
 
 

@@ -66,9 +66,9 @@ class Searcher:
 
     def __init__(self, index_dir: Path, *, tokenizer: str | None = None, device: str = "cpu"):
         import faiss
-        from ..extractors.weights import load_torch_file
+        from ..safe_torch import load_torch_file
         from ..teran.shortlist import ShortlistHead
-        from .evaluate import load_model
+        from ..teran.checkpoint import load_model
         self.store = IndexStore(index_dir)
         m = self.store.manifest
         self.root = self.store.root

@@ -114,7 +114,7 @@ def train_shortlist(run: Path, *, splits: Path | None = None, features: Path | N
     from ..teran.data import load_split, open_features
     from ..teran.scoring import encode_split
     from ..teran.shortlist import ShortlistHead
-    from .evaluate import checkpoint_path, load_model
+    from ..teran.checkpoint import checkpoint_path, load_model
 
     for ok, message in [(dim >= 1, "--dim must be >= 1"), (epochs >= 1, "--epochs must be >= 1"),
                         (batch_size >= 2, "--batch-size must be >= 2"), (lr > 0, "--lr must be > 0"),

@@ -22,11 +22,10 @@ from ..errors import PrepError
 from ..interrupts import DeferredInterrupts, Interrupted, resumable
 from ..manifests.atomic import atomic_write_bytes, commit_temp, sha256_file, temp_path_for
 from ..manifests.lineage_warnings import emit, features_warnings, merge, recorded_warnings, warning_fields
+from ..teran.checkpoint import BEST, CHECKPOINT_FORMAT, LAST
 from ..teran.config import dump_config, load_config
 
-CHECKPOINT_FORMAT = "teranprep.teran-checkpoint"
 CHECKPOINT_VERSION = 1
-LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
 
 
 @dataclass
@@ -85,7 +84,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    from ..extractors.weights import load_torch_file
+    from ..safe_torch import load_torch_file
     path = Path(path)
     if not path.is_file():
         raise PrepError(f"{path}: checkpoint not found")
@@ -98,9 +97,8 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def _resolve_device(device: str, local_rank: int) -> torch.device:
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    from ..devices import resolve_device
+    return torch.device(resolve_device(device, local_rank=local_rank))
 
 
 def _append_jsonl(path: Path, record: dict) -> None:

@@ -385,7 +385,7 @@ def verify_index(root: Path, manifest: dict, report: VerifyReport) -> None:
                 report.problem(root / SHORTLIST_NAME, f"{index.d}-d vectors, manifest says {faiss_info.get('dim')}")
     if (root / HEAD_NAME).is_file():
         try:
-            from ..extractors.weights import load_torch_file
+            from ..safe_torch import load_torch_file
             from ..teran.shortlist import ShortlistHead
             head = ShortlistHead.from_payload(load_torch_file(root / HEAD_NAME))
             if head.dim != faiss_info.get("dim"):

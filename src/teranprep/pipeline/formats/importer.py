@@ -1,9 +1,10 @@
 """import-features: a community feature format -> features/, resumable like extract-regions.
 
 The source is listed first (ids and byte offsets / files / array rows, no features), ids are
-mapped to image keys and sorted, and the sorted plan is cut into shards of --shard-size. Each
-shard is written atomically by manifests.build.write_shard, whose stats file (with the planned
-items) is the completion marker; index and manifest are written last.
+mapped to image keys and sorted. A thin definition on pipeline/common/sharded.py: an item is a
+key and its source record (id, locator, error), a shard task reads its items and writes them
+through manifests.build.write_shard; the engine keeps the plan (new keys -> new shards), the
+markers (with the planned items) and the dry run; index and manifest are written last.
 """
 
 from __future__ import annotations
@@ -12,17 +13,17 @@ import csv
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import ItemError, PrepError
 from ...manifests import fingerprint
 from ...manifests.atomic import sha256_file
 from ...manifests.build import write_shard
-from ...manifests.features import (INDEX_NAME, SHARDS_DIR, completed_shard,
-                                   current_manifest, prepare_output, write_index_and_manifest)
-from ...manifests.shards import remove_stale_temps, shard_name
-from ..results import FeaturesResult
+from ...manifests.features import INDEX_NAME, prepare_output, write_index_and_manifest
+from ..common.distribute import report_progress
+from ..common.results import FeaturesResult
+from ..common.sharded import PlannedItem, ShardedStage, ShardTask
 from .sources import IMPORT_FORMATS, SourceItem, open_source
 
 MAX_LISTED_DUPLICATES = 1000
@@ -95,10 +96,32 @@ def _item_record(key: str, item: SourceItem) -> list:
     return [key, item.source_id, list(item.locator), item.error]
 
 
+@dataclass(frozen=True)
+class ImportTask(ShardTask):
+    """One shard of an import; runs in this process (the open source is not sent anywhere)."""
+    part: tuple = ()  # ((key, SourceItem), ...) in key order
+    records: tuple = ()
+    dtype: str = "float32"
+    columns: tuple = ()
+    detector_name: str = ""
+    source: object = field(default=None, compare=False, repr=False)
+
+    def __repr__(self):
+        return f"shard {self.index:05d} ({len(self.part)} images)"
+
+    def compute(self) -> dict:
+        return write_shard(self.h5_path, _regions(self.source, self.part, self.index),
+                           feature_dim=self.source.feature_dim, dtype=self.dtype, columns=self.columns,
+                           attrs={"detector": self.detector_name, "weights_sha256": ""},
+                           params_fingerprint=self.params_fingerprint,
+                           extra_stats={"items": [list(r) for r in self.records]}, marker=False)
+
+
 def import_features(fmt: str, src: Path, out: Path, *, key_map: Path | None = None,
                     shard_size: int = 1000, dtype: str = "float32", sizes: Path | None = None,
                     splits: tuple[str, ...] = (), max_error_rate: float = 1.0,
-                    overwrite: bool = False, quiet: bool = False) -> ImportResult:
+                    overwrite: bool = False, quiet: bool = False, dry_run: bool = False,
+                    echo=print) -> ImportResult:
     """Reads features in `fmt` from `src` and writes a features/ directory to `out`.
 
     Per-image problems (wrong field count, bad base64, num_boxes mismatch, refused pickle) become
@@ -122,15 +145,15 @@ def import_features(fmt: str, src: Path, out: Path, *, key_map: Path | None = No
     if splits and fmt != "scan-precomp":
         raise PrepError(f"--split applies to scan-precomp only ({fmt} has no splits); leave --split out")
     from ...manifests.ownership import FEATURES, claim_output_dir
-    claim_output_dir(out, FEATURES)
+    claim_output_dir(out, FEATURES, create=not dry_run)
     mapping = read_key_map(key_map) if key_map else None
     source = open_source(fmt, src, sizes=sizes, splits=splits)
     try:
         result = _run(fmt, src, out, source, mapping, key_map, shard_size, dtype, sizes, splits,
-                      overwrite, quiet, t_start)
+                      overwrite, quiet, dry_run, echo, t_start)
     finally:
         source.close()
-    if result.n_images and result.n_error / result.n_images > max_error_rate:
+    if not dry_run and result.n_images and result.n_error / result.n_images > max_error_rate:
         raise PrepError(f"{out / INDEX_NAME}: {result.n_error} of {result.n_images} images failed "
                         f"({100 * result.n_error / result.n_images:.1f}% > --max-error-rate "
                         f"{100 * max_error_rate:g}%); the reasons are in the error column "
@@ -139,7 +162,7 @@ def import_features(fmt: str, src: Path, out: Path, *, key_map: Path | None = No
 
 
 def _run(fmt, src, out, source, mapping, key_map, shard_size, dtype, sizes, splits, overwrite,
-         quiet, t_start):
+         quiet, dry_run, echo, t_start):
     items = source.items()
     if not items:
         raise PrepError(f"{src}: holds no images")
@@ -151,57 +174,42 @@ def _run(fmt, src, out, source, mapping, key_map, shard_size, dtype, sizes, spli
               "sizes_sha256": sha256_file(Path(sizes)) if sizes else None,
               "splits": list(splits)}
     params_fp = fingerprint(params)
-    prepare_output(out, params_fp, overwrite)
+    prepare_output(out, params_fp, overwrite and not dry_run)
     records = [_item_record(key, item) for key, item in plan]
     listing = hashlib.sha256(json.dumps(records, separators=(",", ":")).encode()).hexdigest()
-    shards = [(i, plan[s:s + shard_size], records[s:s + shard_size])
-              for i, s in enumerate(range(0, len(plan), shard_size))]
-    done = {}
-    for i, _, recs in shards:
-        stats = completed_shard(out / SHARDS_DIR / shard_name(i), params_fp,
-                                lambda st, recs=recs: st.get("items") == recs)
-        if stats is not None:
-            done[i] = stats
-    pending = [s for s in shards if s[0] not in done]
-    if not pending:
-        existing = current_manifest(out, params_fp, listing)
-        if existing is not None:
-            return _result(out, fmt, existing, 0, time.perf_counter() - t_start)
-    (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out / SHARDS_DIR)
-    remove_stale_temps(out)
-    # Shards beyond the plan (a smaller source, a larger --shard-size) would be ignored by
-    # readers, but verify warns about them: remove them with their markers.
-    for extra in (out / SHARDS_DIR).glob("regions-*"):
-        try:
-            index = int(extra.stem.split("-")[1])
-        except (IndexError, ValueError):
-            continue
-        if index >= len(shards):
-            extra.unlink()
-
-    from ..progress import ExtractProgress
-    bar = ExtractProgress(sum(len(p) for _, p, _ in pending), quiet=quiet)
+    # an item's signature is its whole source record: a moved or changed item re-runs its shard
+    planned = [PlannedItem(key, record[1:], (key, item)) for (key, item), record in zip(plan, records)]
     detector = {"name": f"imported:{fmt}", "weights_sha256": "", "columns": list(columns)}
+
+    def make_task(index, members):
+        return ImportTask(index=index, out=str(out.resolve()), params_fingerprint=params_fp,
+                          part=tuple(m.payload for m in members),
+                          records=tuple(tuple([m.key, *m.signature]) for m in members), dtype=dtype,
+                          columns=columns, detector_name=detector["name"], source=source)
+
+    stage = ShardedStage("import-features", out, planned, shard_size, params_fp, make_task,
+                         lambda stats: [[r[0], r[1:]] for r in stats.get("items", [])], listing=listing)
+    if dry_run:
+        for line in stage.report_lines():
+            echo(line)
+        return ImportResult(out, len(planned), 0, 0, len(stage.tasks), 0, time.perf_counter() - t_start,
+                            fmt=fmt)
+    existing = stage.current_manifest()
+    if existing is not None:
+        return _result(out, fmt, existing, 0, time.perf_counter() - t_start)
+
+    from ..common.progress import ExtractProgress
+    pending = stage.pending
+    bar = ExtractProgress(sum(len(t.part) for t in pending), quiet=quiet)
     t_run = time.perf_counter()
-    from ...interrupts import resumable
-
-    def kept():
-        return (f"{len(done)} of {len(shards)} shards complete in {out} (kept; the index and "
-                "manifest are written when every shard is)")
-
     try:
-        with resumable(kept):
-            for index, part, recs in pending:
-                done[index] = write_shard(
-                    out / SHARDS_DIR / shard_name(index), _regions(source, part, index, bar),
-                    feature_dim=source.feature_dim, dtype=dtype, columns=columns,
-                    attrs={"detector": detector["name"], "weights_sha256": ""},
-                    params_fingerprint=params_fp, extra_stats={"items": recs})
+        # in this process, one shard at a time: the source's open files stay here; a failure
+        # is not retried (reading the same bytes again gives the same answer)
+        stage.run(workers=0, retries=0, on_progress=bar.shard_progress)
     finally:
         bar.close()
     run_s = time.perf_counter() - t_run
-    stats = [done[i] for i, _, _ in shards]
+    stats = stage.ordered_stats()
     warnings = []
     rows = [r for s in stats for r in s["rows"]]
     if any(r["status"] == "ok" and r["width"] < 0 for r in rows):
@@ -215,14 +223,14 @@ def _run(fmt, src, out, source, mapping, key_map, shard_size, dtype, sizes, spli
         parameters_fingerprint=params_fp, detector=detector, feature_dim=source.feature_dim,
         dtype=dtype, input_info={"root": str(src.resolve()), "format": fmt, "listing_sha256": listing,
                                  "source": source.signature()},
-        timings={"last_run_wall_s": round(run_s, 3), "images_last_run": sum(len(p) for _, p, _ in pending)},
+        timings={"last_run_wall_s": round(run_s, 3), "images_last_run": sum(len(t.part) for t in pending)},
         extra={"import": {"format": fmt, "notes": source.notes, "warnings": warnings,
                           "duplicates": {"count": len(duplicates),
                                          "first": duplicates[:MAX_LISTED_DUPLICATES]}}})
     return _result(out, fmt, manifest, len(pending), time.perf_counter() - t_start)
 
 
-def _regions(source, part, shard_index, bar):
+def _regions(source, part, shard_index):
     """Regions (or (key, error) pairs) of one shard in key order, updating the progress bar."""
     errors = 0
     for n, (key, item) in enumerate(part, 1):
@@ -235,7 +243,7 @@ def _regions(source, part, shard_index, bar):
             except ItemError as exc:
                 errors += 1
                 yield key, str(exc)
-        bar.shard_progress({"shard": shard_index, "done": n, "errors": errors})
+        report_progress({"shard": shard_index, "done": n, "errors": errors})
 
 
 def _result(out, fmt, manifest, shards_run, wall_s):

@@ -26,7 +26,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ItemError, PrepError
+from ...errors import ItemError, PrepError
 from .images import IMAGE_EXTENSIONS, ImageEntry, PassedOver, decode_image, discover_images_with_report
 
 LIST_SUFFIXES = (".parquet", ".csv")

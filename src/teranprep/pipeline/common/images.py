@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from ..errors import ItemError
+from ...errors import ItemError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Pillow's default bomb limit (~89 Mpx) warns at 1x and raises at 2x; we refuse at 1x.

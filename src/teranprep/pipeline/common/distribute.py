@@ -13,7 +13,7 @@ import uuid
 import warnings
 from typing import Callable, Iterable
 
-from ..errors import USER_FS_ERRNOS, PrepError, os_error_line
+from ...errors import USER_FS_ERRNOS, PrepError, os_error_line
 
 
 PROGRESS_TOPIC = "teranprep-progress"
@@ -55,6 +55,56 @@ def default_threads(workers: int, n_tasks: int, scheduler: str | None = None) ->
         return 1
     concurrent = max(1, min(max(workers, 1), n_tasks))
     return max(1, machine_cores() // concurrent)
+
+
+def check_workers(workers: int | None, scheduler: str | None, default: int) -> int:
+    """--workers for a stage: refused with --scheduler (whose cluster decides how many tasks run
+    at once; before, the option was dropped without a word), else the default when not given."""
+    if scheduler is not None and workers is not None:
+        raise PrepError(f"--workers {workers} and --scheduler {scheduler} do not combine: the "
+                        "scheduler's workers run the tasks; drop --workers (or --scheduler)")
+    workers = default if workers is None else int(workers)
+    if workers < 0:
+        raise PrepError("--workers must be >= 0")
+    return workers
+
+
+def _worker_environment() -> dict:
+    import torch
+    return {"cuda": bool(torch.cuda.is_available()), "threads": int(torch.get_num_threads())}
+
+
+def worker_environment(scheduler: str) -> dict:
+    """What the scheduler's workers report (CUDA on every one of them, their torch threads),
+    asked once before a stage plans, so the fingerprint records their device, not the driver's."""
+    from dask.distributed import Client
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    try:
+        client = Client(scheduler, timeout="10s")
+    except OSError as exc:
+        raise PrepError(f"cannot reach the dask scheduler at {scheduler} ({exc}); start one "
+                        "with `dask scheduler` or drop --scheduler") from exc
+    try:
+        answers = client.run(_worker_environment)
+    finally:
+        _close_quietly(client, None, False)
+    if not answers:
+        raise PrepError(f"the dask scheduler at {scheduler} has no workers; start some with "
+                        f"`dask worker {scheduler}`")
+    return {"cuda": all(a["cuda"] for a in answers.values()),
+            "threads": sorted({a["threads"] for a in answers.values()}), "workers": len(answers)}
+
+
+def stage_device(device: str, scheduler: str | None = None) -> str:
+    """The one `--device` rule of every stage (teranprep.devices.resolve_device), applied to the
+    machine that runs the tasks: this one, or the scheduler's workers."""
+    from ...devices import resolve_device
+    if scheduler is None:
+        return resolve_device(device)
+    if device == "cpu":  # nothing to ask
+        return "cpu"
+    env = worker_environment(scheduler)
+    return resolve_device(device, cuda_available=env["cuda"], where=f" on the workers of {scheduler}")
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -145,7 +195,7 @@ def _run_dask(fn, tasks, workers, scheduler, retries, on_result, on_progress):
     import dask
     from dask.distributed import Client, LocalCluster, as_completed
 
-    from ..interrupts import signals_ignored_in_children
+    from ...interrupts import signals_ignored_in_children
 
     logging.getLogger("distributed").setLevel(logging.ERROR)
     cluster = None
