@@ -36,6 +36,7 @@ NO_GIVEN_BOXES = "no given boxes: the --given-boxes file has no entry for this i
 UNMATCHED_GIVEN_BOXES = "given_boxes_unmatched.txt"  # box-file keys that match no image
 PLAN_NAME = "plan.json"  # shards/plan.json: which images each shard holds (stable across runs)
 BUTD_MODELS = ("butd-r101", "butd-tiny")
+VINVL_MODELS = ("vinvl-x152c4", "vinvl-tiny")
 RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: these features are meaningless; use them only to "
                           "test the pipeline, never to train or evaluate a model")
 
@@ -320,6 +321,10 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
     if model in BUTD_MODELS:
         from ..extractors.butd.detector import INFERENCE
         params["inference"] = INFERENCE
+    elif model in VINVL_MODELS:
+        from ..extractors.vinvl.detector import INFERENCE, feature_layout
+        params["inference"] = INFERENCE
+        params["feature_layout"] = feature_layout(bool(options.get("spatial")))
     params_fp = fingerprint(params)
     prepare_output(out, params_fp, overwrite and not dry_run)
     unmatched = sorted(set(given_boxes) - {e.key for e in entries}) if given_boxes else []

@@ -106,6 +106,8 @@ def _label(regions, i, class_names, attr_names) -> str:
         if ids is None:
             return ""
         j = int(ids[i])
+        if j < 0:  # VinVL: no attribute scored above its threshold
+            return ""
         return names[j] if names and 0 <= j < len(names) else f"{prefix}{j}"
 
     cls = name(regions.class_ids, class_names, "c")

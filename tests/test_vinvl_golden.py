@@ -1,0 +1,100 @@
+"""Parity with scene_graph_benchmark's own AttrRCNN on the same checkpoint (shared/reference/vinvl-golden).
+
+The checkpoint is regenerated from recipe-keys.tsv once per session (every tensor checked against
+its sha256), then the real `prep extract-regions --model vinvl-vg-x152c4 --weights CKPT --dtype
+float32` runs in a subprocess on the reference's 3 images, and its features folder must match
+what the reference computed: same count and order, boxes within 0.05 px, features within 1e-4
+relative, labels equal, scores within 1e-4, the top attribute equal where it scores above 0.05.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REFERENCE = Path(os.environ.get("TERANPREP_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+GOLDEN = REFERENCE / "vinvl-golden"
+IMAGES = REFERENCE / "butd-golden" / "images"
+NAMES = ("scene-small", "scene-tall", "scene-wide")
+
+pytestmark = [pytest.mark.fullsize,
+              pytest.mark.skipif(not (GOLDEN / "recipe-keys.tsv").is_file(),
+                                 reason=f"reference outputs not at {GOLDEN} (set TERANPREP_REFERENCE)")]
+
+
+def recipe_tensor(key: str, shape: tuple, rule: str) -> np.ndarray:
+    """One tensor of the recipe (vinvl-golden/README.md), in float32."""
+    if rule.startswith("the model's own generate_anchors"):
+        # maskrcnn_benchmark's generate_anchors(16, (32..512), (0.5, 1, 2)): Caffe's with scales = sizes / 16
+        from teranprep.extractors.butd.ops import caffe_cell_anchors
+        return caffe_cell_anchors(16, (0.5, 1.0, 2.0), (2.0, 4.0, 8.0, 16.0, 32.0)).numpy()
+    n = np.random.default_rng(zlib.crc32(key.encode())).standard_normal(shape, dtype=np.float32)
+    fixed = {"1 + 0.02 n": lambda: np.float32(1) + np.float32(0.02) * n,
+             "0.02 n": lambda: np.float32(0.02) * n,
+             "1 + 0.02 |n|": lambda: np.float32(1) + np.float32(0.02) * np.abs(n),
+             "0.01 n": lambda: np.float32(0.01) * n,
+             "n": lambda: n}
+    if rule in fixed:
+        return fixed[rule]().astype(np.float32)
+    m = re.fullmatch(r"n \* float32\(([0-9.]+) / sqrt\(([0-9]+)\)\)", rule)
+    assert m, f"unknown recipe rule {rule!r}"
+    return (n * np.float32(float(m.group(1)) / math.sqrt(float(m.group(2))))).astype(np.float32)
+
+
+def regenerate_checkpoint(path: Path) -> Path:
+    import torch
+    state = {}
+    with open(GOLDEN / "recipe-keys.tsv", encoding="utf-8") as f:
+        next(f)
+        for line in f:
+            key, shape, rule, digest = line.rstrip("\n").split("\t")
+            shape = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+            t = np.ascontiguousarray(recipe_tensor(key, shape, rule), dtype="<f4")
+            assert t.shape == shape, key
+            assert hashlib.sha256(t.tobytes()).hexdigest() == digest, f"recipe tensor {key} ({rule}) differs"
+            state[key] = torch.from_numpy(t)
+    torch.save({"model": state}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def golden_features(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vinvl-golden")
+    ckpt = regenerate_checkpoint(root / "vinvl_vg_x152c4.pth")
+    out = root / "features"
+    proc = subprocess.run([sys.executable, "-m", "teranprep", "extract-regions", str(IMAGES), str(out),
+                           "--model", "vinvl-vg-x152c4", "--weights", str(ckpt), "--dtype", "float32",
+                           "--workers", "0", "--batch-size", "1", "--quiet"],
+                          capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr
+    ckpt.unlink()  # ~709 MB
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vinvl_matches_the_reference_attr_rcnn(golden_features, name):
+    from teranprep.manifests.features import FeatureStore
+    ref = np.load(GOLDEN / "golden" / f"{name}.npz")
+    with FeatureStore(golden_features) as store:
+        got = store[f"{name}.png"]
+    assert (got.height, got.width) == tuple(ref["im_hw"])
+    assert len(got.boxes) == len(ref["boxes"])
+    np.testing.assert_allclose(got.boxes, ref["boxes"], atol=0.05, rtol=0)
+    np.testing.assert_array_equal(got.class_ids + 1, ref["labels"])  # stored 0-based, foreground only
+    np.testing.assert_allclose(got.class_scores, ref["scores"], atol=1e-4, rtol=0)
+    feats = ref["box_features"]
+    rel = np.abs(got.features - feats).max() / np.abs(feats).max()
+    assert rel <= 1e-4, f"features differ by {rel:.2e} of their largest value"
+    has_attr = ref["attr_scores"][:, 0] > 0.05
+    np.testing.assert_array_equal(got.attr_ids[has_attr] + 1, ref["attr_labels"][has_attr, 0])
+    np.testing.assert_allclose(got.attr_scores[has_attr], ref["attr_scores"][has_attr, 0], atol=1e-4, rtol=0)
+    assert (got.attr_ids[~has_attr] == -1).all()
