@@ -240,3 +240,74 @@ def test_grouped_roi_head_equals_one_image_at_a_time(tiny):
         np.testing.assert_array_equal(a.boxes, b.boxes)
         np.testing.assert_array_equal(a.class_ids, b.class_ids)
         np.testing.assert_allclose(a.features, b.features, rtol=1e-4, atol=1e-5)
+
+
+def run_cli(*args, env=None):
+    from click.testing import CliRunner
+    from teranprep.cli import main
+    result = CliRunner().invoke(main, [str(a) for a in args], env=env)
+    return result, result.output + (getattr(result, "stderr", "") or "")
+
+
+def test_weights_list_and_path_name_vinvl_and_its_label_map(tmp_path):
+    from teranprep.extractors import registry
+    env = {"TERANPREP_CACHE": str(tmp_path / "cache")}
+    result, out = run_cli("weights", "list", env=env)
+    assert result.exit_code == 0
+    line = next(l for l in out.splitlines() if l.startswith("vinvl-vg-x152c4\t"))
+    assert "vinvl-x152c4\tboxes 10..100\tmaskrcnn-benchmark\tabsent" in line and line.endswith("vinvl_vg_x152c4.pth")
+    assert f"label map\t{tmp_path / 'cache' / 'VG-SGG-dicts-vgoi6-clipped.json'}" in out
+    result, out = run_cli("weights", "path", "vinvl-vg-x152c4", env=env)
+    assert out.strip() == str(tmp_path / "cache" / registry.WEIGHTS["vinvl-vg-x152c4"].filename)
+    (tmp_path / "im").mkdir()
+    from PIL import Image
+    Image.fromarray(image(0)).save(tmp_path / "im" / "a.png")
+    result, out = run_cli("extract-regions", tmp_path / "im", tmp_path / "f", "--model", "vinvl-vg-x152c4", env=env)
+    assert result.exit_code == 2 and registry.WEIGHTS["vinvl-vg-x152c4"].url in out
+
+
+def test_spatial_is_refused_for_a_butd_model(tmp_path):
+    (tmp_path / "im").mkdir()
+    from PIL import Image
+    Image.fromarray(image(0)).save(tmp_path / "im" / "a.png")
+    result, out = run_cli("extract-regions", tmp_path / "im", tmp_path / "f", "--model", "butd-tiny",
+                          "--random-weights", "0", "--spatial")
+    assert result.exit_code == 2 and "--spatial applies to the VinVL models" in out
+    assert not (tmp_path / "f" / "manifest.json").exists()
+
+
+def test_max_class_selection_is_nms_filter_1_of_the_reference():
+    """select_detections_max_class against a plain transcription of filter_results_peter."""
+    from torchvision.ops import box_iou
+    from teranprep.extractors.vinvl.ops import select_detections_max_class
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(40, 2, generator=g) * 80
+    boxes = torch.cat([xy, xy + 10 + torch.rand(40, 2, generator=g) * 40], 1)
+    probs = torch.softmax(torch.randn(40, 5, generator=g) * 2, 1)
+    best = torch.zeros(40)
+    label = torch.zeros(40, dtype=torch.long)
+    for j in range(1, 5):
+        kept = []
+        for i in sorted(range(40), key=lambda i: -probs[i, j].item()):
+            if all(box_iou(boxes[[i]], boxes[[k]]).item() <= 0.3 for k in kept):
+                kept.append(i)
+        for i in kept:
+            if probs[i, j] > best[i]:
+                best[i], label[i] = probs[i, j], j
+    alive = [i for i in range(40) if best[i] > 0]
+    alive.sort(key=lambda i: -best[i].item())
+    n_pass = sum(best[i] >= 0.4 for i in alive)
+    for lo, hi in ((3, 8), (12, 20)):
+        want = alive[:min(max(n_pass, lo), hi)]
+        idx, labels, scores = select_detections_max_class(probs, boxes, 0.4, lo, hi)
+        assert idx.tolist() == want and labels.tolist() == [label[i].item() for i in want]
+        assert len(set(idx.tolist())) == len(idx)  # one row per proposal
+
+
+def test_max_class_selection_through_the_detector_is_best_first():
+    det = VinvlDetector(DetectorSpec(model="vinvl-tiny", random_seed=3, options=(("selection", "max-class"),)))
+    out = det.detect([image(8)])[0]
+    assert 10 <= len(out.boxes) <= 100
+    assert (np.diff(out.class_scores) <= 0).all()
+    per_class = VinvlDetector(DetectorSpec(model="vinvl-tiny", random_seed=3)).detect([image(8)])[0]
+    assert not (np.diff(per_class.class_scores) <= 0).all()  # class-major there: the two differ

@@ -3,7 +3,8 @@ backbone + RPN, ROI head in chunks or, on CUDA, over a batch) with VinVL's prepr
 selection and attributes.
 
 Selection is scene_graph_benchmark's test-time path with VinVL's extraction settings: per-class
-NMS over the proposals' class scores (a proposal may be kept for several classes), 10..100
+NMS over the proposals' class scores (a proposal may be kept for several classes; option
+("selection", "max-class") is NMS_FILTER 1 instead: one row per proposal, best first), 10..100
 detections, the proposals' own boxes (IGNORE_BOX_REGRESSION), each with the features of its
 proposal; attributes from the attribute head fed the detected label. Stored per region: the
 class id (0-based foreground: label - 1), its score, the top attribute (0-based, -1 when no
@@ -23,10 +24,14 @@ from ..butd.detector import ButdDetector
 from ..calibration import calibrate_frozen_batchnorms, calibration_image
 from .config import VinvlConfig, get_config
 from .model import VinvlModel
-from .ops import preprocess, scale_to_original, select_attributes, select_detections
+from .ops import (preprocess, scale_to_original, select_attributes, select_detections,
+                  select_detections_max_class)
 
 # joins extract-regions' parameter fingerprint (as butd.detector.INFERENCE)
 INFERENCE = "vinvl:folded-norms+onednn-fused-convs+roi-chunks-16+roialign-fp32"
+# per-class: the yaml's MODEL.ROI_HEADS.NMS_FILTER 0 (default; what the parity test pins);
+# max-class: NMS_FILTER 1, the command scene_graph_benchmark's README gives for Oscar's features
+SELECTIONS = ("per-class", "max-class")
 SPATIAL_DIM = 6
 
 
@@ -96,6 +101,9 @@ class VinvlDetector(ButdDetector):
         self.feature_dim = cfg.feature_dim + (SPATIAL_DIM if self.spatial else 0)
         self.columns = ("class_ids", "class_scores", "attr_ids", "attr_scores")
         self.box_source = "proposals"
+        self.selection = spec.option("selection", "per-class")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, not {self.selection!r}")
         self.timings = {"backbone_s": 0.0, "rpn_s": 0.0, "roi_head_s": 0.0, "selection_s": 0.0}
 
     def _prepare(self, image):
@@ -107,7 +115,7 @@ class VinvlDetector(ButdDetector):
         (h, w), (h_in, w_in) = scale  # maskrcnn_benchmark's target.resize(input size): x and y apart
         return scale_to_original(given, (h, w), (h_in, w_in))
 
-    def regions(self, head, proposals, image_hw, input_hw, given: bool):
+    def regions(self, head, proposals, given: bool):
         """-> (proposal rows, labels 1..C-1, scores, attr labels (R, 16), attr scores (R, 16)):
         what the reference outputs, in its order. Given boxes (FORCE_BOXES): every box, its best
         foreground class."""
@@ -116,6 +124,9 @@ class VinvlDetector(ButdDetector):
         if given:
             scores, labels = probs[:, 1:].max(dim=1)
             idx, labels = torch.arange(len(probs), device=probs.device), labels + 1
+        elif self.selection == "max-class":
+            idx, labels, scores = select_detections_max_class(probs, proposals, self.spec.conf_thresh,
+                                                              self.spec.min_boxes, self.spec.max_boxes)
         else:
             idx, labels, scores = select_detections(proposals, probs, self.spec.conf_thresh, cfg.class_nms,
                                                     self.spec.min_boxes, self.spec.max_boxes,
@@ -129,8 +140,7 @@ class VinvlDetector(ButdDetector):
         import time
         image_hw, input_hw = scale
         t = time.perf_counter()
-        idx, labels, scores, attr_labels, attr_scores = self.regions(head, proposals, image_hw, input_hw,
-                                                                     given is not None)
+        idx, labels, scores, attr_labels, attr_scores = self.regions(head, proposals, given is not None)
         self._tick("selection_s", t)
         boxes = given if given is not None else scale_to_original(proposals[idx], input_hw, image_hw)
         boxes = boxes.float().cpu().numpy().astype(np.float32).reshape(-1, 4)

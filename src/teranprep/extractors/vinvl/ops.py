@@ -132,3 +132,24 @@ def scale_to_original(boxes: torch.Tensor, input_hw, original_hw) -> torch.Tenso
     if rw == rh:
         return boxes * rw
     return torch.stack([boxes[:, 0] * rw, boxes[:, 1] * rh, boxes[:, 2] * rw, boxes[:, 3] * rh], dim=1)
+
+
+def select_detections_max_class(probs: torch.Tensor, boxes: torch.Tensor, score_thresh: float,
+                                min_detections: int, max_detections: int, nms_thresh: float = 0.3):
+    """PostProcessor.filter_results_peter (MODEL.ROI_HEADS.NMS_FILTER 1, what scene_graph_benchmark's
+    README passes when it extracts VinVL features for Oscar): NMS at 0.3 for every foreground class
+    over all proposals, each proposal's best class among those that kept it, proposals with none
+    dropped; then best first, those >= score_thresh clamped to [min_detections, max_detections].
+    One row per proposal. -> (proposal indices, labels 1..C-1, scores)."""
+    n, c = probs.shape
+    kept_scores = torch.zeros_like(probs)
+    for j in range(1, c):
+        keep = nms(boxes, probs[:, j], nms_thresh)
+        kept_scores[keep, j] = probs[keep, j]
+    scores, labels = kept_scores.max(dim=1)
+    idx = torch.nonzero(scores).flatten()
+    scores, labels = scores[idx], labels[idx]
+    order = torch.sort(scores, descending=True, stable=True).indices
+    n_pass = int((scores >= score_thresh).sum())
+    take = order[:min(max(n_pass, min_detections), max_detections)]
+    return idx[take], labels[take], scores[take]
