@@ -4,7 +4,8 @@ The checkpoint is regenerated from recipe-keys.tsv once per session (every tenso
 its sha256), then the real `prep extract-regions --model vinvl-vg-x152c4 --weights CKPT --dtype
 float32` runs in a subprocess on the reference's 3 images, and its features folder must match
 what the reference computed: same count and order, boxes within 0.05 px, features within 1e-4
-relative, labels equal, scores within 1e-4, the top attribute equal where it scores above 0.05.
+relative, labels equal, scores within 1e-4, the top attribute equal where it scores above 0.05;
+and all 16 attributes per box, from the checkpoint's attribute head on the stored features.
 """
 
 from __future__ import annotations
@@ -73,15 +74,17 @@ def golden_features(tmp_path_factory):
                            "--workers", "0", "--batch-size", "1", "--quiet"],
                           capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr
+    import torch
+    head = {k: v for k, v in torch.load(ckpt)["model"].items() if k.startswith("attribute.predictor.")}
     ckpt.unlink()  # ~709 MB
-    return out
+    return out, head
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_vinvl_matches_the_reference_attr_rcnn(golden_features, name):
     from teranprep.manifests.features import FeatureStore
     ref = np.load(GOLDEN / "golden" / f"{name}.npz")
-    with FeatureStore(golden_features) as store:
+    with FeatureStore(golden_features[0]) as store:
         got = store[f"{name}.png"]
     assert (got.height, got.width) == tuple(ref["im_hw"])
     assert len(got.boxes) == len(ref["boxes"])
@@ -95,3 +98,27 @@ def test_vinvl_matches_the_reference_attr_rcnn(golden_features, name):
     np.testing.assert_array_equal(got.attr_ids[has_attr] + 1, ref["attr_labels"][has_attr, 0])
     np.testing.assert_allclose(got.attr_scores[has_attr], ref["attr_scores"][has_attr, 0], atol=1e-4, rtol=0)
     assert (got.attr_ids[~has_attr] == -1).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_all_sixteen_attributes_per_box_match_on_the_stored_features(golden_features, name):
+    """The features folder keeps each box's top attribute; the reference outputs 16. The same
+    attribute head (the checkpoint's attribute.predictor) and post-processing on the stored
+    features and labels must give all 16 where the reference's scores exceed 0.05."""
+    import torch
+    from teranprep.extractors.vinvl.ops import select_attributes
+    from teranprep.manifests.features import FeatureStore
+    ref = np.load(GOLDEN / "golden" / f"{name}.npz")
+    with FeatureStore(golden_features[0]) as store:
+        got = store[f"{name}.png"]
+    w = golden_features[1]
+    feats = torch.from_numpy(np.asarray(got.features, np.float32))
+    labels = torch.from_numpy(got.class_ids.astype(np.int64) + 1)
+    x = torch.cat([feats, w["attribute.predictor.cls_embedding.weight"][labels]], 1)
+    hidden = torch.relu(x @ w["attribute.predictor.fc_attr.weight"].T + w["attribute.predictor.fc_attr.bias"])
+    logits = hidden @ w["attribute.predictor.attr_score.weight"].T + w["attribute.predictor.attr_score.bias"]
+    attr_labels, attr_scores = select_attributes(logits, 0.05, 100, 16)
+    shown = ref["attr_scores"] > 0.05
+    assert shown.sum() > len(shown)  # more than one attribute per box on average: the test has teeth
+    np.testing.assert_array_equal(attr_labels.numpy()[shown], ref["attr_labels"][shown])
+    np.testing.assert_allclose(attr_scores.numpy()[shown], ref["attr_scores"][shown], atol=1e-4, rtol=0)
