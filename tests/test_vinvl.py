@@ -311,3 +311,18 @@ def test_max_class_selection_through_the_detector_is_best_first():
     assert (np.diff(out.class_scores) <= 0).all()
     per_class = VinvlDetector(DetectorSpec(model="vinvl-tiny", random_seed=3)).detect([image(8)])[0]
     assert not (np.diff(per_class.class_scores) <= 0).all()  # class-major there: the two differ
+
+
+def test_show_regions_draws_boxes_vinvl_keeps_inverted_by_under_a_pixel(tmp_path):
+    """maskrcnn_benchmark decodes x2 = ctr + w/2 - 1 and keeps boxes whose w + 1 >= 0, so a VinVL
+    box may have x2 < x1 by up to 1 px; show-regions must draw it, not fail."""
+    from PIL import Image
+    from teranprep.pipeline.extract import extract_regions
+    from teranprep.pipeline.regions import show_regions
+    (tmp_path / "im").mkdir()
+    Image.fromarray(image(9)).save(tmp_path / "im" / "a.png")
+    boxes = {"a.png": [[10, 10, 9.4, 30], [5, 5, 50, 40]]}
+    extract_regions(tmp_path / "im", tmp_path / "f", model="vinvl-tiny", random_weights=0, workers=0,
+                    given_boxes=boxes, echo=lambda *_: None)
+    written = show_regions(tmp_path / "f", ["a.png"], tmp_path / "png")
+    assert len(written) == 1 and written[0].is_file()
