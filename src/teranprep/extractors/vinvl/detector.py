@@ -14,6 +14,7 @@ box-geometry values to each feature (2054-d, the released files' layout).
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -137,7 +138,6 @@ class VinvlDetector(ButdDetector):
         return idx, labels, scores, attr_labels, attr_scores
 
     def _select(self, head, given, proposals, h, w, scale) -> Detections:
-        import time
         image_hw, input_hw = scale
         t = time.perf_counter()
         idx, labels, scores, attr_labels, attr_scores = self.regions(head, proposals, given is not None)
