@@ -1,4 +1,5 @@
-"""BUTD r101 at 600x1000 on CPU: s/image per precision, detector alone and the extract-regions stage.
+"""BUTD r101 (and VinVL X152-C4) at 600x1000 on CPU: s/image per precision, detector alone and the
+extract-regions stage.
 
   conv rate   a res5-shaped 3x3 dilated conv, channels-last, per precision (extractors/precision.py)
   floor       the model's FLOPs for this input and 300 proposals (hooks on a meta-device copy: no
@@ -13,9 +14,13 @@
               the fixed costs (cluster start-up, worker imports, model build, index and manifest)
               cancelled; the whole run's (wall - build) / images and the fixed cost are printed too
   --gpu       images/s on CUDA in fp32 and bf16 (CANNOT be measured on a machine without CUDA)
+  --models    butd-r101,vinvl-x152c4: the detector-alone rows for each (the stage rows: BUTD only).
+              VinVL's floor uses the same dense conv rate, though most of its FLOPs are 32-group
+              convs, which oneDNN runs below that rate: its ratio mixes both effects.
 
 Random weights (calibrated, so activations are realistic in scale): speed does not depend on them.
 Usage: python benchmarks/bench_detector.py [--images 4] [--precisions fp32,bf16] [--skip-stage] [--gpu]
+       [--models butd-r101,vinvl-x152c4]
 """
 
 from __future__ import annotations
@@ -47,10 +52,14 @@ def test_images(n, h=600, w=1000, seed=0):
 
 
 def count_flops(cfg, image_hw=(600, 1000), proposals=300):
-    """FLOPs (2 x MACs) of convs and linears per sub-stage, on a meta-device model."""
+    """FLOPs (2 x MACs) of convs and linears per sub-stage, on a meta-device model: what the
+    detector runs (VinVL: no box deltas, IGNORE_BOX_REGRESSION; its attribute head on 100 boxes)."""
     from teranprep.extractors.butd.model import ButdModel
+    from teranprep.extractors.vinvl.config import VinvlConfig
+    from teranprep.extractors.vinvl.model import VinvlModel
+    vinvl = isinstance(cfg, VinvlConfig)
     with torch.device("meta"):
-        model = ButdModel(cfg)
+        model = VinvlModel(cfg) if vinvl else ButdModel(cfg)
     counts = {"backbone": 0, "rpn": 0, "roi_head": 0}
     current = ["backbone"]
 
@@ -72,17 +81,20 @@ def count_flops(cfg, image_hw=(600, 1000), proposals=300):
         r = cfg.pooler_resolution
         feats = model.roi_heads.res5(torch.empty(proposals, res4.shape[1], r, r, device="meta")).mean(dim=(2, 3))
         model.roi_heads.box_predictor.cls_score(feats)
-        model.roi_heads.box_predictor.bbox_pred(feats)
+        if vinvl:
+            model.roi_heads.box_predictor.attr_logits(feats[:100], torch.zeros(100, dtype=torch.long, device="meta"))
+        else:
+            model.roi_heads.box_predictor.bbox_pred(feats)
     return counts
 
 
-def _detector_alone(precision, n, threads, device, queue):
+def _detector_alone(precision, n, threads, device, queue, model="butd-r101"):
+    from teranprep.extractors import build_detector
     from teranprep.extractors.base import DetectorSpec
-    from teranprep.extractors.butd.detector import ButdDetector
     torch.set_num_threads(threads)
     images = test_images(n)
     t = time.perf_counter()
-    det = ButdDetector(DetectorSpec(model="butd-r101", random_seed=0, device=device, precision=precision))
+    det = build_detector(DetectorSpec(model=model, random_seed=0, device=device, precision=precision))
     build = time.perf_counter() - t
     if device != "cpu":
         det.detect(images[:1])  # CUDA: kernel selection and allocator warm-up are not the model
@@ -95,11 +107,11 @@ def _detector_alone(precision, n, threads, device, queue):
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20})
 
 
-def detector_alone(precision, n, threads, device="cpu"):
+def detector_alone(precision, n, threads, device="cpu", model="butd-r101"):
     """Runs in a fresh spawned process, so its peak RSS is the detector's own."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_detector_alone, args=(precision, n, threads, device, queue))
+    proc = ctx.Process(target=_detector_alone, args=(precision, n, threads, device, queue, model))
     proc.start()
     result = queue.get()
     proc.join()
@@ -129,28 +141,38 @@ def main():
     p.add_argument("--skip-stage", action="store_true")
     p.add_argument("--skip-cpu", action="store_true")
     p.add_argument("--gpu", action="store_true")
+    p.add_argument("--models", default="butd-r101", help="comma-separated: butd-r101, vinvl-x152c4")
     args = p.parse_args()
+    from teranprep.extractors.vinvl.config import get_config as vinvl_config
+    models = args.models.split(",")
     cores = machine_cores()
     precisions = args.precisions.split(",")
     n = args.images
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {cores} cores, "
           f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
-    flops = sum(count_flops(get_config("butd-r101")).values())
+    model_flops = {m: sum(count_flops(vinvl_config(m) if m.startswith("vinvl") else get_config(m)).values())
+                   for m in models}
+    flops = model_flops.get("butd-r101") or sum(count_flops(get_config("butd-r101")).values())
     if not args.skip_cpu:
         torch.set_num_threads(cores)
         rates = {pr: conv_rate(pr) for pr in precisions}
         print("conv rate (res5 3x3, channels-last, all cores): "
               + ", ".join(f"{pr} {r / 1e9:.0f} GFLOP/s" for pr, r in rates.items())
-              + f"; BUTD r101 at 600x1000 + 300 proposals: {flops / 1e12:.2f} TFLOP/image")
+              + "; at 600x1000 + 300 proposals: "
+              + ", ".join(f"{m} {f / 1e12:.2f} TFLOP/image" for m, f in model_flops.items()))
         alone = {}
         print(f"\n{'setting':34s}{'s/image':>9s}{'floor':>8s}{'ratio':>7s}  notes")
-        for pr in precisions:
-            floor = flops / rates[pr]
-            r = alone[pr] = detector_alone(pr, n, cores)
-            parts = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r["parts"].items())
-            print(f"{pr + ' detector alone':34s}{r['s_per_image']:9.2f}{floor:8.2f}{r['s_per_image'] / floor:7.2f}"
-                  f"  {parts}; peak RSS {r['peak_rss_gb']:.2f} GB; build {r['build_s']:.0f} s", flush=True)
-        if not args.skip_stage:
+        for m in models:
+            for pr in precisions:
+                floor = model_flops[m] / rates[pr]
+                r = detector_alone(pr, n, cores, model=m)
+                if m == "butd-r101":
+                    alone[pr] = r
+                parts = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r["parts"].items())
+                print(f"{m + ' ' + pr + ' alone':34s}{r['s_per_image']:9.2f}{floor:8.2f}"
+                      f"{r['s_per_image'] / floor:7.2f}  {parts}; peak RSS {r['peak_rss_gb']:.2f} GB; "
+                      f"build {r['build_s']:.0f} s", flush=True)
+        if not args.skip_stage and "butd-r101" in models:
             from PIL import Image
             root = Path(tempfile.mkdtemp(prefix="bench-detector-"))
             small = 2  # the short run: its wall is the fixed cost (start-up, build, manifest) + 2 images

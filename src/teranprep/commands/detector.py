@@ -17,11 +17,14 @@ def weights_group():
 @weights_group.command("list")
 def weights_list():
     """Every named weights entry: architecture, box policy, format, cache state, URL."""
-    from ..extractors.registry import WEIGHTS, weights_path
+    from ..extractors.registry import LABEL_MAPS, WEIGHTS, cache_dir, weights_path
     for name, e in sorted(WEIGHTS.items()):
         state = "cached" if weights_path(name).is_file() else "absent"
         click.echo(f"{name}\t{e.architecture}\tboxes {e.min_boxes}..{e.max_boxes}\t{e.format}\t{state}\t"
                    f"sha256 {e.sha256 or 'unknown'}\t{e.url}")
+        if name in LABEL_MAPS:
+            url, filename = LABEL_MAPS[name]
+            click.echo(f"  label map\t{cache_dir() / filename}\t{url}")
 
 
 @weights_group.command("path")

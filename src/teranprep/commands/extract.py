@@ -45,6 +45,13 @@ def _default_precision():
 @click.option("--box-source", type=click.Choice(["proposals", "regressed"]),
               help="BUTD only: save the proposal boxes (default, as the Caffe tool and MILVLG) or "
                    "the class-regressed boxes (py-bottom-up-attention).")
+@click.option("--spatial", is_flag=True,
+              help="VinVL only: append the 6 box-geometry values (x1/W, y1/H, x2/W, y2/H, w/W, h/H) "
+                   "to each feature: the 2054-d layout of VinVL's released files.")
+@click.option("--vinvl-selection", type=click.Choice(["per-class", "max-class"]),
+              help="VinVL only: per-class (default: the yaml's NMS_FILTER 0, a box may repeat with "
+                   "another class) or max-class (NMS_FILTER 1, one row per box, best first: the "
+                   "setting of scene_graph_benchmark's README command for Oscar's features).")
 @click.option("--missing-given-boxes", type=click.Choice(["error", "skipped"]), default="error",
               show_default=True, help="Status of an image the --given-boxes file has no entry for.")
 @click.option("--backend", type=click.Choice(["native", "detectron2"]), default="native", show_default=True,
@@ -65,7 +72,7 @@ def _default_precision():
 @click.option("--dry-run", is_flag=True, help="Print the shard plan and exit.")
 @click.option("--quiet", is_flag=True)
 def extract_regions_cmd(images, out, weights, random_weights, quiet, given_boxes, box_source, backend,
-                        d2_config, **options):
+                        d2_config, spatial, vinvl_selection, **options):
     """Detect regions in IMAGES and write HDF5 shards + index + manifest to OUT.
 
     IMAGES is a folder (searched recursively), webdataset/img2dataset tar shards
@@ -74,6 +81,18 @@ def extract_regions_cmd(images, out, weights, random_weights, quiet, given_boxes
     from ..errors import PrepError
     from ..pipeline.extract import ExtractOptions, extract_regions
     model_options = {} if box_source in (None, "proposals") else {"box_source": box_source}
+    if spatial or vinvl_selection is not None:
+        from ..extractors.registry import WEIGHTS
+        from ..pipeline.extract import VINVL_MODELS
+        name = options["model"]
+        if (WEIGHTS[name].architecture if name in WEIGHTS else name) not in VINVL_MODELS or backend != "native":
+            flag = "--spatial" if spatial else "--vinvl-selection"
+            raise PrepError(f"{flag} applies to the VinVL models ({', '.join(VINVL_MODELS)}) only; "
+                            f"leave it out for --model {name}")
+        if spatial:
+            model_options["spatial"] = True
+        if vinvl_selection not in (None, "per-class"):
+            model_options["selection"] = vinvl_selection
     if box_source is not None and backend == "detectron2":
         raise PrepError("--box-source applies to the native BUTD models only; detectron2 saves "
                         "its own (regressed) boxes: leave --box-source out")

@@ -8,8 +8,8 @@ import click
 
 from ..cli import main
 
-_IMPORT = ("butd-tsv", "lxmert-tsv", "bua-npz", "teran", "scan-precomp")
-_EXPORT = ("scan-precomp", "teran", "butd-tsv")
+_IMPORT = ("butd-tsv", "lxmert-tsv", "bua-npz", "teran", "scan-precomp", "vinvl-tsv")
+_EXPORT = ("scan-precomp", "teran", "butd-tsv", "vinvl-tsv", "lmdb")
 
 
 @main.command("import-features")
@@ -48,8 +48,11 @@ def import_features_cmd(format_, src, out, splits, **options):
                    "(val is written as SCAN's `dev`); default one `all` split without captions.")
 @click.option("--key-map", type=click.Path(path_type=Path),
               help="CSV id,image_key: write each image under its id (default: the image key).")
+@click.option("--label-map", type=click.Path(path_type=Path),
+              help="vinvl-tsv: VinVL's VG-SGG-dicts-vgoi6-clipped.json, for class names in predictions.tsv.")
 @click.option("--quiet", is_flag=True)
 def export_features_cmd(features, to, out, **options):
-    """Write the features in FEATURES as files SCAN, TERAN or Caffe-TSV readers load."""
+    """Write the features in FEATURES as files SCAN, TERAN, Caffe-TSV, Oscar/ALADIN (vinvl-tsv) or
+    MMF (lmdb) readers load."""
     from ..pipeline.formats import export_features
     click.echo(export_features(features, to, out, **options).summary())

@@ -18,6 +18,11 @@ def _butd(spec):
     return ButdDetector(spec)
 
 
+def _vinvl(spec):
+    from .vinvl.detector import VinvlDetector
+    return VinvlDetector(spec)
+
+
 def _detectron2(spec):
     from .detectron2_backend import Detectron2Detector
     return Detectron2Detector(spec)
@@ -29,6 +34,8 @@ MODELS = {
     "tv-frcnn-mbv3-320": _torchvision,
     "butd-r101": _butd,
     "butd-tiny": _butd,
+    "vinvl-x152c4": _vinvl,
+    "vinvl-tiny": _vinvl,
     "detectron2": _detectron2,
 }
 DEFAULT_MODEL = "butd-r101"

@@ -81,6 +81,10 @@ def read_checkpoint_file(path, with_config: bool = False):
 
 
 def detect_format(sd: dict) -> str:
+    from .vinvl.checkpoint import is_vinvl_layout
+    if is_vinvl_layout(sd):
+        raise PrepError("is a VinVL checkpoint (maskrcnn_benchmark key names: backbone.body..., "
+                        "rpn.head...), not BUTD's; use --model vinvl-x152c4 (or vinvl-vg-x152c4) for it")
     for key in (f"{OBJ}.weight", f"{DELTAS}.weight", f"{PRED}.cls_score.weight", f"{PRED}.bbox_pred.weight"):
         if key not in sd:
             raise PrepError(f"checkpoint has no {key}: not a Faster R-CNN C4 checkpoint in detectron2 "

@@ -29,6 +29,7 @@ class WeightsEntry:
 
 
 _SHAREPOINT = "https://awma1-my.sharepoint.com/:u:/g/personal/yuz_l0_tn/"
+_VINVL = "https://penzhanwu2.blob.core.windows.net/sgg/sgg_benchmark/vinvl_model_zoo/"
 WEIGHTS = {e.name: e for e in [
     WeightsEntry("butd-vg-r101-k36", _SHAREPOINT + "EUKhQ3hSRv9JrrW64qpNLSIBGoOjEGCkF8zvgBP9gKax-w?download=1",
                  "bua-caffe-frcn-r101_with_attributes_fix36.pth", None, "milvlg", "butd-r101", 36, 36,
@@ -39,7 +40,14 @@ WEIGHTS = {e.name: e for e in [
     WeightsEntry("butd-vg-r101-caffe-attr", "https://nlp1.cs.unc.edu/models/faster_rcnn_from_caffe_attr.pkl",
                  "faster_rcnn_from_caffe_attr.pkl", None, "py-bua", "butd-r101", 10, 100,
                  "py-bottom-up-attention conversion of the Caffe model with attributes"),
+    # Released with scene_graph_benchmark (its README, "VinVL" section); the label map
+    # VG-SGG-dicts-vgoi6-clipped.json sits beside it (LABEL_MAPS). Digest not published.
+    WeightsEntry("vinvl-vg-x152c4", _VINVL + "vinvl_vg_x152c4.pth", "vinvl_vg_x152c4.pth", None,
+                 "maskrcnn-benchmark", "vinvl-x152c4", 10, 100,
+                 "VinVL ResNeXt-152 C4, 1594 objects + 524 attributes (10..100 boxes)"),
 ]}
+# label maps published beside named weights: weights name -> (URL, file name in the cache)
+LABEL_MAPS = {"vinvl-vg-x152c4": (_VINVL + "VG-SGG-dicts-vgoi6-clipped.json", "VG-SGG-dicts-vgoi6-clipped.json")}
 
 
 def cache_dir() -> Path:

@@ -36,6 +36,7 @@ from .common.inputs import discover_inputs, read_entries
 NO_GIVEN_BOXES = "no given boxes: the --given-boxes file has no entry for this image"
 UNMATCHED_GIVEN_BOXES = "given_boxes_unmatched.txt"  # box-file keys that match no image
 BUTD_MODELS = ("butd-r101", "butd-tiny")
+VINVL_MODELS = ("vinvl-x152c4", "vinvl-tiny")
 RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: these features are meaningless; use them only to "
                           "test the pipeline, never to train or evaluate a model")
 
@@ -374,6 +375,10 @@ def _extract_regions(images: Path, out: Path, opts: ExtractOptions, echo, warn) 
     if model in BUTD_MODELS:
         from ..extractors.butd.detector import INFERENCE
         params["inference"] = INFERENCE
+    elif model in VINVL_MODELS:
+        from ..extractors.vinvl.detector import INFERENCE, feature_layout
+        params["inference"] = INFERENCE
+        params["feature_layout"] = feature_layout(bool(options.get("spatial")))
     params_fp = fingerprint(params)
     prepare_output(out, params_fp, overwrite and not dry_run)
     unmatched = sorted(set(given_boxes) - {e.key for e in entries}) if given_boxes else []

@@ -90,6 +90,8 @@ def show_regions(features_dir, image_keys, out_dir, *, images_root=None, labels=
             n = len(regions) if max_boxes is None else min(len(regions), max_boxes)
             for i in range(n):
                 x1, y1, x2, y2 = (float(v) for v in regions.boxes[i])
+                # VinVL keeps boxes up to 1 px inverted (maskrcnn_benchmark's x2 = ctr + w/2 - 1)
+                x1, x2, y1, y2 = min(x1, x2), max(x1, x2), min(y1, y2), max(y1, y2)
                 color = tuple(int(c) for c in np.random.default_rng(i).integers(64, 256, 3))
                 draw.rectangle([x1, y1, x2, y2], outline=color, width=2)
                 text = _label(regions, i, class_names, attr_names)
@@ -106,6 +108,8 @@ def _label(regions, i, class_names, attr_names) -> str:
         if ids is None:
             return ""
         j = int(ids[i])
+        if j < 0:  # VinVL: no attribute scored above its threshold
+            return ""
         return names[j] if names and 0 <= j < len(names) else f"{prefix}{j}"
 
     cls = name(regions.class_ids, class_names, "c")

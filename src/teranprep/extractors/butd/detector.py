@@ -132,18 +132,18 @@ class ButdDetector:
     def detect_group(self, images, givens, roi_chunk: int | None = ROI_CHUNK) -> list[Detections]:
         """Backbone + RPN per image, ROI pooling + res5 + predictors over all their ROIs
         (`roi_chunk` at a time), then each image's selection."""
-        cfg, model = self.cfg, self.model
+        model = self.model
         prepared, parts = [], []
         for image, given_boxes in zip(images, givens):
             t = time.perf_counter()
-            x, scale = preprocess(image, cfg.pixel_mean_bgr, cfg.test_short, cfg.test_max)
+            x, scale = self._prepare(image)
             x = x.to(self.device)
             res4 = model.backbone(x)
             t = self._tick("backbone_s", t)
             h, w = x.shape[-2:]
             if given_boxes is not None:
                 given = torch.as_tensor(np.asarray(given_boxes, np.float32).reshape(-1, 4), device=self.device)
-                rois = given * scale
+                rois = self._to_input(given, scale)
             else:
                 given = None
                 rois, _ = model.proposals(model.rpn_raw(res4), (h, w), scale)
@@ -162,6 +162,14 @@ class ButdDetector:
             start += len(rois)
             out.append(self._select(part, given, rois, h, w, scale))
         return out
+
+    def _prepare(self, image):
+        """-> (input tensor (1, 3, H', W'), the resize as _to_input and _select read it)."""
+        cfg = self.cfg
+        return preprocess(image, cfg.pixel_mean_bgr, cfg.test_short, cfg.test_max)
+
+    def _to_input(self, given, scale):
+        return given * scale
 
     def _select(self, head, given, proposals, h, w, scale) -> Detections:
         cfg = self.cfg

@@ -37,8 +37,9 @@ def _channels_last(weight: torch.Tensor) -> bool:
 class ConvNorm(nn.Conv2d):
     """A bias-free conv with its frozen batch norm as `.norm` (detectron2's key layout)."""
 
-    def __init__(self, cin, cout, kernel, stride=1, padding=0, dilation=1, eps=1e-5):
-        super().__init__(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, bias=False)
+    def __init__(self, cin, cout, kernel, stride=1, padding=0, dilation=1, eps=1e-5, groups=1):
+        super().__init__(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation,
+                         groups=groups, bias=False)
         self.norm = FrozenBatchNorm2d(cout, eps=eps)
         self._packed = None  # (key, weight in oneDNN's blocked layout), made at the first fused call
 
@@ -92,13 +93,15 @@ class ConvNorm(nn.Conv2d):
 
 
 class Bottleneck(nn.Module):
-    def __init__(self, cin, bottleneck, cout, stride, dilation, stride_in_1x1, eps):
+    """ResNet bottleneck; `groups` > 1 makes the 3x3 conv grouped (ResNeXt, VinVL's X152)."""
+
+    def __init__(self, cin, bottleneck, cout, stride, dilation, stride_in_1x1, eps, groups=1):
         super().__init__()
         s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.shortcut = ConvNorm(cin, cout, 1, stride=stride, eps=eps) if cin != cout else None
         self.conv1 = ConvNorm(cin, bottleneck, 1, stride=s1, eps=eps)
         self.conv2 = ConvNorm(bottleneck, bottleneck, 3, stride=s3, padding=dilation,
-                              dilation=dilation, eps=eps)
+                              dilation=dilation, eps=eps, groups=groups)
         self.conv3 = ConvNorm(bottleneck, cout, 1, eps=eps)
 
     def forward(self, x):

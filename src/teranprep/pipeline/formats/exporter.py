@@ -22,7 +22,7 @@ from ...manifests.features import FeatureStore, manifest_sha256, read_features_m
 from ...manifests.lineage_warnings import emit, features_warnings, warning_fields
 from .sources import SCAN_BOXES, SCAN_CAPS, SCAN_IDS, SCAN_IMS, SCAN_SIZES, SIZES_FILE
 
-EXPORT_FORMATS = ("scan-precomp", "teran", "butd-tsv")
+EXPORT_FORMATS = ("scan-precomp", "teran", "butd-tsv", "vinvl-tsv", "lmdb")
 # SCAN's loaders read train / dev / test: our val split is their dev.
 SCAN_SPLIT_NAMES = {"train": "train", "val": "dev", "test": "test"}
 CAPTIONS_PER_IMAGE = 5
@@ -118,7 +118,8 @@ def _progress(total, quiet):
 
 
 def export_features(features: Path, to: str, out: Path, *, splits: Path | None = None,
-                    key_map: Path | None = None, quiet: bool = False) -> ExportResult:
+                    key_map: Path | None = None, label_map: Path | None = None,
+                    quiet: bool = False) -> ExportResult:
     """Writes the images of `features` in format `to` under `out` (see docs/FORMATS.md)."""
     t0 = time.perf_counter()
     features, out = Path(features), Path(out)
@@ -127,14 +128,19 @@ def export_features(features: Path, to: str, out: Path, *, splits: Path | None =
     if splits is not None and to != "scan-precomp":
         raise PrepError("--splits applies to --to scan-precomp only (the other formats have no "
                         "caption files); leave it out")
+    if label_map is not None and to != "vinvl-tsv":
+        raise PrepError("--label-map applies to --to vinvl-tsv only; leave it out")
     inverse = _inverse_key_map(key_map)
     warnings = features_warnings(features, read_features_manifest(features))
     emit("export-features", warnings)
     from ...manifests.ownership import EXPORT, claim_output_dir
     claim_output_dir(out, EXPORT)
     with FeatureStore(features) as store:
-        writer = {"scan-precomp": _export_scan, "teran": _export_teran, "butd-tsv": _export_tsv}[to]
-        files, counts = writer(store, features, out, splits, inverse, quiet)
+        if to in ("vinvl-tsv", "lmdb"):
+            files, counts = _export_vinvl(store, to, out, inverse, label_map, quiet)
+        else:
+            writer = {"scan-precomp": _export_scan, "teran": _export_teran, "butd-tsv": _export_tsv}[to]
+            files, counts = writer(store, features, out, splits, inverse, quiet)
     result = ExportResult(out, to, files, counts, time.perf_counter() - t0)
     atomic_write_json(out / EXPORT_RECORD, {
         "format": to, "features": str(features.resolve()),
@@ -257,3 +263,16 @@ def _export_tsv(store, features, out, splits, inverse, quiet):
     finally:
         bar.close()
     return [TSV_NAME], {"all": len(keys)}
+
+
+def _export_vinvl(store, to, out, inverse, label_map, quiet):
+    from .vinvl_tsv import export_lmdb, export_vinvl_tsv
+    keys = store.keys()
+    ids = _ids_for(keys, inverse)
+    bar = _progress(len(keys), quiet)
+    try:
+        files = (export_vinvl_tsv(store, keys, ids, out, bar, label_map) if to == "vinvl-tsv"
+                 else export_lmdb(store, keys, ids, out, bar))
+    finally:
+        bar.close()
+    return files, {"all": len(keys)}

@@ -498,7 +498,7 @@ class ScanPrecompSource:
                 rows.close()
 
 
-IMPORT_FORMATS = ("butd-tsv", "lxmert-tsv", "bua-npz", "teran", "scan-precomp")
+IMPORT_FORMATS = ("butd-tsv", "lxmert-tsv", "bua-npz", "teran", "scan-precomp", "vinvl-tsv")
 
 
 def open_source(fmt: str, src: Path, *, sizes: Path | None = None, splits: tuple = ()):
@@ -510,4 +510,7 @@ def open_source(fmt: str, src: Path, *, sizes: Path | None = None, splits: tuple
         return TeranSource(src, sizes)
     if fmt == "scan-precomp":
         return ScanPrecompSource(src, splits)
+    if fmt == "vinvl-tsv":
+        from .vinvl_tsv import VinvlTsvSource
+        return VinvlTsvSource(src)
     raise PrepError(f"unknown feature format {fmt!r}; choose one of: {', '.join(IMPORT_FORMATS)}")
