@@ -78,6 +78,9 @@ CASES = {
     ("extract-regions", "--max-error-rate"): R(EX + ("--max-error-rate", "2"), "--max-error-rate must be within [0, 1]"),
     ("extract-regions", "--overwrite"): P("test_edges.py", "test_added_images_go_into_new_shards_and_only_those_run"),
     ("extract-regions", "--dry-run"): P("test_edges.py", "test_added_images_go_into_new_shards_and_only_those_run"),
+    ("extract-regions", "--spatial"): R(EX + ("--spatial",), "--spatial applies to the VinVL models"),
+    ("extract-regions", "--vinvl-selection"): R(EX + ("--vinvl-selection", "max-class"),
+                                                "--vinvl-selection applies to the VinVL models"),
     ("extract-regions", "--quiet"): P("test_extract_inputs.py", "test_an_fp32_run_says_in_one_line_how_much_faster_bf16_would_be"),
     # train-detector, show-regions
     ("train-detector", "--config"): P("test_edges.py", "test_wrong_files_as_weights_checkpoints_and_configs_are_one_line"),
@@ -151,6 +154,8 @@ CASES = {
     ("export-features", "--to"): P("test_formats_roundtrip.py", "test_scan_export_with_splits_writes_five_captions_per_image_in_image_order"),
     ("export-features", "--splits"): P("test_formats_roundtrip.py", "test_splits_option_with_a_non_scan_format_is_refused"),
     ("export-features", "--key-map"): Untested("export with a key map is not exercised by any test yet"),
+    ("export-features", "--label-map"): R(("export-features", "features", "--to", "scan-precomp", "out",
+                                           "--label-map", "m.json"), "--label-map applies to --to vinvl-tsv only"),
     ("export-features", "--quiet"): P("test_formats_roundtrip.py", "test_scan_export_with_splits_writes_five_captions_per_image_in_image_order"),
     # make-synthetic, demo
     ("make-synthetic", "--images"): R(SYN + ("--images", "0"), "--images must be >= 1"),
