@@ -33,6 +33,8 @@ class PrepGroup(click.Group):
             sys.exit(2)
         finally:
             restore_signal_handlers(before)  # called as a library (tests, notebooks): leave no trace
+            from .manifests.ownership import release_output_locks
+            release_output_locks()  # the kernel would drop them at exit; a library caller goes on
 
 
 @click.group(cls=PrepGroup)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..cli import main
+from ..manifests.values import VERIFY_SAMPLE
 
 
 def _default_model():
@@ -108,11 +109,13 @@ def extract_regions_cmd(images, out, weights, random_weights, quiet, given_boxes
 
 @main.command("verify")
 @click.argument("path", type=click.Path(path_type=Path))
-def verify_cmd(path):
+@click.option("--full", is_flag=True, help="Check the values (finite, boxes inside the image) of "
+              f"every image, not a sample of {VERIFY_SAMPLE}.")
+def verify_cmd(path, full):
     """Check an output directory: features/ (hashes, offsets, index), splits/ (lineage, schema,
     disjoint splits) or runs/NAME (checkpoints load, config and lineage match)."""
     from ..pipeline.verify import verify
-    report = verify(path)
+    report = verify(path, full=full)
     for line in report.warnings:
         click.echo(f"warning: {line}", err=True)
     for line in report.problems:

@@ -85,6 +85,7 @@ def encode_shard(task: IndexTask) -> dict:
             for batch in loader:
                 out = model.encode_images(batch["features"], batch["boxes"], batch["sizes"],
                                           batch["region_lengths"]).float().numpy()
+                refuse_nonfinite_embeddings(out, batch, task)
                 for b, i in enumerate(batch["index"].tolist()):
                     n = int(batch["region_lengths"][b]) - 1  # slot 0 is never scored: not stored
                     w, h = (int(v) for v in batch["sizes"][b].tolist())
@@ -98,6 +99,17 @@ def encode_shard(task: IndexTask) -> dict:
                        dtype=task.dtype, attrs=ckpt_attr, columns=(),
                        params_fingerprint=task.params_fingerprint,
                        extra_stats={"keys": list(task.keys)})
+
+
+def refuse_nonfinite_embeddings(out, batch, task: IndexTask) -> None:
+    """A NaN/inf region embedding would never rank (or always rank first): one line, no index."""
+    from ..manifests.values import require_finite_scores
+    lengths = batch["region_lengths"].tolist()
+    for b, i in enumerate(batch["index"].tolist()):
+        require_finite_scores(out[b, 1:lengths[b]], what=f"{task.checkpoint}: image {task.keys[i]!r}",
+                              hint=f"the region embeddings of this model hold NaN/inf (its weights, "
+                                   f"or the features in {task.features}: check with `prep verify "
+                                   "--full`); no index was written")
 
 
 # ---------------------------------------------------------------- shortlist (FAISS)

@@ -20,7 +20,7 @@ from ..manifests.fingerprint import fingerprint
 from ..manifests.splits import (DROPPED_COLUMNS, DROPPED_NAME, MISSING_COLUMNS, MISSING_NAME,
                                 SPLIT_NAMES, SPLITS_FORMAT, SPLITS_FORMAT_VERSION, clear_splits,
                                 existing_splits_manifest, relative_features_path,
-                                splits_files_intact, write_report_csv, write_split,
+                                split_leaks, splits_files_intact, write_report_csv, write_split,
                                 write_splits_manifest)
 from ..manifests.shards import remove_stale_temps
 from ..tokenizers.captions import CaptionTokenizer
@@ -437,6 +437,10 @@ def build_splits(captions: Path, *, features: Path, out: Path, format: str | Non
     if not source_has_splits:
         assignment = seeded_split(kept_keys, val=val or 0, test=test or 0, seed=seed)
         kept_split = [assignment[key] for key in kept_keys]
+    leaks = split_leaks(zip(kept_split, kept_keys, kept_ids))
+    if leaks:  # refused, not repaired: which split an image belongs to is the file's to say
+        raise PrepError(f"{captions}: the splits would leak: {'; '.join(leaks)}; give each image "
+                        "one split in the captions file (nothing was written)")
 
     # The stage is committed to writing now: a previous build goes first, manifest before files.
     clear_splits(out)

@@ -22,6 +22,7 @@ from ..errors import PrepError
 from ..interrupts import DeferredInterrupts, Interrupted, resumable
 from ..manifests.atomic import atomic_write_bytes, commit_temp, sha256_file, temp_path_for
 from ..manifests.lineage_warnings import emit, features_warnings, merge, recorded_warnings, warning_fields
+from ..manifests.values import require_finite_scores, tensors_nonfinite
 from ..teran.config import dump_config, load_config
 
 CHECKPOINT_FORMAT = "teranprep.teran-checkpoint"
@@ -97,6 +98,15 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def _all_finite(loss: torch.Tensor, distributed: bool) -> bool:
+    """Whether the loss is finite on this rank (and, under torchrun, on every rank)."""
+    finite = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
+    if distributed:
+        import torch.distributed as dist
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def _resolve_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -152,6 +162,8 @@ def validate(model, split, store, config: dict, device) -> dict:
     encoded = encode_split(model, split, store, batch_size=max(t["batch_size"], 32), device=device,
                            max_regions=t["max_regions"], precision=precision)
     scores = model_score_matrix(model, encoded, device=device, precision=precision)
+    require_finite_scores(scores, what="validation", hint="the model's weights or the val "
+                          "features hold NaN/inf; check the features with `prep verify FEATURES --full`")
     return retrieval_metrics(scores, split.caption_image)
 
 
@@ -252,7 +264,10 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
 
     metrics_path = out / "metrics.jsonl"
     if is_main:
-        claim_output_dir(out, RUN)  # created here, after the inputs were checked; writable
+        claim_output_dir(out, RUN)  # created here, after the inputs were checked; writable; locked
+        if ckpt is None and last_path.exists():  # another run finished here while we read inputs
+            raise PrepError(f"{out}: already holds a run; pass --resume to continue it or choose "
+                            "another --out")
         if ckpt is None:
             atomic_write_bytes(out / "config.yaml", dump_config(config).encode("utf-8"))
             metrics_path.write_text("", encoding="utf-8")
@@ -351,6 +366,9 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
                 with step_autocast():
                     scores = train_model(batch)
                 loss = hinge_loss(scores.float(), t["margin"])
+                if not _all_finite(loss, distributed):
+                    # Nothing of this step was applied: the model still holds `step` good steps.
+                    stop_on_nonfinite_loss(batch)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if t["grad_clip"]:
@@ -375,6 +393,22 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
                     break
                 pending.check()  # an interrupt lands here, between whole steps
                 t_fetch = time.perf_counter()  # validation and checkpoints are not data wait
+
+    def stop_on_nonfinite_loss(batch):
+        inputs_bad = [name for name in ("features", "boxes", "sizes")
+                      if name in batch and batch[name].is_floating_point()
+                      and not torch.isfinite(batch[name]).all()]
+        weights_bad = tensors_nonfinite(model.state_dict().items())
+        if not weights_bad and step > last_saved[0]:
+            checkpoint([out / LAST], None)  # the last good state, resumable
+        cause = (f"this batch's {'/'.join(inputs_bad)} hold NaN/inf: check the features with "
+                 f"`prep verify {store.root} --full`" if inputs_bad else
+                 f"the model's weights hold NaN/inf ({weights_bad[0]}, ...)" if weights_bad else
+                 "the model diverged: lower training.lr or training.grad_clip in the config")
+        kept_line = (f"last good checkpoint (step {last_saved[0]}) kept in {out / LAST}"
+                     if last_saved[0] else "no checkpoint was written")
+        raise PrepError(f"{out}: the loss is non-finite at step {step + 1}; likely cause: {cause}; "
+                        f"training stopped, {kept_line}")
 
     def kept():
         return (f"a resumable checkpoint at step {last_saved[0]} of {stop_at} is in {out / LAST}"

@@ -21,6 +21,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)
+    full: bool = False  # check the values of every image, not a sample (--full)
 
     @property
     def ok(self) -> bool:
@@ -37,11 +38,13 @@ RUN_CONFIG = "config.yaml"
 FILE_IDENTITY_COLUMNS = ("file_size", "file_sha256", "file_mtime_ns")
 
 
-def verify(path: Path) -> VerifyReport:
+def verify(path: Path, *, full: bool = False) -> VerifyReport:
     """Checks features/ or splits/ (by their manifest's format, see VERIFIERS), a training run
-    (runs/NAME: config.yaml + checkpoints) or a runs/ folder of them."""
+    (runs/NAME: config.yaml + checkpoints) or a runs/ folder of them. The values of region
+    shards (finite, boxes inside their image) are checked on a sample of images, or on every
+    image with `full`."""
     path = Path(path)
-    report = VerifyReport(path)
+    report = VerifyReport(path, full=full)
     manifest_path = path / MANIFEST_NAME
     if not manifest_path.is_file() and path.is_dir():
         runs = [path] if (path / RUN_CONFIG).is_file() else sorted(
@@ -68,8 +71,14 @@ def verify(path: Path) -> VerifyReport:
 
 
 def verify_features(root: Path, manifest: dict, report: VerifyReport) -> None:
+    from ..manifests.values import VERIFY_SAMPLE, sample_positions
     listed_keys: dict[str, tuple[str, int]] = {}
-    for entry in manifest.get("shards", []):
+    entries = manifest.get("shards", [])
+    # Value checks: every image with --full, else VERIFY_SAMPLE images spread over all shards.
+    starts = np.cumsum([0] + [int(e.get("n_images", 0)) for e in entries])
+    sampled = sample_positions(int(starts[-1]), None if report.full else VERIFY_SAMPLE)
+    bad_values: list[str] = []
+    for number, entry in enumerate(entries):
         shard_path = root / entry["path"]
         if not shard_path.is_file():
             report.problem(shard_path, "listed in the manifest but missing")
@@ -88,11 +97,17 @@ def verify_features(root: Path, manifest: dict, report: VerifyReport) -> None:
             continue
         with reader:
             _check_shard_structure(reader, entry, report)
+            rows = sampled[(sampled >= starts[number]) & (sampled < starts[number + 1])] - starts[number]
+            bad_values += _check_values(reader, rows)
             for row, key in enumerate(reader.image_keys):
                 if key in listed_keys:
                     report.problem(shard_path, f"image {key!r} also stored in {listed_keys[key][0]}")
                 listed_keys[key] = (entry["path"], row)
         report.checked.append(entry["path"])
+    if bad_values:
+        scope = "every image" if report.full else f"a sample of {len(sampled)} images (--full: all)"
+        report.problem(root, f"{len(bad_values)} images hold unusable values ({scope} checked): "
+                             + "; ".join(bad_values[:5]))
     _check_index(root, manifest, listed_keys, report)
     _report_error_rows(root, report)
     shard_dir = root / SHARDS_DIR
@@ -101,6 +116,25 @@ def verify_features(root: Path, manifest: dict, report: VerifyReport) -> None:
         for extra in sorted(shard_dir.glob("*.h5")):
             if extra.name not in listed:
                 report.warnings.append(f"{extra}: not listed in the manifest (ignored by readers)")
+
+
+def _check_values(reader: ShardReader, rows) -> list[str]:
+    """The value problems (NaN/inf, inverted or out-of-image boxes) of the shard's `rows`."""
+    from ..manifests.values import region_value_problem
+    found = []
+    n = len(reader.image_keys)
+    for row in rows:
+        if not 0 <= row < n:
+            continue  # the structure check reported the count mismatch
+        try:
+            regions = reader.read(int(row))
+        except Exception as exc:  # noqa: BLE001 - an unreadable row is the finding
+            found.append(f"{reader.path.name} row {row}: unreadable ({type(exc).__name__})")
+            continue
+        problem = region_value_problem(regions, source=reader.path.name)
+        if problem:
+            found.append(f"{regions.image_key!r}: {problem}")
+    return found
 
 
 def _report_error_rows(root: Path, report: VerifyReport) -> None:
@@ -182,7 +216,7 @@ def verify_splits(root: Path, manifest: dict, report: VerifyReport) -> None:
 
     from ..errors import PrepError
     from ..manifests.features import FeatureStore
-    from ..manifests.splits import SPLIT_NAMES, check_lineage, split_path, split_schema
+    from ..manifests.splits import SPLIT_NAMES, check_lineage, split_leaks, split_path, split_schema
 
     for name, info in sorted((manifest.get("files") or {}).items()):
         path = root / name
@@ -197,8 +231,7 @@ def verify_splits(root: Path, manifest: dict, report: VerifyReport) -> None:
     except PrepError as exc:
         report.problems.append(str(exc))
     expected = split_schema()
-    owner: dict[str, str] = {}
-    clashes, caption_ids, n_ids = [], set(), 0
+    leak_rows = []
     counts = manifest.get("counts") or {}
     keys_seen = set()
     for name in SPLIT_NAMES:
@@ -218,14 +251,10 @@ def verify_splits(root: Path, manifest: dict, report: VerifyReport) -> None:
             elif not _same_arrow_type(schema.field(column.name).type, column.type):
                 report.problem(path, f"column {column.name!r} is {schema.field(column.name).type}, "
                                      f"expected {column.type}")
-        split_keys = set(table.column("image_key").to_pylist())
+        keys = table.column("image_key").to_pylist()
+        split_keys = set(keys)
         ids = table.column("caption_id").to_pylist()
-        n_ids += len(ids)
-        caption_ids.update(ids)
-        for key in split_keys:
-            if key in owner:
-                clashes.append(f"{key!r} ({owner[key]} and {name})")
-            owner.setdefault(key, name)
+        leak_rows += [(name, key, caption_id) for key, caption_id in zip(keys, ids)]
         keys_seen |= split_keys
         want = counts.get(name)
         if isinstance(want, int):  # an older manifest counted captions only
@@ -234,11 +263,8 @@ def verify_splits(root: Path, manifest: dict, report: VerifyReport) -> None:
             report.problem(path, f"{len(ids)} captions of {len(split_keys)} images, manifest counts "
                                  f"{want.get('captions')} of {want.get('images')}")
         report.checked.append(path.name)
-    if clashes:
-        report.problem(root, f"{len(clashes)} images are in two splits: {', '.join(clashes[:10])}")
-    if len(caption_ids) != n_ids:
-        report.problem(root, f"caption_id is not unique across splits ({n_ids - len(caption_ids)} "
-                             "repeated ids)")
+    for leak in split_leaks(leak_rows):  # the check build-splits makes before writing
+        report.problem(root, leak)
     if features is not None:
         try:
             with FeatureStore(features) as store:

@@ -22,6 +22,7 @@ from ...manifests.build import write_shard
 from ...manifests.features import (INDEX_NAME, SHARDS_DIR, completed_shard,
                                    current_manifest, prepare_output, write_index_and_manifest)
 from ...manifests.shards import remove_stale_temps, shard_name
+from ...manifests.values import region_value_problem
 from ..results import FeaturesResult
 from .sources import IMPORT_FORMATS, SourceItem, open_source
 
@@ -231,10 +232,18 @@ def _regions(source, part, shard_index, bar):
             yield key, item.error
         else:
             try:
-                yield source.read(item, key)
+                regions = source.read(item, key)
             except ItemError as exc:
                 errors += 1
                 yield key, str(exc)
+                continue
+            # NaN/inf, inverted or out-of-image boxes: an error row naming the source, never a shard row.
+            problem = region_value_problem(regions, source=f"source id {item.source_id!r}")
+            if problem:
+                errors += 1
+                yield key, f"{key}: {problem}"
+            else:
+                yield regions
         bar.shard_progress({"shard": shard_index, "done": n, "errors": errors})
 
 

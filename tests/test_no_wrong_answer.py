@@ -1,0 +1,315 @@
+"""Issue 19: no wrong answer goes out with exit 0. Each test runs the real `prep` in a subprocess
+and asserts the exit code, exactly one `error:` line, no traceback and untouched earlier outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from formats_fixtures import butd_row, make_records, write_tsv
+from search_fixtures import planted_run  # noqa: F401 (fixture)
+from teran_fixtures import make_tiny_bert, random_dataset, tiny_config
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def prep(*args, timeout=900):
+    """The installed command line in a fresh interpreter (what a user's shell runs)."""
+    return subprocess.run([sys.executable, "-m", "teranprep", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=ENV)
+
+
+def one_error(proc, *needles, code=2) -> str:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == code, out
+    assert "Traceback" not in out, out
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def tree(directory: Path) -> dict:
+    return {p.relative_to(directory).as_posix(): p.read_bytes()
+            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def write_yaml(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+# ------------------------------------------------------------------ 1. non-finite values
+
+def test_import_turns_nonfinite_inverted_and_outside_boxes_into_error_rows(tmp_path):
+    records = make_records([f"{i}" for i in range(7)], dim=8, seed=3)
+    records["1"]["features"][0, 3] = np.nan
+    records["2"]["boxes"][1, 2] = np.inf
+    records["3"]["boxes"][0] = [30, 10, 20, 40]                     # x2 < x1
+    r4 = records["4"]
+    records["4"]["boxes"][0] = [5, 5, r4["width"] + 20, 30]         # past the right edge
+    records["5"]["features"][1, 0] = -np.inf
+    lines = [butd_row(sid, r) for sid, r in records.items()]
+    lines[6] = lines[6].replace(f"\t{records['6']['width']}\t", "\tnan\t", 1)  # a NaN size
+    src = write_tsv(tmp_path / "feats.tsv", lines)
+    out = tmp_path / "features"
+    done = prep("import-features", "butd-tsv", src, out, "--quiet")
+    assert done.returncode == 0, done.stderr
+    index = pd.read_parquet(out / "index.parquet").set_index("image_key")
+    assert index.loc["0", "status"] == "ok"
+    reasons = index["error"].to_dict()
+    assert (index.drop(index="0")["status"] == "error").all(), reasons
+    assert "1 of" in reasons["1"] and "feature values are non-finite" in reasons["1"]
+    assert "box coordinates are non-finite" in reasons["2"]
+    assert "inverted" in reasons["3"] and "[30, 10, 20, 40]" in reasons["3"]
+    assert "outside the" in reasons["4"] and "EXIF" in reasons["4"]
+    assert "non-finite" in reasons["5"]
+    assert "not a number" in reasons["6"]
+    assert not any("detector" in reasons[k] for k in "12345"), reasons  # imported: not the detector's
+    # Only the good image is in the shards, and verify --full finds no unusable value there.
+    checked = prep("verify", out, "--full")
+    assert checked.returncode == 0, checked.stderr
+    # The same source with --max-error-rate 0: one line, nothing of the first import touched.
+    before = tree(out)
+    again = prep("import-features", "butd-tsv", src, tmp_path / "strict", "--max-error-rate", "0", "--quiet")
+    one_error(again, "6 of 7 images failed", "--max-error-rate")
+    assert tree(out) == before
+
+
+@pytest.fixture
+def nan_chain(tmp_path, make_features):
+    """A tiny dataset, a YAML config, and which train caption row is first drawn at step 3."""
+    splits, features = random_dataset(tmp_path, make_features)
+    bert = make_tiny_bert(tmp_path / "bert")
+    config = tiny_config(bert, batch_size=4, epochs=2, val_every=100, checkpoint_every=1)
+    cfg = write_yaml(tmp_path / "tiny.yaml", config)
+    return splits, features, cfg, config
+
+
+def _first_fresh_image_at(step_index: int, n_rows: int, batch: int, seed: int, captions_per_image: int):
+    """The image whose captions are first drawn by the sampler at batch `step_index` of epoch 0."""
+    order = np.random.default_rng([seed, 0]).permutation(n_rows)
+    earlier = {int(r) // captions_per_image for r in order[:step_index * batch]}
+    fresh = [int(r) // captions_per_image for r in order[step_index * batch:(step_index + 1) * batch]
+             if int(r) // captions_per_image not in earlier]
+    return fresh[0] if fresh else None
+
+
+def test_nan_chain_is_refused_at_the_first_stage_that_sees_it(tmp_path, make_features, nan_chain):
+    from teranprep.manifests.build import write_features
+    from teranprep.manifests.shards import ShardReader
+    splits, clean_features, cfg, config = nan_chain
+    # 1. import: the NaN never reaches a shard (test above); 2. train on a store written by another
+    # tool with one NaN box in an image first drawn at step 3: stopped there, steps 1-2 kept.
+    step_index = next(s for s in range(2, 6) if _first_fresh_image_at(s, 24, 4, 7, 2) is not None)
+    bad_image = _first_fresh_image_at(step_index, 24, 4, 7, 2)
+    bad_key = f"img{bad_image:03d}.jpg"
+    regions = []
+    for shard in sorted((clean_features / "shards").glob("*.h5")):
+        with ShardReader(shard) as reader:
+            regions += [reader.read(i) for i in range(len(reader.image_keys))]
+    for r in regions:
+        if r.image_key == bad_key:
+            r.boxes[0, 1] = np.nan
+    nan_features = tmp_path / "nan-features"
+    write_features(nan_features, regions, feature_dim=8, shard_size=2,
+                   columns=("class_ids", "class_scores"), stage="other-tool")
+    verified = prep("verify", nan_features, "--full")
+    assert verified.returncode == 1 and bad_key in verified.stderr and "non-finite" in verified.stderr
+    from teran_fixtures import write_splits
+    nan_splits = write_splits(tmp_path / "nan-splits", nan_features, {
+        name: [(k, list(ids)) for k, ids in zip(frame["image_key"], frame["input_ids"])]
+        for name in ("train", "val", "test")
+        for frame in [pd.read_parquet(splits / f"{name}.parquet")]})
+    run = tmp_path / "run"
+    done = prep("train", nan_splits, "--config", cfg, "--out", run)
+    line = one_error(done, f"step {step_index + 1}", "non-finite", "boxes", "verify")
+    assert f"step {step_index}" in line  # the last good checkpoint it kept
+    import torch
+    ckpt = torch.load(run / "checkpoint_last.pt", weights_only=True)
+    assert ckpt["step"] == step_index
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    losses = [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == step_index and all(np.isfinite(losses))  # no NaN loss was recorded
+    # 3. eval of a model whose weights are all NaN: refused, not R@1 100.
+    for name, t in ckpt["model"].items():
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+    nan_run = tmp_path / "nan-run"
+    nan_run.mkdir()
+    torch.save(ckpt, nan_run / "checkpoint_best.pt")
+    evaluated = prep("eval", nan_run, "--splits", splits, "--features", clean_features, "--no-ndcg")
+    one_error(evaluated, "non-finite", "scores")
+    assert not (nan_run / "eval-test-all" / "metrics.json").exists()
+    # The same model indexed: refused before any index is written.
+    indexed = prep("index", nan_run, "--features", clean_features, "--out", tmp_path / "index")
+    one_error(indexed, "non-finite", "no index was written")
+    assert not (tmp_path / "index" / "manifest.json").exists()
+
+
+def test_all_nan_scores_are_refused_where_ranks_would_give_recall_100():
+    from teranprep.errors import PrepError
+    from teranprep.teran.metrics import i2t_ranks, retrieval_metrics
+    scores = np.full((3, 6), np.nan, np.float32)
+    owner = np.repeat(np.arange(3), 2)
+    assert (i2t_ranks(scores, owner) == 0).all()  # why: NaN >= NaN is false, so every rank is 0
+    with pytest.raises(PrepError, match="18 of 18 scores are non-finite"):
+        retrieval_metrics(scores, owner)
+
+
+def test_search_refuses_nonfinite_scores_of_a_damaged_index(tmp_path, planted_run):
+    import h5py
+    index = tmp_path / "index"
+    built = prep("index", planted_run["run"], "--features", planted_run["features"], "--out", index)
+    assert built.returncode == 0, built.stderr
+    ok = prep("search", index, "w5 w6 w7", "--exhaustive", "--tokenizer", planted_run["tokenizer"])
+    assert ok.returncode == 0, ok.stderr
+    shard = sorted((index / "shards").glob("*.h5"))[0]
+    with h5py.File(shard, "r+") as h5:
+        h5["features"][0, 0] = np.nan
+    found = prep("search", index, "w5 w6 w7", "--exhaustive", "--tokenizer", planted_run["tokenizer"])
+    one_error(found, "non-finite", "verify")
+
+
+# ------------------------------------------------------------------ 2. splits never leak
+
+def _karpathy(path: Path, entries) -> Path:
+    path.write_text(json.dumps({"images": [
+        {"filename": name, "split": split, "sentences": [{"raw": f"a photo of thing {i}"},
+                                                        {"raw": f"another thing {i}"}]}
+        for i, (name, split) in enumerate(entries)]}))
+    return path
+
+
+def test_an_image_in_two_splits_is_refused_by_build_splits_and_reported_by_verify(tmp_path, make_features):
+    features, _ = make_features([f"img{i}.jpg" for i in range(4)], n_boxes=2, dim=4)
+    good = _karpathy(tmp_path / "good.json", [("img0.jpg", "train"), ("img1.jpg", "train"),
+                                             ("img2.jpg", "val"), ("img3.jpg", "test")])
+    out = tmp_path / "splits"
+    assert prep("build-splits", good, "--features", features, "--out", out).returncode == 0
+    before = tree(out)
+    leaking = _karpathy(tmp_path / "leak.json", [("img0.jpg", "train"), ("img1.jpg", "train"),
+                                                ("img2.jpg", "val"), ("img3.jpg", "test"),
+                                                ("img1.jpg", "test")])
+    refused = prep("build-splits", leaking, "--features", features, "--out", out, "--overwrite")
+    one_error(refused, "1 images are in two splits", "'img1.jpg' (train and test)")
+    assert tree(out) == before  # the earlier build is untouched
+    # verify reads splits written by another tool through the same check, with the same words.
+    frame = pd.read_parquet(out / "test.parquet")
+    extra = pd.read_parquet(out / "train.parquet").head(1)
+    pd.concat([frame, extra]).to_parquet(out / "test.parquet", index=False)
+    checked = prep("verify", out)
+    assert checked.returncode == 1
+    assert "1 images are in two splits: 'img0.jpg' (train and test)" in checked.stderr
+    assert "caption_id is not unique across splits (1 repeated ids): e.g. 0" in checked.stderr
+
+
+def test_split_leaks_names_examples_for_both_kinds():
+    from teranprep.manifests.splits import split_leaks
+    rows = [("train", "a", 0), ("val", "b", 1), ("test", "a", 2), ("test", "c", 1)]
+    assert split_leaks(rows) == ["1 images are in two splits: 'a' (train and test)",
+                                 "caption_id is not unique across splits (1 repeated ids): e.g. 1"]
+    assert split_leaks([("train", "a", 0), ("train", "a", 1)]) == []
+
+
+# ------------------------------------------------------------------ 3. one writer per output folder
+
+TV = ["--model", "tv-frcnn-mbv3-320", "--random-weights", "0", "--quiet"]
+LOCKED = "another prep run is writing this folder"
+
+
+def race(args_a, args_b, timeout=900):
+    """Two real `prep` processes started together; their CompletedProcess-like results."""
+    procs = [subprocess.Popen([sys.executable, "-m", "teranprep", *map(str, args)], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args in (args_a, args_b)]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return results
+
+
+def assert_one_writer(results, *, success: str, noop: str, refusals=(LOCKED,)):
+    """At least one run did the work; the other either was refused in one line naming the
+    running process, or (started after the first had finished) reported that nothing was left."""
+    assert any(r.returncode == 0 and success in r.stdout for r in results), results
+    for r in results:
+        if r.returncode != 0:
+            line = one_error(r)
+            assert any(reason in line for reason in refusals), line
+            if LOCKED in line:
+                assert "pid " in line and "prep " in line, line
+            assert success not in r.stdout, r.stdout  # no summary of work it did not do
+    if all(r.returncode == 0 for r in results):
+        assert sum(noop in r.stdout for r in results) == 1, results
+
+
+def _images(tmp_path):
+    from conftest import write_images
+    images = tmp_path / "images"
+    write_images(images, 3)
+    return images
+
+
+def test_two_extracts_started_together_have_one_writer(tmp_path):
+    images, out = _images(tmp_path), tmp_path / "features"
+    args = ["extract-regions", images, out, *TV, "--workers", "0"]
+    assert_one_writer(race(args, args), success="ran 1 of 1 shards", noop="nothing to do")
+    assert prep("verify", out).returncode == 0
+
+
+def test_two_imports_started_together_have_one_writer(tmp_path):
+    src = write_tsv(tmp_path / "f.tsv", [butd_row(s, r) for s, r in make_records(list("abcd")).items()])
+    args = ["import-features", "butd-tsv", src, tmp_path / "features", "--quiet"]
+    assert_one_writer(race(args, args), success="wrote", noop="nothing to do")
+
+
+def test_two_build_splits_started_together_have_one_writer(tmp_path, make_features):
+    features, _ = make_features([f"img{i}.jpg" for i in range(4)], n_boxes=2, dim=4)
+    captions = _karpathy(tmp_path / "c.json", [("img0.jpg", "train"), ("img1.jpg", "train"),
+                                               ("img2.jpg", "val"), ("img3.jpg", "test")])
+    args = ["build-splits", captions, "--features", features, "--out", tmp_path / "splits"]
+    assert_one_writer(race(args, args), success="build-splits: wrote", noop="up to date")
+
+
+def test_two_trains_started_together_have_one_writer(tmp_path, make_features, nan_chain):
+    splits, features, cfg, _ = nan_chain
+    args = ["train", splits, "--config", cfg, "--out", tmp_path / "run", "--stop-after", "2"]
+    assert_one_writer(race(args, args), success="2 steps", noop="never: a second train is refused",
+                      refusals=(LOCKED, "already holds a run"))
+
+
+def test_two_indexes_started_together_have_one_writer(tmp_path, planted_run):
+    args = ["index", planted_run["run"], "--features", planted_run["features"], "--out", tmp_path / "index"]
+    assert_one_writer(race(args, args), success="1 shard(s) encoded", noop="nothing to do")
+
+
+def test_a_held_lock_refuses_with_the_holders_pid_and_is_freed_when_it_dies(tmp_path):
+    src = write_tsv(tmp_path / "f.tsv", [butd_row(s, r) for s, r in make_records(list("ab")).items()])
+    out = tmp_path / "features"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from teranprep.manifests.ownership import "
+         "lock_output_dir; lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(600)",
+         str(out)], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = tree(out)
+        refused = prep("import-features", "butd-tsv", src, out)
+        one_error(refused, LOCKED, f"pid {holder.pid}")
+        assert tree(out) == before and "wrote" not in refused.stdout
+    finally:
+        holder.kill()  # SIGKILL: no clean-up code runs, the kernel drops the lock
+        holder.wait()
+    done = prep("import-features", "butd-tsv", src, out, "--quiet")
+    assert done.returncode == 0 and "wrote 1 of 1 shards" in done.stdout, done.stderr
