@@ -313,3 +313,142 @@ def test_a_held_lock_refuses_with_the_holders_pid_and_is_freed_when_it_dies(tmp_
         holder.wait()
     done = prep("import-features", "butd-tsv", src, out, "--quiet")
     assert done.returncode == 0 and "wrote 1 of 1 shards" in done.stdout, done.stderr
+
+
+# ------------------------------------------------------------------ 5. manifests tell the truth
+
+def _splits_for(tmp_path, features, like_splits, name):
+    """splits/ (by another tool) with the captions of `like_splits`, tied to `features`."""
+    from teran_fixtures import write_splits
+    return write_splits(tmp_path / name, features, {
+        split: [(k, list(ids)) for k, ids in zip(frame["image_key"], frame["input_ids"])]
+        for split in ("train", "val", "test")
+        for frame in [pd.read_parquet(like_splits / f"{split}.parquet")]})
+
+
+def test_a_hand_edited_manifest_fails_verify_and_train_refuses_it(tmp_path, nan_chain):
+    splits, features, cfg, _ = nan_chain
+    manifest = json.loads((features / "manifest.json").read_text())
+    manifest.update(feature_dim=16, dtype="float16")
+    (features / "manifest.json").write_text(json.dumps(manifest))
+    checked = prep("verify", features)
+    assert checked.returncode == 1
+    assert "the manifest says 16" in checked.stderr and "the manifest says dtype 'float16'" in checked.stderr
+    edited_splits = _splits_for(tmp_path, features, splits, "edited-splits")
+    trained = prep("train", edited_splits, "--config", cfg, "--out", tmp_path / "run")
+    one_error(trained, "8-d features", "the manifest says 16", "prep verify")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_import_is_marked_failed_and_refused_downstream(tmp_path, nan_chain, planted_run):
+    splits, _, cfg, _ = nan_chain
+    records = make_records([f"img{i:03d}.jpg" for i in range(16)], dim=8, seed=1)
+    lines = [butd_row(s, r) for s, r in records.items()]
+    lines[3] = lines[3].split("\t", 1)[0] + "\tbroken"
+    src = write_tsv(tmp_path / "f.tsv", lines)
+    out = tmp_path / "imported"
+    failed = prep("import-features", "butd-tsv", src, out, "--max-error-rate", "0", "--quiet")
+    one_error(failed, "1 of 16 images failed")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "1 of 16 images failed" in manifest["failure"]
+    checked = prep("verify", out)
+    assert checked.returncode == 1 and "run that wrote it failed" in checked.stderr
+    before = tree(out)
+    captions = _karpathy(tmp_path / "c.json", [(f"img{i:03d}.jpg", "train") for i in range(16)])
+    built = prep("build-splits", captions, "--features", out, "--out", tmp_path / "splits")
+    one_error(built, "written by a failed import-features run", "--max-error-rate")
+    trained = prep("train", _splits_for(tmp_path, out, splits, "other-splits"), "--config", cfg,
+                   "--out", tmp_path / "run")
+    one_error(trained, "written by a failed import-features run")
+    indexed = prep("index", planted_run["run"], "--features", out, "--out", tmp_path / "index")
+    one_error(indexed, "written by a failed import-features run")
+    assert tree(out) == before
+    # The same import with a limit it passes clears the mark; the manifest is as if never failed.
+    passed = prep("import-features", "butd-tsv", src, out, "--max-error-rate", "0.1", "--quiet")
+    assert passed.returncode == 0 and "nothing to do" in passed.stdout, passed.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "status" not in manifest and "failure" not in manifest
+    assert prep("verify", out).returncode == 0
+
+
+# ------------------------------------------------------------------ 6. every crash a user can reach is one line
+
+@pytest.mark.parametrize("args", [
+    ["eval", "run", "--splits", "s", "--batch-size", "0"],
+    ["extract-regions", "images", "out", "--batch-size", "0"],
+    ["index", "run", "--features", "f", "--out", "o", "--batch-size", "0"],
+    ["train-shortlist", "run", "--batch-size", "0"],
+    ["search", "index", "a dog", "-k", "0"],
+    ["search", "index", "a dog", "-k", "1001"],
+    ["search", "index", "a dog", "--shortlist", "0"],
+    ["build-splits", "c.json", "--features", "f", "--out", "o", "--max-tokens", "2"],
+])
+def test_bad_option_values_are_refused_at_parse_time(tmp_path, args):
+    before = sorted(tmp_path.iterdir())
+    line = one_error(prep(*args))
+    assert "Invalid value" in line and "--help" in line
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_search_limits_in_help_are_the_pipelines():
+    from teranprep.pipeline.search import DEFAULT_SHORTLIST, MAX_K
+    shown = " ".join(prep("search", "--help").stdout.split())
+    assert f"1<=x<={MAX_K}" in shown and f"(1..{MAX_K})" in shown
+    assert f"[default: {DEFAULT_SHORTLIST}]" in shown and "[x>=1]" in shown
+
+
+def _with_val(tmp_path, splits, features, val_rows: int | None, name: str) -> Path:
+    """A copy of `splits` whose val split keeps only its first `val_rows` images' captions."""
+    import shutil
+    copy = tmp_path / name
+    shutil.copytree(splits, copy)
+    frame = pd.read_parquet(splits / "val.parquet")
+    keep = list(dict.fromkeys(frame["image_key"]))[:val_rows]
+    frame[frame["image_key"].isin(keep)].to_parquet(copy / "val.parquet", index=False)
+    return copy
+
+
+def test_an_empty_val_split_trains_without_validation_and_warns(tmp_path, nan_chain):
+    splits, features, cfg, _ = nan_chain
+    empty = _with_val(tmp_path, splits, features, 0, "empty-val")
+    run = tmp_path / "run"
+    done = prep("train", empty, "--config", cfg, "--out", run, "--stop-after", "4")
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "val.parquet is empty: training runs without validation" in done.stderr
+    assert (run / "checkpoint_last.pt").is_file() and not (run / "checkpoint_best.pt").exists()
+    assert "best validation rsum n/a" in done.stdout
+    one = _with_val(tmp_path, splits, features, 1, "one-val")
+    done = prep("train", one, "--config", cfg, "--out", tmp_path / "run1", "--stop-after", "1")
+    assert done.returncode == 0, done.stderr
+    assert "has 1 image" in done.stderr and "best-checkpoint selection is meaningless" in done.stderr
+
+
+def test_captions_longer_than_the_encoder_and_resume_with_another_config(tmp_path, nan_chain):
+    from teran_fixtures import CLS, DOT, SEP, write_splits, write_tiny_tokenizer
+    splits, features, cfg, config = nan_chain
+    frames = {s: pd.read_parquet(splits / f"{s}.parquet") for s in ("train", "val", "test")}
+    rows = {s: [(k, list(ids)) for k, ids in zip(f["image_key"], f["input_ids"])] for s, f in frames.items()}
+    rows["train"][5] = (rows["train"][5][0], [CLS] + [7] * 37 + [DOT, SEP])  # 40 > 32 positions
+    long_splits = write_splits(tmp_path / "long-splits", features, rows)
+    refused = prep("train", long_splits, "--config", cfg, "--out", tmp_path / "long-run")
+    one_error(refused, "has 40 tokens", "32 positions", "--max-tokens 32")
+    assert not (tmp_path / "long-run").exists()
+    # --resume with another --config: refused with the differences; with the same: resumed.
+    run = tmp_path / "run"
+    assert prep("train", splits, "--config", cfg, "--out", run, "--stop-after", "1").returncode == 0
+    before = tree(run)
+    other = dict(config, training=dict(config["training"], lr=0.01))
+    other_cfg = write_yaml(tmp_path / "other.yaml", other)
+    line = one_error(prep("train", splits, "--config", other_cfg, "--out", run, "--resume"),
+                     "--config differs", "training.lr: 0.001 -> 0.01")
+    assert tree(run) == before, line
+    resumed = prep("train", splits, "--config", cfg, "--out", run, "--resume", "--stop-after", "2")
+    assert resumed.returncode == 0 and "2 steps" in resumed.stdout, resumed.stderr
+    # show-alignment with a caption longer than the text encoder's positions: one line.
+    tok = write_tiny_tokenizer(tmp_path / "tok")
+    key = frames["train"]["image_key"][0]
+    shown = prep("show-alignment", run, key, " ".join(["w7"] * 40), "-o", tmp_path / "a.png",
+                 "--splits", splits, "--tokenizer", tok)
+    one_error(shown, "42 word pieces", "at most 32", "shorten")
+    assert not (tmp_path / "a.png").exists()

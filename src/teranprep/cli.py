@@ -22,6 +22,12 @@ class PrepGroup(click.Group):
         except PrepError as exc:
             click.echo(f"error: {' '.join(str(exc).split())}", err=True)  # always one line
             sys.exit(2)
+        except click.UsageError as exc:
+            # A bad option value (--batch-size 0, -k 5000, ...) is refused at parse time, before
+            # any work, in the same one-line form as every other error.
+            command = exc.ctx.command_path if exc.ctx else "prep"
+            click.echo(f"error: {' '.join(exc.format_message().split())} (see `{command} --help`)", err=True)
+            sys.exit(2)
         except (Interrupted, KeyboardInterrupt) as exc:
             line, code = interrupted_message(exc)
             click.echo(line, err=True)

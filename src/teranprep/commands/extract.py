@@ -29,7 +29,8 @@ def _default_precision():
 @click.option("--weights", type=click.Path(path_type=Path), help="Checkpoint file of the detector.")
 @click.option("--random-weights", "random_weights", type=int, metavar="SEED",
               help="Deterministic random weights, for smoke tests: the features are MEANINGLESS.")
-@click.option("--batch-size", default=2, show_default=True)
+@click.option("--batch-size", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Images per detector batch (>= 1).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
 @click.option("--shard-size", default=1000, show_default=True, help="Images per HDF5 shard.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,

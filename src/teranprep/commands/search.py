@@ -22,7 +22,8 @@ from ..cli import main
               help="Shortlist head dir (default RUN/shortlist when trained, else mean pooling).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--shard-size", default=1000, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images (or captions) per encoder batch (>= 1).")
 @click.option("--workers", default=0, show_default=True, help="0: in this process; N: a local dask cluster.")
 @click.option("--scheduler", help="tcp://host:port of a dask scheduler.")
 @click.option("--threads", default=1, show_default=True, help="torch threads per task.")
@@ -47,7 +48,8 @@ def index_cmd(run, features, out, splits, split, captions, head, dtype, shard_si
 @click.option("--out", type=click.Path(path_type=Path), help="Default: RUN/shortlist/.")
 @click.option("--dim", default=256, show_default=True, help="Global vector size.")
 @click.option("--epochs", default=30, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images (or captions) per encoder batch (>= 1).")
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--max-images", default=20000, show_default=True, help="Train on at most this many images.")
 @click.option("--seed", default=0, show_default=True)
@@ -64,8 +66,13 @@ def train_shortlist_cmd(run, splits, features, out, dim, epochs, batch_size, lr,
 @main.command("search")
 @click.argument("index", type=click.Path(path_type=Path))
 @click.argument("query", required=False)
-@click.option("-k", "k", default=10, show_default=True)
-@click.option("--shortlist", type=int, help="Re-rank the top N of the FAISS shortlist (default 200).")
+# The limits are pipeline/search.py's MAX_K and DEFAULT_SHORTLIST (not imported here: that
+# module loads torch, and every `prep` command reads this file); a test keeps them equal.
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000),
+              help="Results to return (1..1000).")
+@click.option("--shortlist", type=click.IntRange(min=1),
+              help="Re-rank the top N (>= 1; at most the indexed images are used) of the FAISS "
+                   "shortlist  [default: 200]")
 @click.option("--exhaustive", is_flag=True, help="Score every image with the alignment (eval's path).")
 @click.option("--image", "image_key", help="Image -> text: rank the indexed captions for this image key.")
 @click.option("--tokenizer", help="Tokenizer dir or 'minilm' (default: the run's text encoder).")

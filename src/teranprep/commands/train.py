@@ -44,7 +44,8 @@ def train_cmd(splits, config, out, resume, features, device, stop_after, precisi
 @click.option("--features", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Default: RUN/eval-SPLIT-PROTOCOL/.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images (or captions) per encoder batch (>= 1).")
 @click.option("--text-encoder", type=click.Path(path_type=Path),
               help="Original TERAN checkpoints: the text encoder's model directory (config.json), "
                    "when the one the checkpoint names is not on this machine.")

@@ -104,6 +104,8 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
         raise PrepError(f"{store.root}: {store.feature_dim}-d features, but {checkpoint_path(source)} "
                         f"was trained on {ckpt['feature_dim']}-d ones")
     data = load_split(splits_dir, split, store)
+    from .train import refuse_long_captions
+    refuse_long_captions(splits_dir, data, model.text_encoder.config.max_position_embeddings)
     n_images = len(data.image_keys)
     if protocol == "5k":
         if n_images < 5 * fold_size:

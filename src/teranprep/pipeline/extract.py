@@ -23,9 +23,11 @@ from ..interrupts import resumable
 from ..manifests import atomic_write_json, fingerprint, sha256_file
 from ..manifests.atomic import atomic_write_bytes
 from ..manifests.error_summary import format_error_summary, summarize_errors
+from ..manifests.outcome import mark_outcome
 from ..manifests.ownership import FEATURES, claim_output_dir
-from ..manifests.features import (INDEX_NAME, OPTIONAL_INDEX_COLUMNS, SHARDS_DIR, completed_shard,
-                                  current_manifest, prepare_output, write_index_and_manifest)
+from ..manifests.features import (INDEX_NAME, MANIFEST_NAME, OPTIONAL_INDEX_COLUMNS, SHARDS_DIR,
+                                  completed_shard, current_manifest, prepare_output,
+                                  write_index_and_manifest)
 from ..manifests.shards import Regions, ShardWriter, remove_stale_temps, shard_name
 from .distribute import default_threads, report_progress, run_tasks, tune_malloc_for_tensors
 from .results import FeaturesResult
@@ -359,11 +361,14 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
                                             random_weights is not None, device, passed_over, unmatched)
     result = _result(out, manifest, shards_run, time.perf_counter() - t_start)
     n = result.n_images
+    failure = None
     if n and result.n_error / n > max_error_rate:
         # Checked on every run, so a failed stage stays failed until its inputs or limit change.
-        raise PrepError(f"{out / INDEX_NAME}: {result.n_error} of {n} images failed "
-                        f"({100 * result.n_error / n:.1f}% > --max-error-rate "
-                        f"{100 * max_error_rate:g}%): "
+        failure = (f"{result.n_error} of {n} images failed ({100 * result.n_error / n:.1f}% > "
+                   f"--max-error-rate {100 * max_error_rate:g}%)")
+    mark_outcome(out / MANIFEST_NAME, failure)  # downstream stages refuse a failed folder
+    if failure:
+        raise PrepError(f"{out / INDEX_NAME}: {failure}: "
                         f"{format_error_summary(manifest.get('errors_by_reason', {})) or 'no reasons recorded'}; "
                         "completed shards are kept; fix or remove those images, or raise --max-error-rate")
     return result

@@ -226,6 +226,7 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
     import torch
     from ..manifests import FeatureStore
     from .distribute import run_tasks
+    from ..manifests.claims import refuse_false_claims
     from .evaluate import checkpoint_path, load_model
 
     t0 = time.perf_counter()
@@ -249,6 +250,7 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
                         f"was trained on {ckpt['feature_dim']}-d ones")
     shortlist_head, head_info = load_head(head, embed_dim)
     with FeatureStore(features) as store:
+        refuse_false_claims(store)  # a hand-edited feature_dim/dtype: one line, not a crash
         keys = _plan_keys(features, splits, split, store)
     if not keys:
         raise PrepError(f"{features}: no ok images to index")

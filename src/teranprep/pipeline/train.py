@@ -98,6 +98,44 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def config_differences(given: dict, recorded: dict, prefix: str = "") -> list[str]:
+    """"key: recorded -> given" for every setting that differs (training.precision excepted: a
+    resumed run keeps its own, and --precision is checked on its own)."""
+    found = []
+    for key in sorted(set(given) | set(recorded)):
+        name = f"{prefix}{key}"
+        a, b = recorded.get(key), given.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += config_differences(b, a, f"{name}.")
+        elif a != b and name != "training.precision":
+            found.append(f"{name}: {a!r} -> {b!r}")
+    return found
+
+
+def _val_split_warnings(splits_dir: Path, n_images: int) -> list[str]:
+    """What a val split too small to validate on means for the run (warnings, not refusals)."""
+    where = Path(splits_dir) / "val.parquet"
+    if n_images == 0:
+        return [f"{where} is empty: training runs without validation (no {BEST}, no rsum); "
+                "rebuild the splits with --val N to select a best checkpoint"]
+    if n_images == 1:
+        return [f"{where} has 1 image: every validation ranks it first (R@1 100), so best-checkpoint "
+                "selection is meaningless; rebuild the splits with a larger --val"]
+    return []
+
+
+def refuse_long_captions(splits_dir: Path, split, positions: int) -> None:
+    """One line when a caption of `split` is longer than the text encoder's position embeddings
+    (the encoder would fail on it mid-run); the fix is build-splits --max-tokens."""
+    lengths = split.captions["input_ids"].map(len)
+    if len(lengths) and int(lengths.max()) > positions:
+        row = int(lengths.to_numpy().argmax())
+        raise PrepError(f"{Path(splits_dir) / (split.name + '.parquet')}: caption_id "
+                        f"{int(split.captions['caption_id'].iloc[row])} has {int(lengths.max())} tokens, "
+                        f"the text encoder has {positions} positions; rebuild the splits with "
+                        f"`prep build-splits --max-tokens {positions}` (or lower)")
+
+
 def _all_finite(loss: torch.Tensor, distributed: bool) -> bool:
     """Whether the loss is finite on this rank (and, under torchrun, on every rank)."""
     finite = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
@@ -208,6 +246,13 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
         if not last_path.is_file():
             raise PrepError(f"{last_path}: nothing to resume; run `prep train` without --resume first")
         ckpt = load_checkpoint(last_path)
+        if config is not None:  # --config with --resume: it must be the run's own
+            changed = config_differences(load_config(config), ckpt["config"])
+            if changed:
+                raise PrepError(f"{out}: --config differs from the config this run was trained with "
+                                f"({'; '.join(changed[:5])}{'; ...' if len(changed) > 5 else ''}); "
+                                "resume without --config (the run's own is used) or start a new run "
+                                "in another --out")
         config = ckpt["config"]
         run_precision = config["training"].get("precision", "fp32")
         if precision is not None and precision != run_precision:
@@ -238,11 +283,16 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
                         f"image.feature_dim={config['image']['feature_dim']}")
     train_split = load_split(splits_dir, "train", store)
     val_split = load_split(splits_dir, "val", store, max_images=t["val_max_images"])
+    validating = len(val_split.image_keys) > 0
+    if is_main:
+        emit("train", _val_split_warnings(splits_dir, len(val_split.image_keys)))
 
     torch.manual_seed(t["seed"])
     np.random.seed(t["seed"])
     random.seed(t["seed"])
     model = build_model(config, feature_dim).to(dev)
+    for split in (train_split, val_split):
+        refuse_long_captions(splits_dir, split, model.text_encoder.config.max_position_embeddings)
     optimizer = torch.optim.Adam(model.parameters(), lr=t["lr"])
     sampler = EpochBatchSampler(len(train_split.captions), t["batch_size"], t["seed"], rank, world)
     steps_per_epoch = sampler.steps_per_epoch()
@@ -309,6 +359,9 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
             last_saved[0] = step
 
     def validate_and_save():
+        if not validating:  # an empty val split: nothing to select a best checkpoint by
+            checkpoint([out / LAST], None)
+            return
         validation = None
         if is_main:
             validation = validate(model, val_split, store, config, dev)

@@ -11,6 +11,7 @@ import pandas as pd
 
 from ..manifests import sha256_file
 from ..manifests.features import FEATURES_FORMAT, INDEX_COLUMNS, INDEX_NAME, MANIFEST_NAME, SHARDS_DIR
+from ..manifests.claims import shard_claim_problems
 from ..manifests.shards import ShardReader
 from ..manifests.splits import SPLITS_FORMAT
 
@@ -66,6 +67,10 @@ def verify(path: Path, *, full: bool = False) -> VerifyReport:
     if checker is None:
         report.problem(manifest_path, f"unknown format {fmt!r}")
         return report
+    if manifest.get("status") == "failed":
+        report.problem(manifest_path, f"the {manifest.get('stage', 'stage')} run that wrote it failed "
+                                      f"({manifest.get('failure', 'no reason recorded')}); later "
+                                      "stages refuse it until a re-run passes")
     checker(path, manifest, report)
     return report
 
@@ -97,6 +102,8 @@ def verify_features(root: Path, manifest: dict, report: VerifyReport) -> None:
             continue
         with reader:
             _check_shard_structure(reader, entry, report)
+            for claim in shard_claim_problems(reader, manifest):
+                report.problem(shard_path, claim)
             rows = sampled[(sampled >= starts[number]) & (sampled < starts[number + 1])] - starts[number]
             bad_values += _check_values(reader, rows)
             for row, key in enumerate(reader.image_keys):
@@ -208,6 +215,12 @@ def _check_index(root: Path, manifest: dict, stored: dict, report: VerifyReport)
     counts = manifest.get("counts", {})
     if counts.get("ok") != len(ok):
         report.problem(index_path, f"{len(ok)} ok rows, manifest counts {counts.get('ok')}")
+    for status in ("error", "skipped"):
+        n = int((index["status"] == status).sum())
+        if status in counts and counts[status] != n:
+            report.problem(index_path, f"{n} {status} rows, manifest counts {counts[status]}")
+    if counts.get("ok") is not None and len(stored) != counts["ok"]:
+        report.problem(root, f"the shards hold {len(stored)} images, manifest counts {counts['ok']} ok")
 
 
 def verify_splits(root: Path, manifest: dict, report: VerifyReport) -> None:

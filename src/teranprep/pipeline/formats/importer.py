@@ -19,8 +19,9 @@ from ...errors import ItemError, PrepError
 from ...manifests import fingerprint
 from ...manifests.atomic import sha256_file
 from ...manifests.build import write_shard
-from ...manifests.features import (INDEX_NAME, SHARDS_DIR, completed_shard,
+from ...manifests.features import (INDEX_NAME, MANIFEST_NAME, SHARDS_DIR, completed_shard,
                                    current_manifest, prepare_output, write_index_and_manifest)
+from ...manifests.outcome import mark_outcome
 from ...manifests.shards import remove_stale_temps, shard_name
 from ...manifests.values import region_value_problem
 from ..results import FeaturesResult
@@ -131,10 +132,14 @@ def import_features(fmt: str, src: Path, out: Path, *, key_map: Path | None = No
                       overwrite, quiet, t_start)
     finally:
         source.close()
+    failure = None
     if result.n_images and result.n_error / result.n_images > max_error_rate:
-        raise PrepError(f"{out / INDEX_NAME}: {result.n_error} of {result.n_images} images failed "
-                        f"({100 * result.n_error / result.n_images:.1f}% > --max-error-rate "
-                        f"{100 * max_error_rate:g}%); the reasons are in the error column "
+        failure = (f"{result.n_error} of {result.n_images} images failed "
+                   f"({100 * result.n_error / result.n_images:.1f}% > --max-error-rate "
+                   f"{100 * max_error_rate:g}%)")
+    mark_outcome(out / MANIFEST_NAME, failure)  # downstream stages refuse a failed folder
+    if failure:
+        raise PrepError(f"{out / INDEX_NAME}: {failure}; the reasons are in the error column "
                         "(status=error); the features written are kept")
     return result
 
