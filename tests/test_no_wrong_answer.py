@@ -452,3 +452,21 @@ def test_captions_longer_than_the_encoder_and_resume_with_another_config(tmp_pat
                  "--splits", splits, "--tokenizer", tok)
     one_error(shown, "42 word pieces", "at most 32", "shorten")
     assert not (tmp_path / "a.png").exists()
+
+
+# ------------------------------------------------------------------ 4. inputs that changed are noticed
+
+def test_verify_notices_an_image_rewritten_with_its_size_and_mtime_kept(tmp_path):
+    images, out = _images(tmp_path), tmp_path / "features"
+    assert prep("extract-regions", images, out, *TV, "--workers", "0").returncode == 0
+    assert prep("verify", out).returncode == 0
+    victim = sorted(images.rglob("*.png"))[0]
+    stat = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[-20] ^= 0xFF  # same size; `cp -p` / `rsync -t` keep the mtime too
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    checked = prep("verify", out)
+    assert checked.returncode == 1
+    key = victim.relative_to(images).as_posix()
+    assert "changed since extraction" in checked.stderr and repr(key) in checked.stderr

@@ -116,6 +116,7 @@ def verify_features(root: Path, manifest: dict, report: VerifyReport) -> None:
         report.problem(root, f"{len(bad_values)} images hold unusable values ({scope} checked): "
                              + "; ".join(bad_values[:5]))
     _check_index(root, manifest, listed_keys, report)
+    _check_image_hashes(root, manifest, report)
     _report_error_rows(root, report)
     shard_dir = root / SHARDS_DIR
     if shard_dir.is_dir():
@@ -123,6 +124,37 @@ def verify_features(root: Path, manifest: dict, report: VerifyReport) -> None:
         for extra in sorted(shard_dir.glob("*.h5")):
             if extra.name not in listed:
                 report.warnings.append(f"{extra}: not listed in the manifest (ignored by readers)")
+
+
+def _check_image_hashes(root: Path, manifest: dict, report: VerifyReport) -> None:
+    """The recorded sha256 of a sample of input images (all with --full) against the files, for
+    a folder input: an image rewritten in place with its size and mtime kept is reported."""
+    from ..manifests.values import VERIFY_SAMPLE, sample_positions
+    source = manifest.get("input") or {}
+    if source.get("kind") != "folder" or not source.get("root"):
+        return  # tar members and list files are not re-read here
+    try:
+        index = pd.read_parquet(root / INDEX_NAME, columns=["image_key", "status", "file_sha256"])
+    except Exception:  # noqa: BLE001 - _check_index already reported an unreadable index
+        return
+    hashed = index[(index["status"] == "ok") & (index["file_sha256"].fillna("") != "")]
+    picked = sample_positions(len(hashed), None if report.full else VERIFY_SAMPLE)
+    images = Path(source["root"])
+    changed, absent = [], []
+    for key, recorded in zip(hashed["image_key"].to_numpy()[picked], hashed["file_sha256"].to_numpy()[picked]):
+        path = images / key
+        if not path.is_file():
+            absent.append(key)
+        elif sha256_file(path) != recorded:
+            changed.append(key)
+    scope = "every image" if report.full else f"{len(picked)} sampled images (--full: all)"
+    if changed:
+        report.problem(images, f"{len(changed)} of {scope} changed since extraction (sha256 differs "
+                               f"from {INDEX_NAME}), e.g. {', '.join(map(repr, changed[:5]))}; their "
+                               "features are stale: re-run extract-regions with --overwrite")
+    if absent:
+        report.warnings.append(f"{images}: {len(absent)} of {scope} are no longer there (features "
+                               f"kept), e.g. {', '.join(map(repr, absent[:5]))}")
 
 
 def _check_values(reader: ShardReader, rows) -> list[str]:
