@@ -470,3 +470,26 @@ def test_verify_notices_an_image_rewritten_with_its_size_and_mtime_kept(tmp_path
     assert checked.returncode == 1
     key = victim.relative_to(images).as_posix()
     assert "changed since extraction" in checked.stderr and repr(key) in checked.stderr
+
+
+# ------------------------------------------------------------------ 7. messages a user can act on
+
+def test_show_regions_keeps_keys_apart_and_names_an_unknown_key(tmp_path, make_features):
+    from PIL import Image
+    from teranprep.pipeline.regions import png_name
+    keys = ["a/b.png", "a__b.png", "a_/b.png", "a/_b.png", "x%2F.png"]
+    assert len({png_name(k) for k in keys}) == len(keys)
+    assert png_name("train2014/x.jpg") == "train2014__x.jpg.png"  # plain keys keep their old name
+    features, _ = make_features(keys, n_boxes=2, dim=4)
+    root = tmp_path / "root"
+    for key in keys:
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (100, 120), (30, 60, 90)).save(root / key)
+    out = tmp_path / "png"
+    drawn = prep("show-regions", features, *keys, "-o", out, "--images", root)
+    assert drawn.returncode == 0, drawn.stderr
+    assert len(list(out.glob("*.png"))) == len(keys)
+    before = tree(out)
+    unknown = prep("show-regions", features, "nope.jpg", "-o", out, "--images", root)
+    one_error(unknown, "'nope.jpg' is not in this features folder")
+    assert tree(out) == before
