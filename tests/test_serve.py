@@ -145,6 +145,33 @@ def test_bad_requests_are_refused_and_the_server_keeps_serving(server):
     assert server["proc"].poll() is None
 
 
+def test_every_refusal_has_one_json_shape_and_a_taken_port_is_one_line(server):
+    port = server["port"]
+    for path in ("/api/search?q=w5&k=0", "/api/search", "/api/alignment?key=no-such.jpg&q=w5",
+                 "/no/such/route", "/images/no-such.jpg", "/api/search?q=w5&k=abc"):
+        status, body, ctype = _get(port, path)
+        assert 400 <= status < 500 and ctype.startswith("application/json"), (path, status)
+        data = json.loads(body)
+        assert set(data) == {"error"} and isinstance(data["error"], str) and data["error"], (path, data)
+    assert "k" in json.loads(_get(port, "/api/search?q=w5&k=0")[1])["error"]
+    # A second server on the running one's port: one line, before the index is loaded.
+    taken = subprocess.run([sys.executable, "-m", "teranprep", "serve", str(server["index"]),
+                            "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert taken.returncode == 2 and "Traceback" not in taken.stderr, taken.stderr
+    errors = [line for line in taken.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"--port {port}" in errors[0] and "pass another --port" in errors[0]
+    assert "serving" not in taken.stdout
+
+
+def test_image_urls_are_percent_encoded_and_decode_back_to_the_key():
+    from urllib.parse import unquote
+    from teranprep.web.app import image_href
+    key = "dir with space/a#b?c%d é.jpg"
+    href = image_href(key)
+    assert href == "/images/dir%20with%20space/a%23b%3Fc%25d%20%C3%A9.jpg"
+    assert unquote(href[len("/images/"):]) == key
+
+
 def _chrome():
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")

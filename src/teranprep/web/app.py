@@ -33,6 +33,13 @@ def image_under_root(root: Path | None, key: str) -> Path | None:
     return target
 
 
+def image_href(key: str) -> str:
+    """The page's URL of image `key`: percent-encoded, so `#`, `?`, `%`, spaces and non-ASCII
+    in keys reach the server as the key (the route decodes it back)."""
+    from urllib.parse import quote
+    return "/images/" + quote(key, safe="/")
+
+
 def resolve_image_root(searcher: Searcher, images: Path | None) -> Path | None:
     if images is not None:
         if not Path(images).is_dir():
@@ -44,18 +51,33 @@ def resolve_image_root(searcher: Searcher, images: Path | None) -> Path | None:
 
 def create_app(searcher: Searcher, images: Path | None = None):
     from fastapi import FastAPI, Query, Request
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
     root = resolve_image_root(searcher, images)
     lock = threading.Lock()  # one model and one set of HDF5 handles: one request at a time
     app = FastAPI(title="teranprep search", docs_url=None, redoc_url=None, openapi_url=None)
 
     def image_url(key: str) -> str | None:
-        return f"/images/{key}" if image_under_root(root, key) is not None else None
+        return image_href(key) if image_under_root(root, key) is not None else None
 
     @app.exception_handler(PrepError)
     async def prep_error(request: Request, exc: PrepError):
         return JSONResponse({"error": str(exc)}, status_code=400)
+
+    # Every refusal has one shape, 4xx {"error": "..."}: FastAPI's own 422 {"detail": [...]} and
+    # 404 {"detail": "Not Found"} are rewritten to it, so the page shows one kind of message.
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', 'invalid')}"
+                 for e in exc.errors()]
+        return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def any_error(request: Request, exc: Exception):
@@ -97,15 +119,28 @@ def create_app(searcher: Searcher, images: Path | None = None):
     def image(key: str):
         target = image_under_root(root, key)
         if target is None:
-            return Response("not found", status_code=404, media_type="text/plain")
+            return JSONResponse({"error": "not found"}, status_code=404)
         return FileResponse(target)
 
     return app
 
 
+def refuse_taken_port(host: str, port: int) -> None:
+    """One PrepError line when `host:port` cannot be bound (another server has it)."""
+    import socket
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, port))
+    except OSError as exc:
+        raise PrepError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}; "
+                        "another server holds it?); pass another --port") from None
+
+
 def serve(index: Path, *, host: str = "127.0.0.1", port: int = 8000, images: Path | None = None,
           tokenizer: str | None = None, echo=print) -> None:
     import uvicorn
+    refuse_taken_port(host, port)  # before the seconds of loading the index and model
     searcher = Searcher(index, tokenizer=tokenizer)
     app = create_app(searcher, images)
     if searcher.warning:
