@@ -493,3 +493,15 @@ def test_show_regions_keeps_keys_apart_and_names_an_unknown_key(tmp_path, make_f
     unknown = prep("show-regions", features, "nope.jpg", "-o", out, "--images", root)
     one_error(unknown, "'nope.jpg' is not in this features folder")
     assert tree(out) == before
+
+
+def test_keys_that_differ_only_in_unicode_form_are_named_as_such(tmp_path, make_features):
+    import unicodedata
+    nfd = unicodedata.normalize("NFD", "café.jpg")
+    nfc = unicodedata.normalize("NFC", "café.jpg")
+    assert nfd != nfc
+    features, _ = make_features([nfd, "img1.jpg", "img2.jpg"], n_boxes=2, dim=4)
+    captions = _karpathy(tmp_path / "c.json", [(nfc, "train"), ("img1.jpg", "val"), ("img2.jpg", "test")])
+    refused = prep("build-splits", captions, "--features", features, "--out", tmp_path / "splits")
+    one_error(refused, "differ from a features key only in Unicode normalization (NFC vs NFD)",
+              ascii(nfc), ascii(nfd))
