@@ -505,3 +505,26 @@ def test_keys_that_differ_only_in_unicode_form_are_named_as_such(tmp_path, make_
     refused = prep("build-splits", captions, "--features", features, "--out", tmp_path / "splits")
     one_error(refused, "differ from a features key only in Unicode normalization (NFC vs NFD)",
               ascii(nfc), ascii(nfd))
+
+
+# ------------------------------------------------------------------ 8. --quiet means the same everywhere
+
+def test_quiet_train_and_eval_print_only_their_summary_line(tmp_path, nan_chain):
+    splits, features, _, config = nan_chain
+    cfg = write_yaml(tmp_path / "val.yaml", dict(config, training=dict(config["training"], val_every=2)))
+    run = tmp_path / "run"
+    loud = prep("train", splits, "--config", cfg, "--out", tmp_path / "loud", "--stop-after", "2")
+    assert loud.returncode == 0 and "val rsum" in loud.stdout, loud.stderr  # a validation line
+    done = prep("train", splits, "--config", cfg, "--out", run, "--stop-after", "2", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"{run}: 2 steps, best validation rsum "
+                                        f"{json.loads((run / 'metrics.jsonl').read_text().splitlines()[-1])['rsum']:.2f}"]
+    evaluated = prep("eval", run, "--splits", splits, "--no-ndcg", "--quiet")
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads((run / "eval-test-all" / "metrics.json").read_text())
+    assert evaluated.stdout.splitlines() == [
+        f"test (all): rsum {metrics['rsum']:.1f}, i2t R@1 {metrics['i2t']['r1']:.1f}, "
+        f"t2i R@1 {metrics['t2i']['r1']:.1f}"]
+    for command in ("extract-regions", "import-features", "export-features", "build-splits", "train",
+                    "eval", "index", "train-shortlist", "make-synthetic", "train-detector", "verify"):
+        assert "--quiet" in prep(command, "--help").stdout, command

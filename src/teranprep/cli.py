@@ -49,6 +49,17 @@ def main():
     """teranprep: image folder + captions -> region features -> splits -> trained TERAN."""
 
 
+def quiet_option(command):
+    """--quiet, meaning the same on every stage: errors (and warnings) and the final summary only."""
+    return click.option("--quiet", is_flag=True,
+                        help="Print only errors, warnings and the final summary line.")(command)
+
+
+def stage_echo(quiet: bool):
+    """The `echo` a stage gets: click.echo, or nothing with --quiet."""
+    return (lambda *args, **kwargs: None) if quiet else click.echo
+
+
 # Each stage's commands live in commands/<module>.py and attach themselves to `main` on import.
 COMMAND_MODULES = ("extract", "detector", "splits", "train", "formats", "demo", "search")
 

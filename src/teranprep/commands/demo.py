@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import main
+from ..cli import main, quiet_option, stage_echo
 
 
 @main.command("make-synthetic")
@@ -22,10 +22,11 @@ from ..cli import main
 @click.option("--image-format", type=click.Choice(["mix", "png", "jpeg"]), default="mix",
               show_default=True)
 @click.option("--overwrite", is_flag=True, help="Delete a previous synthetic set in OUT first.")
-def make_synthetic_cmd(out, **options):
+@quiet_option
+def make_synthetic_cmd(out, quiet, **options):
     """Generate shape scenes with COCO boxes (OUT/instances.json) and captions (Karpathy JSON)."""
     from ..pipeline.synthetic import make_synthetic
-    click.echo(make_synthetic(out, echo=click.echo, **options).summary())
+    click.echo(make_synthetic(out, echo=stage_echo(quiet), **options).summary())
 
 
 @main.command("train-detector")
@@ -38,7 +39,8 @@ def make_synthetic_cmd(out, **options):
 @click.option("--init-weights", type=click.Path(path_type=Path),
               help="A BUTD checkpoint to fine-tune from (heads of another size start fresh).")
 @click.option("--overwrite", is_flag=True, help="Discard a previous run in --out.")
-def train_detector_cmd(annotations, images, config, out, epochs, init_weights, overwrite):
+@quiet_option
+def train_detector_cmd(annotations, images, config, out, epochs, init_weights, overwrite, quiet):
     """Train a BUTD-family detector on COCO boxes (classes + attributes) in ANNOTATIONS.
 
     IMAGES is the folder the file_name paths are relative to. Resumes from OUT/last.pth; prints
@@ -51,7 +53,7 @@ def train_detector_cmd(annotations, images, config, out, epochs, init_weights, o
     if init_weights is not None:
         overrides["init_weights"] = str(init_weights)
     result = train_detector(annotations, images, config=config, out=out, overrides=overrides,
-                            overwrite=overwrite, echo=click.echo)
+                            overwrite=overwrite, echo=stage_echo(quiet))
     click.echo(result.summary())
 
 

@@ -112,12 +112,13 @@ def extract_regions_cmd(images, out, weights, random_weights, quiet, given_boxes
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--full", is_flag=True, help="Check the values (finite, boxes inside the image) of "
               f"every image, not a sample of {VERIFY_SAMPLE}.")
-def verify_cmd(path, full):
+@click.option("--quiet", is_flag=True, help="Print only the problems and the final line, no warnings.")
+def verify_cmd(path, full, quiet):
     """Check an output directory: features/ (hashes, offsets, index), splits/ (lineage, schema,
     disjoint splits) or runs/NAME (checkpoints load, config and lineage match)."""
     from ..pipeline.verify import verify
     report = verify(path, full=full)
-    for line in report.warnings:
+    for line in ([] if quiet else report.warnings):
         click.echo(f"warning: {line}", err=True)
     for line in report.problems:
         click.echo(f"problem: {line}", err=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import main
+from ..cli import main, quiet_option, stage_echo
 
 
 @main.command("index")
@@ -30,14 +30,15 @@ from ..cli import main
 @click.option("--exact-max", default=100_000, show_default=True,
               help="Up to this many images the shortlist is exact; above, FAISS IVF.")
 @click.option("--overwrite", is_flag=True)
+@quiet_option
 def index_cmd(run, features, out, splits, split, captions, head, dtype, shard_size, batch_size,
-              workers, scheduler, threads, exact_max, overwrite):
+              workers, scheduler, threads, exact_max, overwrite, quiet):
     """Encode every ok image of FEATURES through RUN's image encoder into a searchable index."""
     from ..pipeline.index import build_index
     result = build_index(run, features, out, splits=splits, split=split, captions=captions, head=head,
                          dtype=dtype, shard_size=shard_size, batch_size=batch_size, workers=workers,
                          scheduler=scheduler, threads=threads, exact_max=exact_max,
-                         overwrite=overwrite, echo=click.echo)
+                         overwrite=overwrite, echo=stage_echo(quiet))
     click.echo(result.summary())
 
 
@@ -54,12 +55,14 @@ def index_cmd(run, features, out, splits, split, captions, head, dtype, shard_si
 @click.option("--max-images", default=20000, show_default=True, help="Train on at most this many images.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--overwrite", is_flag=True)
-def train_shortlist_cmd(run, splits, features, out, dim, epochs, batch_size, lr, max_images, seed, overwrite):
+@quiet_option
+def train_shortlist_cmd(run, splits, features, out, dim, epochs, batch_size, lr, max_images, seed,
+                        overwrite, quiet):
     """Distil RUN's alignment scores into a small global-vector head (ALADIN's ListNet)."""
     from ..pipeline.shortlist import train_shortlist
     result = train_shortlist(run, splits=splits, features=features, out=out, dim=dim, epochs=epochs,
                              batch_size=batch_size, lr=lr, max_images=max_images, seed=seed,
-                             overwrite=overwrite, echo=click.echo)
+                             overwrite=overwrite, echo=stage_echo(quiet))
     click.echo(result.summary())
 
 
