@@ -528,3 +528,19 @@ def test_quiet_train_and_eval_print_only_their_summary_line(tmp_path, nan_chain)
     for command in ("extract-regions", "import-features", "export-features", "build-splits", "train",
                     "eval", "index", "train-shortlist", "make-synthetic", "train-detector", "verify"):
         assert "--quiet" in prep(command, "--help").stdout, command
+
+
+# ------------------------------------------------------------------ 9. --help tells the truth
+
+def test_every_option_has_help_and_every_default_is_shown_as_its_value():
+    import click
+    from teranprep.cli import main
+    for name, command in sorted(main.commands.items()):
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, (name, param.opts)
+                if not param.is_flag and param.default not in (None, ()) and \
+                        type(param.default).__name__ != "Sentinel":
+                    assert param.show_default, (name, param.opts)
+        shown = prep(name, "--help")
+        assert shown.returncode == 0 and "(dynamic)" not in shown.stdout, (name, shown.stdout)

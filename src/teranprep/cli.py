@@ -49,6 +49,14 @@ def main():
     """teranprep: image folder + captions -> region features -> splits -> trained TERAN."""
 
 
+class ShownDefault(click.Option):
+    """An option whose default comes from a function (to keep heavy imports out of `prep`'s start)
+    and is still shown as its value in --help, not as "(dynamic)"."""
+
+    def get_default(self, ctx, call: bool = True):
+        return super().get_default(ctx, call=True)
+
+
 def quiet_option(command):
     """--quiet, meaning the same on every stage: errors (and warnings) and the final summary only."""
     return click.option("--quiet", is_flag=True,

@@ -41,7 +41,7 @@ def weights_path_cmd(name):
               help="Image root (default: the input root recorded in the features manifest).")
 @click.option("--labels", type=click.Path(path_type=Path), help="Class names, one per line (id order).")
 @click.option("--attr-labels", type=click.Path(path_type=Path), help="Attribute names, one per line.")
-@click.option("--max-boxes", default=36, show_default=True)
+@click.option("--max-boxes", default=36, show_default=True, help="Draw at most this many boxes per image.")
 def show_regions_cmd(features, image_keys, out_dir, images_root, labels, attr_labels, max_boxes):
     """Draw the saved boxes of IMAGE_KEYS (from FEATURES) with their labels into PNGs."""
     from ..pipeline.regions import show_regions

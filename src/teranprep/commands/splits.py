@@ -34,7 +34,7 @@ from ..cli import main
 @click.option("--max-missing", default=0, show_default=True,
               help="Captions whose image has no ok features that are tolerated (listed in missing.csv).")
 @click.option("--overwrite", is_flag=True, help="Rebuild OUT even if it holds splits made with other parameters.")
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, help="Print only errors, warnings and the final summary line.")
 def build_splits_cmd(captions, features, out, format_, quiet, **options):
     """Tokenize CAPTIONS into train/val/test parquet files tied to FEATURES, written to OUT.
 

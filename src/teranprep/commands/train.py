@@ -38,13 +38,15 @@ def train_cmd(splits, config, out, resume, features, device, stop_after, precisi
 
 @main.command("eval")
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--splits", required=True, type=click.Path(path_type=Path))
-@click.option("--split", default="test", show_default=True)
+@click.option("--splits", required=True, type=click.Path(path_type=Path),
+              help="splits/ folder holding the split to evaluate.")
+@click.option("--split", default="test", show_default=True, help="Split to evaluate: train, val or test.")
 @click.option("--protocol", type=click.Choice(["all", "1k", "5k"]), default="all", show_default=True,
               help="1k: mean over folds of 1000 images (COCO 1K); 5k: the first 5000 images.")
-@click.option("--features", type=click.Path(path_type=Path))
+@click.option("--features", type=click.Path(path_type=Path),
+              help="Features directory (default: the one recorded in SPLITS/manifest.json).")
 @click.option("--out", type=click.Path(path_type=Path), help="Default: RUN/eval-SPLIT-PROTOCOL/.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Images (or captions) per encoder batch (>= 1).")
 @click.option("--text-encoder", type=click.Path(path_type=Path),
@@ -91,7 +93,8 @@ def eval_cmd(source, splits, split, protocol, features, out, device, batch_size,
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="PNG to write.")
 @click.option("--splits", type=click.Path(path_type=Path),
               help="Splits whose features hold IMAGE_KEY (default: the run's training splits).")
-@click.option("--features", type=click.Path(path_type=Path))
+@click.option("--features", type=click.Path(path_type=Path),
+              help="Features directory holding IMAGE_KEY (overrides --splits' recorded one).")
 @click.option("--images", type=click.Path(path_type=Path),
               help="Image root (default: the features manifest's input root).")
 @click.option("--tokenizer", help="Tokenizer dir or 'minilm' (default: the run's text encoder).")
