@@ -21,10 +21,10 @@ from teran_fixtures import make_tiny_bert, random_dataset, tiny_config
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def prep(*args, timeout=900):
+def prep(*args, timeout=900, env=None):
     """The installed command line in a fresh interpreter (what a user's shell runs)."""
     return subprocess.run([sys.executable, "-m", "teranprep", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=ENV)
+                          text=True, timeout=timeout, env={**ENV, **(env or {})})
 
 
 def one_error(proc, *needles, code=2) -> str:
@@ -544,3 +544,20 @@ def test_every_option_has_help_and_every_default_is_shown_as_its_value():
                     assert param.show_default, (name, param.opts)
         shown = prep(name, "--help")
         assert shown.returncode == 0 and "(dynamic)" not in shown.stdout, (name, shown.stdout)
+
+
+def test_progress_lines_off_a_terminal_for_import_and_train(tmp_path, nan_chain):
+    splits, features, cfg, _ = nan_chain
+    src = write_tsv(tmp_path / "f.tsv", [butd_row(s, r) for s, r in make_records(list("abcd")).items()])
+    every = {"TERANPREP_PROGRESS_SECONDS": "0"}  # a line at every update: the lines are what is tested
+    imported = prep("import-features", "butd-tsv", src, tmp_path / "imported", "--shard-size", "2", env=every)
+    trained = prep("train", splits, "--config", cfg, "--out", tmp_path / "run", "--stop-after", "3", env=every)
+    quiet = prep("train", splits, "--config", cfg, "--out", tmp_path / "q", "--stop-after", "3", "--quiet",
+                 env=every)
+    assert imported.returncode == 0, imported.stderr
+    lines = [l for l in imported.stderr.splitlines() if l.startswith("import-features: ")]
+    assert lines and lines[-1].startswith("import-features: 4/4 img (4 ok, 0 errors)") and "ETA" in lines[-1]
+    assert trained.returncode == 0, trained.stderr
+    steps = [l for l in trained.stdout.splitlines() if l.startswith("step ")]
+    assert any(l.startswith("step 3/3: loss ") and "steps/s, ETA" in l for l in steps), trained.stdout
+    assert quiet.returncode == 0 and len(quiet.stdout.splitlines()) == 1, quiet.stdout

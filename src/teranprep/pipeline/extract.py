@@ -392,7 +392,7 @@ def _run_pending(out, inputs, tasks, done, pending, plan, params, params_fp, lis
 
     from .progress import ExtractProgress
     total_images = sum(len(t.entries) for t in pending)
-    bar = ExtractProgress(total_images, quiet=quiet)
+    bar = ExtractProgress(total_images, quiet=quiet, label="extract-regions")
     def kept():  # read off the disk: a worker may have finished a shard the driver has not heard of
         complete = sum(shard_is_complete(t) is not None for t in tasks)
         return (f"{complete} of {len(tasks)} shards complete in {out} (kept; the index and "

@@ -407,6 +407,20 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
         timing.update(waited=0.0, stepped=0.0, steps=0)
         return fields
 
+    # Between validations: loss, steps/s and ETA every PROGRESS_SECONDS (also off a terminal).
+    from .progress import duration, progress_seconds
+    pace = {"every": progress_seconds(), "t0": time.monotonic(), "step0": step}
+    pace["last"] = pace["t0"]
+
+    def progress_line(loss_value):
+        now = time.monotonic()
+        if now - pace["last"] < pace["every"] or now <= pace["t0"]:
+            return
+        pace["last"] = now
+        rate = (step - pace["step0"]) / (now - pace["t0"])
+        eta = duration((stop_at - step) / rate) if rate > 0 else "?"
+        echo(f"step {step}/{stop_at}: loss {loss_value:.4f}, {rate:.2f} steps/s, ETA {eta}")
+
     def _train_loop(pending):
         nonlocal step
         while step < stop_at:
@@ -438,6 +452,8 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
                 if is_main and (step % t["log_every"] == 0 or step == 1):
                     _append_jsonl(metrics_path, {"kind": "train", "step": step, "epoch": epoch,
                                                  "loss": loss_value, "lr": lr_used, **timing_fields()})
+                if is_main:
+                    progress_line(loss_value)
                 if step % t["val_every"] == 0 or step == total_steps:
                     validate_and_save()
                 elif step == stop_at or (t["checkpoint_every"] and step % t["checkpoint_every"] == 0):

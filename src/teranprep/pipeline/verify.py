@@ -90,7 +90,8 @@ def verify_features(root: Path, manifest: dict, report: VerifyReport) -> None:
             continue
         size = shard_path.stat().st_size
         if size != entry["bytes"]:
-            report.problem(shard_path, f"size {size} bytes, manifest says {entry['bytes']} (truncated?)")
+            change = "truncated?" if size < entry["bytes"] else "grown: written to after the run?"
+            report.problem(shard_path, f"size {size} bytes, manifest says {entry['bytes']} ({change})")
         digest = sha256_file(shard_path)
         if digest != entry["sha256"]:
             report.problem(shard_path, f"sha256 {digest[:12]}.. differs from the manifest's "

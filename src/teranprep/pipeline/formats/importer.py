@@ -187,7 +187,7 @@ def _run(fmt, src, out, source, mapping, key_map, shard_size, dtype, sizes, spli
             extra.unlink()
 
     from ..progress import ExtractProgress
-    bar = ExtractProgress(sum(len(p) for _, p, _ in pending), quiet=quiet)
+    bar = ExtractProgress(sum(len(p) for _, p, _ in pending), quiet=quiet, label="import-features")
     detector = {"name": f"imported:{fmt}", "weights_sha256": "", "columns": list(columns)}
     t_run = time.perf_counter()
     from ...interrupts import resumable
