@@ -561,3 +561,11 @@ def test_progress_lines_off_a_terminal_for_import_and_train(tmp_path, nan_chain)
     steps = [l for l in trained.stdout.splitlines() if l.startswith("step ")]
     assert any(l.startswith("step 3/3: loss ") and "steps/s, ETA" in l for l in steps), trained.stdout
     assert quiet.returncode == 0 and len(quiet.stdout.splitlines()) == 1, quiet.stdout
+
+
+def test_config_errors_list_only_teran_configs(tmp_path):
+    for name in ("nosuch", "detector_tiny"):
+        line = one_error(prep("train", tmp_path, "--config", name, "--out", tmp_path / "run"),
+                         "['teran_coco', 'teran_f30k', 'teran_small']")
+        assert "detector_tiny'" not in line.split("one of")[-1]
+    assert not (tmp_path / "run").exists()
