@@ -224,3 +224,25 @@ def test_browser_types_a_query_and_sees_thumbnails_and_the_overlay(server):
         assert browser.find_element(By.ID, "detail-title").text == first_key
     finally:
         browser.quit()
+
+
+def test_a_rebuilt_index_is_reloaded_and_a_removed_one_is_named(server):
+    """Last in this module: it moves the served index away and back."""
+    port, index = server["port"], server["index"]
+    manifest = index / "manifest.json"
+    data = manifest.read_bytes()
+    replacement = index / "manifest.json.new"
+    replacement.write_bytes(data)
+    os.replace(replacement, manifest)  # what a rebuild does: a new file (inode) in place
+    status, body, _ = _get(port, "/api/search?q=w5+w6&k=3")
+    assert status == 200 and len(json.loads(body)["results"]) == 3  # reopened, still answering
+    moved = index.with_name("index-moved")
+    index.rename(moved)
+    try:
+        status, body, ctype = _get(port, "/api/search?q=w5+w6&k=3")
+        assert 400 <= status < 500 and ctype.startswith("application/json")
+        assert "index folder was removed" in json.loads(body)["error"]
+    finally:
+        moved.rename(index)
+    assert _get(port, "/api/info")[0] == 200
+    assert server["proc"].poll() is None

@@ -49,11 +49,43 @@ def resolve_image_root(searcher: Searcher, images: Path | None) -> Path | None:
     return Path(recorded).resolve() if recorded and Path(recorded).is_dir() else None
 
 
-def create_app(searcher: Searcher, images: Path | None = None):
+class LiveSearcher:
+    """The Searcher of an index folder that notices when the folder is rebuilt (its manifest.json
+    replaced: another inode, size or mtime) and reopens it, or says it was removed."""
+
+    def __init__(self, searcher: Searcher, reopen=None):
+        self.searcher, self.reopen = searcher, reopen
+        self.stamp = self._stamp()
+
+    def _stamp(self):
+        try:
+            st = (Path(self.searcher.root) / "manifest.json").stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def current(self) -> Searcher:
+        stamp = self._stamp()
+        if stamp == self.stamp:
+            return self.searcher
+        if stamp is None:
+            raise PrepError(f"{self.searcher.root}: the index folder was removed (or its manifest.json) "
+                            "since the server started; rebuild it with `prep index` and restart `prep serve`")
+        if self.reopen is None:
+            raise PrepError(f"{self.searcher.root}: the index was rebuilt since the server started; "
+                            "restart `prep serve`")
+        fresh = self.reopen()  # a PrepError (half-written index) leaves the old one in use
+        self.searcher.close()
+        self.searcher, self.stamp = fresh, stamp
+        return fresh
+
+
+def create_app(searcher: Searcher, images: Path | None = None, reopen=None):
     from fastapi import FastAPI, Query, Request
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
     root = resolve_image_root(searcher, images)
+    live = LiveSearcher(searcher, reopen)
     lock = threading.Lock()  # one model and one set of HDF5 handles: one request at a time
     app = FastAPI(title="teranprep search", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -89,6 +121,8 @@ def create_app(searcher: Searcher, images: Path | None = None):
 
     @app.get("/api/info")
     def info():
+        with lock:
+            searcher = live.current()
         m = searcher.store.manifest
         return {"images": len(searcher.store), "shortlist": m["shortlist"]["faiss"],
                 "head": {k: m["shortlist"]["head"].get(k) for k in ("kind", "dim")},
@@ -100,6 +134,7 @@ def create_app(searcher: Searcher, images: Path | None = None):
                    shortlist: int | None = Query(None, ge=1, le=100_000),
                    exhaustive: bool = False):
         with lock:
+            searcher = live.current()
             result = searcher.search(q, k=k, shortlist=shortlist, exhaustive=exhaustive).to_dict()
             for hit in result["results"]:
                 size = searcher.image_info(hit["key"])
@@ -111,7 +146,7 @@ def create_app(searcher: Searcher, images: Path | None = None):
     def api_alignment(key: str = Query(..., min_length=1, max_length=1000),
                       q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS)):
         with lock:
-            result = searcher.alignment_of(key, q)
+            result = live.current().alignment_of(key, q)
         result["image_url"] = image_url(key)
         return result
 
@@ -142,7 +177,7 @@ def serve(index: Path, *, host: str = "127.0.0.1", port: int = 8000, images: Pat
     import uvicorn
     refuse_taken_port(host, port)  # before the seconds of loading the index and model
     searcher = Searcher(index, tokenizer=tokenizer)
-    app = create_app(searcher, images)
+    app = create_app(searcher, images, reopen=lambda: Searcher(index, tokenizer=tokenizer))
     if searcher.warning:
         echo(f"WARNING: {searcher.warning}")
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -151,4 +186,4 @@ def serve(index: Path, *, host: str = "127.0.0.1", port: int = 8000, images: Pat
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
-        searcher.close()
+        searcher.close()  # (a reopened one is closed with the process)
