@@ -348,10 +348,12 @@ def extract_regions(images: Path, out: Path, *, model: str = DEFAULT_MODEL,
         return ExtractResult(out, len(entries), 0, 0, len(tasks), 0, time.perf_counter() - t_start)
     if random_weights is not None:
         warn(f"WARNING: {RANDOM_WEIGHTS_WARNING}")  # never hidden by --quiet
-    if precision == "fp32" and not quiet and pending and model != "detectron2" \
-            and resolved_device == "cpu":
+    if precision == "fp32" and not quiet and pending and model == "butd-r101" \
+            and resolved_device == "cpu":  # the full-size model only: the one where it matters
         from ..extractors.precision import bf16_speedup_hint
-        echo(bf16_speedup_hint(threads))
+        hint = bf16_speedup_hint(threads)
+        if hint:
+            echo(hint)
     listing = listing_sha256(entries)
     manifest = current_manifest(out, params_fp, listing) if not pending else None
     shards_run = 0
