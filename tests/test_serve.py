@@ -148,12 +148,16 @@ def test_bad_requests_are_refused_and_the_server_keeps_serving(server):
 def test_every_refusal_has_one_json_shape_and_a_taken_port_is_one_line(server):
     port = server["port"]
     for path in ("/api/search?q=w5&k=0", "/api/search", "/api/alignment?key=no-such.jpg&q=w5",
-                 "/no/such/route", "/images/no-such.jpg", "/api/search?q=w5&k=abc"):
+                 "/no/such/route", "/images/no-such.jpg", "/api/search?q=w5&k=abc",
+                 "/api/captions?key=x.jpg"):
         status, body, ctype = _get(port, path)
         assert 400 <= status < 500 and ctype.startswith("application/json"), (path, status)
         data = json.loads(body)
         assert set(data) == {"error"} and isinstance(data["error"], str) and data["error"], (path, data)
     assert "k" in json.loads(_get(port, "/api/search?q=w5&k=0")[1])["error"]
+    # No caption set in this index: the page learns it from /api/info, the API says so.
+    assert json.loads(_get(port, "/api/info")[1])["captions"] is False
+    assert "no caption set indexed" in json.loads(_get(port, "/api/captions?key=x.jpg")[1])["error"]
     # A second server on the running one's port: one line, before the index is loaded.
     taken = subprocess.run([sys.executable, "-m", "teranprep", "serve", str(server["index"]),
                             "--port", str(port)], capture_output=True, text=True, timeout=120)

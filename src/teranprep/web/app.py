@@ -126,7 +126,8 @@ def create_app(searcher: Searcher, images: Path | None = None, reopen=None):
         m = searcher.store.manifest
         return {"images": len(searcher.store), "shortlist": m["shortlist"]["faiss"],
                 "head": {k: m["shortlist"]["head"].get(k) for k in ("kind", "dim")},
-                "warning": searcher.warning, "images_served": root is not None}
+                "warning": searcher.warning, "images_served": root is not None,
+                "captions": bool(m.get("captions"))}
 
     @app.get("/api/search")
     def api_search(q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS),
@@ -149,6 +150,13 @@ def create_app(searcher: Searcher, images: Path | None = None, reopen=None):
             result = live.current().alignment_of(key, q)
         result["image_url"] = image_url(key)
         return result
+
+    @app.get("/api/captions")
+    def api_captions(key: str = Query(..., min_length=1, max_length=1000),
+                     k: int = Query(10, ge=1, le=MAX_RESULTS)):
+        with lock:
+            ranked = live.current().search_captions(key, k)
+        return {"key": key, "results": ranked}
 
     @app.get("/images/{key:path}")
     def image(key: str):
