@@ -569,3 +569,22 @@ def test_config_errors_list_only_teran_configs(tmp_path):
                          "['teran_coco', 'teran_f30k', 'teran_small']")
         assert "detector_tiny'" not in line.split("one of")[-1]
     assert not (tmp_path / "run").exists()
+
+
+def test_error_reasons_group_counts_but_keep_the_words_readable():
+    from teranprep.manifests.error_summary import error_reason
+    assert error_reason("k", "feature value 7e+05 is out of float16 range; use --dtype float32") == \
+        "feature value 7e+05 is out of float16 range; use --dtype float32"
+    assert error_reason("k", "image too small for the detector 10x12 px") == "image too small for the detector NxN px"
+    assert error_reason("k", "3 of 80 feature values are non-finite (NaN/inf)") == "N of N feature values are non-finite"
+    assert error_reason("k", "invalid utf-8 in regions-00003.h5") == "invalid utf-8 in regions-00003.h5"
+
+
+def test_a_grown_shard_is_not_called_truncated(tmp_path, make_features):
+    features, _ = make_features(["a.jpg", "b.jpg"], n_boxes=2, dim=4)
+    shard = sorted((features / "shards").glob("*.h5"))[0]
+    with open(shard, "ab") as fh:
+        fh.write(b"\0" * 10)
+    checked = prep("verify", features)
+    assert checked.returncode == 1
+    assert "(grown: written to after the run?)" in checked.stderr and "truncated" not in checked.stderr
