@@ -468,7 +468,8 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
                       if name in batch and batch[name].is_floating_point()
                       and not torch.isfinite(batch[name]).all()]
         weights_bad = tensors_nonfinite(model.state_dict().items())
-        if not weights_bad and step > last_saved[0]:
+        # (single process only: last_saved is rank 0's, and a checkpoint is a collective)
+        if not distributed and not weights_bad and step > last_saved[0]:
             checkpoint([out / LAST], None)  # the last good state, resumable
         cause = (f"this batch's {'/'.join(inputs_bad)} hold NaN/inf: check the features with "
                  f"`prep verify {store.root} --full`" if inputs_bad else
