@@ -169,8 +169,12 @@ def test_all_nan_scores_are_refused_where_ranks_would_give_recall_100():
 def test_search_refuses_nonfinite_scores_of_a_damaged_index(tmp_path, planted_run):
     import h5py
     index = tmp_path / "index"
-    built = prep("index", planted_run["run"], "--features", planted_run["features"], "--out", index)
+    built = prep("index", planted_run["run"], "--features", planted_run["features"], "--out", index,
+                 env={"TERANPREP_PROGRESS_SECONDS": "0"})
     assert built.returncode == 0, built.stderr
+    n = len(pd.read_parquet(planted_run["features"] / "index.parquet"))
+    progress = [l for l in built.stderr.splitlines() if l.startswith("index: ")]  # off a terminal
+    assert progress and progress[-1].startswith(f"index: {n}/{n} img ({n} ok, 0 errors)"), built.stderr
     ok = prep("search", index, "w5 w6 w7", "--exhaustive", "--tokenizer", planted_run["tokenizer"])
     assert ok.returncode == 0, ok.stderr
     shard = sorted((index / "shards").glob("*.h5"))[0]

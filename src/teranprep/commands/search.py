@@ -39,7 +39,7 @@ def index_cmd(run, features, out, splits, split, captions, head, dtype, shard_si
     result = build_index(run, features, out, splits=splits, split=split, captions=captions, head=head,
                          dtype=dtype, shard_size=shard_size, batch_size=batch_size, workers=workers,
                          scheduler=scheduler, threads=threads, exact_max=exact_max,
-                         overwrite=overwrite, echo=stage_echo(quiet))
+                         overwrite=overwrite, echo=stage_echo(quiet), quiet=quiet)
     click.echo(result.summary())
 
 

@@ -221,7 +221,7 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
                 head: Path | None = None, dtype: str = "float16", shard_size: int = 1000,
                 batch_size: int = 64, workers: int = 0, scheduler: str | None = None,
                 threads: int = 1, exact_max: int = EXACT_MAX, overwrite: bool = False,
-                echo=print) -> IndexResult:
+                echo=print, quiet: bool = False) -> IndexResult:
     """Writes index/ to `out`. Resumable: complete shards are kept; a finished index is a no-op."""
     import torch
     from ..manifests import FeatureStore
@@ -302,8 +302,15 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
         if workers == 0 and scheduler is None:  # in-process: hand the loaded model to the tasks
             _worker_cache.update(key=(str(ckpt_file.resolve()), str(Path(features).resolve())), model=model,
                                  store=FeatureStore(features))
-        results = run_tasks(encode_shard, pending, workers=workers, scheduler=scheduler,
-                            on_result=lambda st: echo(f"  {st['shard']}: {st['n_images']} images"))
+        from .progress import ExtractProgress
+        bar = ExtractProgress(sum(len(t.keys) for t in pending), quiet=quiet, label="index")
+        try:
+            results = run_tasks(encode_shard, pending, workers=workers, scheduler=scheduler,
+                                on_result=lambda st: echo(f"  {st['shard']}: {st['n_images']} images"),
+                                on_progress=lambda p: bar.shard_progress(
+                                    {"shard": p["shard"], "done": p["images"], "errors": 0}))
+        finally:
+            bar.close()
         for t, stats in zip(pending, results):
             done[t.index] = stats
     encode_s = time.perf_counter() - t_run
