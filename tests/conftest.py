@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Progress lines off a terminal every 30 s would land in the output tests compare on a loaded
+# machine; the test of those lines sets its own interval.
+os.environ.setdefault("TERANPREP_PROGRESS_SECONDS", "3600")
 
 
 @pytest.fixture

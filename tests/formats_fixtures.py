@@ -14,7 +14,7 @@ def make_records(ids, dim=8, boxes=(2, 5), seed=0):
     out = {}
     for sid in ids:
         n = int(rng.integers(boxes[0], boxes[1] + 1))
-        xy = rng.uniform(0, 40, (n, 2)).astype(np.float32)
+        xy = rng.uniform(0, 20, (n, 2)).astype(np.float32)  # boxes stay inside the >= 50 x 91 image
         out[sid] = {"width": int(rng.integers(50, 90)), "height": int(rng.integers(91, 130)),
                     "boxes": np.concatenate([xy, xy + rng.uniform(3, 30, (n, 2)).astype(np.float32)], 1),
                     "features": rng.standard_normal((n, dim)).astype(np.float32),

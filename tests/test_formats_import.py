@@ -284,6 +284,12 @@ def test_max_error_rate_fails_the_stage_but_keeps_what_was_written(tmp_path):
     res = CliRunner().invoke(main, ["import-features", "butd-tsv", str(tsv), str(tmp_path / "features"),
                                     "--max-error-rate", "0.2", "--quiet"])
     assert res.exit_code == 2 and "1 of 4 images failed (25.0% > --max-error-rate 20%)" in res.output
+    # Kept, but marked failed: no later stage reads it until a run with a passing limit.
+    with pytest.raises(PrepError, match="written by a failed import-features run"):
+        FeatureStore(tmp_path / "features")
+    res = CliRunner().invoke(main, ["import-features", "butd-tsv", str(tsv), str(tmp_path / "features"),
+                                    "--max-error-rate", "0.3", "--quiet"])
+    assert res.exit_code == 0 and "nothing to do" in res.output, res.output
     assert_store_matches(tmp_path / "features", records)
 
 

@@ -42,7 +42,8 @@ def test_repeated_caption_ids_across_splits(features, tmp_path):
     splits = write_splits(tmp_path / "splits", features, {"train": captions("a.jpg"), "val": captions("b.jpg"),
                                                           "test": captions("c.jpg")}, repeat_ids=True)
     report = verify(splits)
-    assert report.problems == [f"{splits}: caption_id is not unique across splits (4 repeated ids)"]
+    assert report.problems == [f"{splits}: caption_id is not unique across splits (4 repeated ids): "
+                               "e.g. 0, 1"]
 
 
 def test_features_changed_since_build_splits_breaks_lineage(make_features, features, tmp_path):

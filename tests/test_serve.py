@@ -145,6 +145,37 @@ def test_bad_requests_are_refused_and_the_server_keeps_serving(server):
     assert server["proc"].poll() is None
 
 
+def test_every_refusal_has_one_json_shape_and_a_taken_port_is_one_line(server):
+    port = server["port"]
+    for path in ("/api/search?q=w5&k=0", "/api/search", "/api/alignment?key=no-such.jpg&q=w5",
+                 "/no/such/route", "/images/no-such.jpg", "/api/search?q=w5&k=abc",
+                 "/api/captions?key=x.jpg"):
+        status, body, ctype = _get(port, path)
+        assert 400 <= status < 500 and ctype.startswith("application/json"), (path, status)
+        data = json.loads(body)
+        assert set(data) == {"error"} and isinstance(data["error"], str) and data["error"], (path, data)
+    assert "k" in json.loads(_get(port, "/api/search?q=w5&k=0")[1])["error"]
+    # No caption set in this index: the page learns it from /api/info, the API says so.
+    assert json.loads(_get(port, "/api/info")[1])["captions"] is False
+    assert "no caption set indexed" in json.loads(_get(port, "/api/captions?key=x.jpg")[1])["error"]
+    # A second server on the running one's port: one line, before the index is loaded.
+    taken = subprocess.run([sys.executable, "-m", "teranprep", "serve", str(server["index"]),
+                            "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert taken.returncode == 2 and "Traceback" not in taken.stderr, taken.stderr
+    errors = [line for line in taken.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"--port {port}" in errors[0] and "pass another --port" in errors[0]
+    assert "serving" not in taken.stdout
+
+
+def test_image_urls_are_percent_encoded_and_decode_back_to_the_key():
+    from urllib.parse import unquote
+    from teranprep.web.app import image_href
+    key = "dir with space/a#b?c%d é.jpg"
+    href = image_href(key)
+    assert href == "/images/dir%20with%20space/a%23b%3Fc%25d%20%C3%A9.jpg"
+    assert unquote(href[len("/images/"):]) == key
+
+
 def _chrome():
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
@@ -197,3 +228,25 @@ def test_browser_types_a_query_and_sees_thumbnails_and_the_overlay(server):
         assert browser.find_element(By.ID, "detail-title").text == first_key
     finally:
         browser.quit()
+
+
+def test_a_rebuilt_index_is_reloaded_and_a_removed_one_is_named(server):
+    """Last in this module: it moves the served index away and back."""
+    port, index = server["port"], server["index"]
+    manifest = index / "manifest.json"
+    data = manifest.read_bytes()
+    replacement = index / "manifest.json.new"
+    replacement.write_bytes(data)
+    os.replace(replacement, manifest)  # what a rebuild does: a new file (inode) in place
+    status, body, _ = _get(port, "/api/search?q=w5+w6&k=3")
+    assert status == 200 and len(json.loads(body)["results"]) == 3  # reopened, still answering
+    moved = index.with_name("index-moved")
+    index.rename(moved)
+    try:
+        status, body, ctype = _get(port, "/api/search?q=w5+w6&k=3")
+        assert 400 <= status < 500 and ctype.startswith("application/json")
+        assert "index folder was removed" in json.loads(body)["error"]
+    finally:
+        moved.rename(index)
+    assert _get(port, "/api/info")[0] == 200
+    assert server["proc"].poll() is None

@@ -230,7 +230,7 @@ def test_rerun_with_same_inputs_leaves_every_file_untouched(tmp_path, make_featu
     build_splits(captions, features=features, out=out)
     before = snapshot(out)
     assert set(before) == {"manifest.json", "train.parquet", "val.parquet", "test.parquet",
-                           "missing.csv", "dropped.csv", ".teranprep-owner.json"}
+                           "missing.csv", "dropped.csv", ".teranprep-owner.json", ".teranprep-lock"}
     result = build_splits(captions, features=features, out=out)
     assert result.noop
     assert snapshot(out) == before

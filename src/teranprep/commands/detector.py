@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import main
+from ..cli import main, quiet_option, stage_echo
 
 
 @main.group("weights")
@@ -45,7 +45,8 @@ def weights_path_cmd(name):
 @click.option("--init-weights", type=click.Path(path_type=Path),
               help="A BUTD checkpoint to fine-tune from (heads of another size start fresh).")
 @click.option("--overwrite", is_flag=True, help="Discard a previous run in --out.")
-def train_detector_cmd(annotations, images, config, out, epochs, init_weights, overwrite):
+@quiet_option
+def train_detector_cmd(annotations, images, config, out, epochs, init_weights, overwrite, quiet):
     """Train a BUTD-family detector on COCO boxes (classes + attributes) in ANNOTATIONS.
 
     IMAGES is the folder the file_name paths are relative to. Resumes from OUT/last.pth; prints
@@ -58,7 +59,7 @@ def train_detector_cmd(annotations, images, config, out, epochs, init_weights, o
     if init_weights is not None:
         overrides["init_weights"] = str(init_weights)
     result = train_detector(annotations, images, config=config, out=out, overrides=overrides,
-                            overwrite=overwrite, echo=click.echo)
+                            overwrite=overwrite, echo=stage_echo(quiet))
     click.echo(result.summary())
 
 
@@ -71,7 +72,7 @@ def train_detector_cmd(annotations, images, config, out, epochs, init_weights, o
               help="Image root (default: the input root recorded in the features manifest).")
 @click.option("--labels", type=click.Path(path_type=Path), help="Class names, one per line (id order).")
 @click.option("--attr-labels", type=click.Path(path_type=Path), help="Attribute names, one per line.")
-@click.option("--max-boxes", default=36, show_default=True)
+@click.option("--max-boxes", default=36, show_default=True, help="Draw at most this many boxes per image.")
 def show_regions_cmd(features, image_keys, out_dir, images_root, labels, attr_labels, max_boxes):
     """Draw the saved boxes of IMAGE_KEYS (from FEATURES) with their labels into PNGs."""
     from ..pipeline.regions import show_regions

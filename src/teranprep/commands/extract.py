@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..cli import main
+from ..cli import ShownDefault, main
+from ..manifests.values import VERIFY_SAMPLE
 
 
 def _default_model():
@@ -23,20 +24,21 @@ def _default_precision():
 @main.command("extract-regions")
 @click.argument("images")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--model", default=_default_model, show_default=True,
+@click.option("--model", default=_default_model, show_default=True, cls=ShownDefault,
               help="Detector name (see `prep weights list`).")
 @click.option("--weights", type=click.Path(path_type=Path), help="Checkpoint file of the detector.")
 @click.option("--random-weights", "random_weights", type=int, metavar="SEED",
               help="Deterministic random weights, for smoke tests: the features are MEANINGLESS.")
-@click.option("--batch-size", default=2, show_default=True)
+@click.option("--batch-size", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Images per detector batch (>= 1).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
 @click.option("--shard-size", default=1000, show_default=True, help="Images per HDF5 shard.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="dtype the features are stored in.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=_default_precision,
-              show_default=True, help="Detector arithmetic: bf16 conv trunks (channels-last) with "
+              show_default=True, cls=ShownDefault, help="Detector arithmetic: bf16 conv trunks (channels-last) with "
                                       "fp32 box selection; see docs/ARCHITECTURE.md.")
-@click.option("--conf-thresh", default=0.2, show_default=True)
+@click.option("--conf-thresh", default=0.2, show_default=True, help="Keep regions whose best class score is >= this.")
 @click.option("--min-boxes", type=int, help="Default 10, or the named weights' policy (36 for -k36).")
 @click.option("--max-boxes", type=int, help="Default 100, or the named weights' policy.")
 @click.option("--given-boxes", type=click.Path(path_type=Path),
@@ -67,10 +69,11 @@ def _default_precision():
               help="torch threads per task (default: cores / min(workers, shards); features are "
                    "byte-identical for any --workers at the same value).")
 @click.option("--retries", default=2, show_default=True, help="Retries of a failed shard task.")
-@click.option("--max-error-rate", default=0.01, show_default=True)
+@click.option("--max-error-rate", default=0.01, show_default=True,
+              help="Fail the stage (exit 2, manifest marked failed) above this share of error rows (0..1).")
 @click.option("--overwrite", is_flag=True, help="Delete previous outputs in OUT and start afresh.")
 @click.option("--dry-run", is_flag=True, help="Print the shard plan and exit.")
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, help="Print only errors, warnings and the final summary line.")
 def extract_regions_cmd(images, out, weights, random_weights, quiet, given_boxes, box_source, backend,
                         d2_config, spatial, vinvl_selection, **options):
     """Detect regions in IMAGES and write HDF5 shards + index + manifest to OUT.
@@ -130,12 +133,15 @@ def extract_regions_cmd(images, out, weights, random_weights, quiet, given_boxes
 
 @main.command("verify")
 @click.argument("path", type=click.Path(path_type=Path))
-def verify_cmd(path):
+@click.option("--full", is_flag=True, help="Check the values (finite, boxes inside the image) of "
+              f"every image, not a sample of {VERIFY_SAMPLE}.")
+@click.option("--quiet", is_flag=True, help="Print only the problems and the final line, no warnings.")
+def verify_cmd(path, full, quiet):
     """Check an output directory: features/ (hashes, offsets, index), splits/ (lineage, schema,
     disjoint splits) or runs/NAME (checkpoints load, config and lineage match)."""
     from ..pipeline.verify import verify
-    report = verify(path)
-    for line in report.warnings:
+    report = verify(path, full=full)
+    for line in ([] if quiet else report.warnings):
         click.echo(f"warning: {line}", err=True)
     for line in report.problems:
         click.echo(f"problem: {line}", err=True)

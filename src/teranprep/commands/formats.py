@@ -19,7 +19,8 @@ _EXPORT = ("scan-precomp", "teran", "butd-tsv", "vinvl-tsv", "lmdb")
 @click.option("--key-map", type=click.Path(path_type=Path),
               help="CSV with header id,image_key: the image key of each source id (default: the id).")
 @click.option("--shard-size", default=1000, show_default=True, help="Images per HDF5 shard.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True,
+              help="dtype the features are stored in.")
 @click.option("--sizes", type=click.Path(path_type=Path),
               help="teran: CSV id,width,height of the original images (default SRC/image_sizes.csv "
                    "when present, else -1 = unknown).")
@@ -30,7 +31,7 @@ _EXPORT = ("scan-precomp", "teran", "butd-tsv", "vinvl-tsv", "lmdb")
                    "recorded as status=error rows and skipped).")
 @click.option("--overwrite", is_flag=True, help="Delete previous outputs in OUT and start afresh.")
 @click.option("--dry-run", is_flag=True, help="Print the shard plan (and why each shard would run); write nothing.")
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, help="Print only errors, warnings and the final summary line.")
 def import_features_cmd(format_, src, out, splits, **options):
     """Convert FORMAT features in SRC into a features/ directory OUT (HDF5 shards + index + manifest)."""
     from ..pipeline.formats import import_features
@@ -50,7 +51,7 @@ def import_features_cmd(format_, src, out, splits, **options):
               help="CSV id,image_key: write each image under its id (default: the image key).")
 @click.option("--label-map", type=click.Path(path_type=Path),
               help="vinvl-tsv: VinVL's VG-SGG-dicts-vgoi6-clipped.json, for class names in predictions.tsv.")
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, help="Print only errors, warnings and the final summary line.")
 def export_features_cmd(features, to, out, **options):
     """Write the features in FEATURES as files SCAN, TERAN, Caffe-TSV, Oscar/ALADIN (vinvl-tsv) or
     MMF (lmdb) readers load."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import main
+from ..cli import main, quiet_option, stage_echo
 
 
 @main.command("index")
@@ -20,9 +20,11 @@ from ..cli import main
               help="splits/ folder whose captions (--split, else all) are indexed for image->text search.")
 @click.option("--head", type=click.Path(path_type=Path),
               help="Shortlist head dir (default RUN/shortlist when trained, else mean pooling).")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--shard-size", default=1000, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="dtype the region embeddings are stored in.")
+@click.option("--shard-size", default=1000, show_default=True, help="Images per HDF5 shard.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images (or captions) per encoder batch (>= 1).")
 @click.option("--workers", type=int,
               help="0: in this process; N: a local dask cluster  [default: 0; refused with --scheduler]")
 @click.option("--scheduler", help="tcp://host:port of a dask scheduler.")
@@ -30,16 +32,17 @@ from ..cli import main
 @click.option("--threads", default=1, show_default=True, help="torch threads per task.")
 @click.option("--exact-max", default=100_000, show_default=True,
               help="Up to this many images the shortlist is exact; above, FAISS IVF.")
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Delete a previous index in --out and start afresh.")
 @click.option("--dry-run", is_flag=True, help="Print the shard plan (and why each shard would run); write nothing.")
+@quiet_option
 def index_cmd(run, features, out, splits, split, captions, head, dtype, shard_size, batch_size,
-              workers, scheduler, device, threads, exact_max, overwrite, dry_run):
+              workers, scheduler, device, threads, exact_max, overwrite, dry_run, quiet):
     """Encode every ok image of FEATURES through RUN's image encoder into a searchable index."""
     from ..pipeline.index import build_index
     result = build_index(run, features, out, splits=splits, split=split, captions=captions, head=head,
                          dtype=dtype, shard_size=shard_size, batch_size=batch_size, workers=workers,
                          scheduler=scheduler, device=device, threads=threads, exact_max=exact_max,
-                         overwrite=overwrite, dry_run=dry_run, echo=click.echo)
+                         overwrite=overwrite, dry_run=dry_run, echo=stage_echo(quiet), quiet=quiet)
     if not dry_run:
         click.echo(result.summary())
 
@@ -47,33 +50,42 @@ def index_cmd(run, features, out, splits, split, captions, head, dtype, shard_si
 @main.command("train-shortlist")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--splits", type=click.Path(path_type=Path), help="Default: the run's training splits.")
-@click.option("--features", type=click.Path(path_type=Path))
+@click.option("--features", type=click.Path(path_type=Path),
+              help="Features directory (default: the one recorded in the splits' manifest).")
 @click.option("--out", type=click.Path(path_type=Path), help="Default: RUN/shortlist/.")
 @click.option("--dim", default=256, show_default=True, help="Global vector size.")
-@click.option("--epochs", default=30, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--epochs", default=30, show_default=True, help="Passes over the training images.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images (or captions) per encoder batch (>= 1).")
+@click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate of the head.")
 @click.option("--max-images", default=20000, show_default=True, help="Train on at most this many images.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--overwrite", is_flag=True)
-def train_shortlist_cmd(run, splits, features, out, dim, epochs, batch_size, lr, max_images, seed, overwrite):
+@click.option("--seed", default=0, show_default=True, help="Seed of the head's initialisation and batch order.")
+@click.option("--overwrite", is_flag=True, help="Replace a previous head in --out.")
+@quiet_option
+def train_shortlist_cmd(run, splits, features, out, dim, epochs, batch_size, lr, max_images, seed,
+                        overwrite, quiet):
     """Distil RUN's alignment scores into a small global-vector head (ALADIN's ListNet)."""
     from ..pipeline.shortlist import train_shortlist
     result = train_shortlist(run, splits=splits, features=features, out=out, dim=dim, epochs=epochs,
                              batch_size=batch_size, lr=lr, max_images=max_images, seed=seed,
-                             overwrite=overwrite, echo=click.echo)
+                             overwrite=overwrite, echo=stage_echo(quiet))
     click.echo(result.summary())
 
 
 @main.command("search")
 @click.argument("index", type=click.Path(path_type=Path))
 @click.argument("query", required=False)
-@click.option("-k", "k", default=10, show_default=True)
-@click.option("--shortlist", type=int, help="Re-rank the top N of the FAISS shortlist (default 200).")
+# The limits are pipeline/search.py's MAX_K and DEFAULT_SHORTLIST (not imported here: that
+# module loads torch, and every `prep` command reads this file); a test keeps them equal.
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000),
+              help="Results to return (1..1000).")
+@click.option("--shortlist", type=click.IntRange(min=1),
+              help="Re-rank the top N (>= 1; at most the indexed images are used) of the FAISS "
+                   "shortlist  [default: 200]")
 @click.option("--exhaustive", is_flag=True, help="Score every image with the alignment (eval's path).")
 @click.option("--image", "image_key", help="Image -> text: rank the indexed captions for this image key.")
 @click.option("--tokenizer", help="Tokenizer dir or 'minilm' (default: the run's text encoder).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def search_cmd(index, query, k, shortlist, exhaustive, image_key, tokenizer, as_json):
     """Text -> image search for QUERY, or image -> text with --image KEY."""
     from ..errors import PrepError
@@ -108,7 +120,7 @@ def search_cmd(index, query, k, shortlist, exhaustive, image_key, tokenizer, as_
 @main.command("serve")
 @click.argument("index", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (localhost only by default).")
-@click.option("--port", default=8000, show_default=True)
+@click.option("--port", default=8000, show_default=True, help="TCP port to listen on.")
 @click.option("--images", type=click.Path(path_type=Path),
               help="Image root served to the page (default: the features' input root, if it exists).")
 @click.option("--tokenizer", help="Tokenizer dir or 'minilm' (default: the run's text encoder).")

@@ -28,12 +28,13 @@ from ..cli import main
 @click.option("--seed", default=0, show_default=True, help="Seed of the split by image.")
 @click.option("--tokenizer", help="Fast tokenizer: a local model dir or a cached Hugging Face name "
                                   "(default: the bundled MiniLM's bert-base-uncased vocabulary).")
-@click.option("--max-tokens", default=128, show_default=True,
-              help="Truncate input_ids to this many tokens, [CLS] and [SEP] included.")
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=3),
+              help="Truncate input_ids to this many tokens, [CLS] and [SEP] included (3 .. the "
+                   "text encoder's positions: 512 for BERT and MiniLM; train refuses longer).")
 @click.option("--max-missing", default=0, show_default=True,
               help="Captions whose image has no ok features that are tolerated (listed in missing.csv).")
 @click.option("--overwrite", is_flag=True, help="Rebuild OUT even if it holds splits made with other parameters.")
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, help="Print only errors, warnings and the final summary line.")
 def build_splits_cmd(captions, features, out, format_, quiet, **options):
     """Tokenize CAPTIONS into train/val/test parquet files tied to FEATURES, written to OUT.
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import main
+from ..cli import main, quiet_option, stage_echo
 
 
 @main.command("train")
@@ -23,7 +23,8 @@ from ..cli import main
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]),
               help="Matrix-product precision (default: the config's training.precision, fp32); "
                    "bf16 uses autocast on CPU and CUDA. A resumed run keeps its own.")
-def train_cmd(splits, config, out, resume, features, device, stop_after, precision):
+@quiet_option
+def train_cmd(splits, config, out, resume, features, device, stop_after, precision, quiet):
     """Train TERAN on SPLITS (train split; validation on val). Multi-GPU: run under torchrun."""
     from ..errors import PrepError
     from ..pipeline.train import train
@@ -31,20 +32,23 @@ def train_cmd(splits, config, out, resume, features, device, stop_after, precisi
         raise PrepError("prep train: --config is required (a YAML path or teran_small, teran_coco, "
                         "teran_f30k) unless --resume continues an existing run")
     result = train(splits, config, out, resume=resume, features=features, device=device,
-                   stop_after=stop_after, precision=precision, echo=click.echo)
+                   stop_after=stop_after, precision=precision, echo=stage_echo(quiet))
     click.echo(result.summary())
 
 
 @main.command("eval")
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--splits", required=True, type=click.Path(path_type=Path))
-@click.option("--split", default="test", show_default=True)
+@click.option("--splits", required=True, type=click.Path(path_type=Path),
+              help="splits/ folder holding the split to evaluate.")
+@click.option("--split", default="test", show_default=True, help="Split to evaluate: train, val or test.")
 @click.option("--protocol", type=click.Choice(["all", "1k", "5k"]), default="all", show_default=True,
               help="1k: mean over folds of 1000 images (COCO 1K); 5k: the first 5000 images.")
-@click.option("--features", type=click.Path(path_type=Path))
+@click.option("--features", type=click.Path(path_type=Path),
+              help="Features directory (default: the one recorded in SPLITS/manifest.json).")
 @click.option("--out", type=click.Path(path_type=Path), help="Default: RUN/eval-SPLIT-PROTOCOL/.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images (or captions) per encoder batch (>= 1).")
 @click.option("--text-encoder", type=click.Path(path_type=Path),
               help="Original TERAN checkpoints: the text encoder's model directory (config.json), "
                    "when the one the checkpoint names is not on this machine.")
@@ -63,12 +67,14 @@ def train_cmd(splits, config, out, resume, features, device, stop_after, precisi
               help="bf16: encode and score under bf16 autocast (default out: ...-bf16/).")
 @click.option("--drift/--no-drift", default=None,
               help="With bf16: also score in fp32 and report the drift (default on for bf16).")
+@quiet_option
 def eval_cmd(source, splits, split, protocol, features, out, device, batch_size, text_encoder,
-             relevance_files, relevance_cache, no_ndcg, scheduler, workers, as_json, precision, drift):
+             relevance_files, relevance_cache, no_ndcg, scheduler, workers, as_json, precision, drift,
+             quiet):
     """Evaluate a run directory, a checkpoint, or an original TERAN model_best_rsum.pth.tar."""
     import json
     from ..pipeline.evaluate import evaluate
-    echo = (lambda message: click.echo(message, err=True)) if as_json else click.echo
+    echo = (lambda message: click.echo(message, err=True)) if as_json else stage_echo(quiet)
     metrics = evaluate(source, splits, split=split, protocol=protocol, features=features, out=out,
                        device=device, batch_size=batch_size, text_encoder=text_encoder,
                        ndcg=not no_ndcg, relevance_files=relevance_files,
@@ -76,6 +82,9 @@ def eval_cmd(source, splits, split, protocol, features, out, device, batch_size,
                        precision=precision, drift=drift, echo=echo)
     if as_json:
         click.echo(json.dumps(metrics, sort_keys=True))
+    elif quiet:
+        click.echo(f"{metrics['split']} ({metrics['protocol']}): rsum {metrics['rsum']:.1f}, "
+                   f"i2t R@1 {metrics['i2t']['r1']:.1f}, t2i R@1 {metrics['t2i']['r1']:.1f}")
 
 
 @main.command("show-alignment")
@@ -85,7 +94,8 @@ def eval_cmd(source, splits, split, protocol, features, out, device, batch_size,
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="PNG to write.")
 @click.option("--splits", type=click.Path(path_type=Path),
               help="Splits whose features hold IMAGE_KEY (default: the run's training splits).")
-@click.option("--features", type=click.Path(path_type=Path))
+@click.option("--features", type=click.Path(path_type=Path),
+              help="Features directory holding IMAGE_KEY (overrides --splits' recorded one).")
 @click.option("--images", type=click.Path(path_type=Path),
               help="Image root (default: the features manifest's input root).")
 @click.option("--tokenizer", help="Tokenizer dir or 'minilm' (default: the run's text encoder).")

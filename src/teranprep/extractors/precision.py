@@ -30,14 +30,56 @@ def conv_rate(precision: str = "fp32", batch: int = 32, reps: int = 3, device: s
     return flops / best
 
 
-def bf16_speedup_hint(threads: int) -> str:
-    """One line: how much faster the ROI-head kernel runs in bf16 than fp32 here (~0.2 s to
-    measure), for the fp32 default to point at the faster option."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+# Below this measured ratio the hint says nothing: "0.5x faster" helps no one, and on CPUs
+# without bf16 units bf16 is emulated and slower.
+MIN_HINT_SPEEDUP = 1.2
+
+
+def _cpu_name() -> str:
+    import platform
     try:
-        ratio = conv_rate("bf16", batch=8, reps=2) / conv_rate("fp32", batch=8, reps=2)
-    finally:
-        torch.set_num_threads(before)
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hint_cache_path() -> "Path":
+    import os
+    from pathlib import Path
+    base = os.environ.get("TERANPREP_HINT_CACHE")
+    return Path(base) if base else Path.home() / ".cache" / "teranprep" / "bf16-speedup.json"
+
+
+def bf16_speedup_hint(threads: int) -> str | None:
+    """One line: how much faster the ROI-head kernel runs in bf16 than fp32 on this CPU, for the
+    fp32 default to point at the faster option; None when bf16 is not clearly faster. Measured
+    once per CPU model, torch version and thread count (~0.2 s) and cached in hint_cache_path()."""
+    import json
+    path = hint_cache_path()
+    key = f"{_cpu_name()} | torch {torch.__version__} | {threads} threads"
+    try:
+        cache = json.loads(path.read_text("utf-8"))
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    ratio = cache.get(key)
+    if not isinstance(ratio, (int, float)):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            ratio = conv_rate("bf16", batch=8, reps=2) / conv_rate("fp32", batch=8, reps=2)
+        finally:
+            torch.set_num_threads(before)
+        try:
+            from ..manifests.atomic import atomic_write_json
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, {**cache, key: round(float(ratio), 3)})
+        except OSError:
+            pass  # a read-only home: measure again next time
+    if ratio < MIN_HINT_SPEEDUP:
+        return None
     return (f"note: --precision bf16 would run the detector's main kernel {ratio:.1f}x faster on this "
             "CPU (features drift slightly; see docs/ARCHITECTURE.md 'Precision')")

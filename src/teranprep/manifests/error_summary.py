@@ -20,7 +20,11 @@ def error_reason(key: str, message: str) -> str:
             text = text[len(prefix):]
             break
     text = re.split(r"[:(]", text, maxsplit=1)[0].strip()
-    return re.sub(r"\d+", "N", text) or "unknown"
+    # Counts and sizes become N so that they group; digits inside a word stay (float16, fp32,
+    # utf-8, regions-00003.h5), so the reason still reads as it was written.
+    text = re.sub(r"(?<![\w.\-+])\d+(?:\.\d+)?(x\d+)?(?!\w)",
+                  lambda m: "NxN" if m.group(1) else "N", text)
+    return text or "unknown"
 
 
 def summarize_errors(keys, messages, examples: int = EXAMPLES_PER_REASON) -> dict:

@@ -27,12 +27,14 @@ OPTIONAL_INDEX_COLUMNS = {"caption": "string", "metadata": "string"}
 
 
 def read_features_manifest(features_dir: Path) -> dict:
+    from .outcome import refuse_failed
     from .ownership import read_stamped_json
-    return read_stamped_json(
+    manifest = read_stamped_json(
         Path(features_dir) / MANIFEST_NAME, FEATURES_FORMAT, what="features manifest",
         missing="no features manifest; run `prep extract-regions` or `prep import-features` into "
                 "this directory first (or finish the run)",
         unreadable="re-run the stage that wrote it", foreign="not a teranprep features manifest")
+    return refuse_failed(manifest, Path(features_dir) / MANIFEST_NAME)  # a failed stage's: refused
 
 
 def index_frame(rows: list[dict]) -> pd.DataFrame:

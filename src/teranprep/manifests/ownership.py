@@ -125,12 +125,84 @@ def claim_output_dir(out: Path, fmt: str, *, create: bool = True, allow_inside=(
                             "this stage's output to a folder of its own")
     if not create:
         _check_creatable(out)
+        if out.is_dir():
+            lock_output_dir(out, required=False)
     else:
         ensure_writable_dir(out)
+        lock_output_dir(out)  # before anything is planned or written: one writer per folder
         if not (out / OWNER_STAMP).is_file():
             from .atomic import atomic_write_json
             atomic_write_json(out / OWNER_STAMP, {"format": fmt})
     return out
+
+
+# The lock file every writing stage holds an exclusive flock on. It is created once and never
+# written, so a re-run leaves every file of a finished folder untouched.
+LOCK_NAME = ".teranprep-lock"
+_held_locks: dict[str, int] = {}  # realpath of a folder -> fd of its locked lock file (this process)
+
+
+def lock_output_dir(out: Path, *, required: bool = True) -> None:
+    """Takes an exclusive OS lock (fcntl.flock on out/.teranprep-lock) for this process, held
+    until release_output_locks() or the process's death (the kernel drops it then, also on
+    SIGKILL). Another live process holding it: one PrepError line naming its pid and command.
+    Re-entrant within a process. `required` False: a folder whose lock file cannot be created
+    is left unlocked (a check-only claim; the writing claim that follows reports it)."""
+    import fcntl
+    real = os.path.realpath(out)
+    if real in _held_locks:
+        return
+    path = Path(real) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError:
+        if not required:
+            return
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        raise PrepError(f"{out}: another prep run is writing this folder ({holder}); wait for it "
+                        "to finish or choose another output folder") from None
+    except OSError:
+        os.close(fd)
+        if not required:
+            return
+        raise
+    _held_locks[real] = fd
+
+
+def _lock_holder(fd: int) -> str:
+    """"pid N: COMMAND" of the process holding the flock on `fd`'s file, from /proc/locks (Linux)."""
+    st = os.fstat(fd)
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and ident in fields and "->" not in fields:
+                pid = fields[fields.index(ident) - 1]
+                try:
+                    raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    command = " ".join(part.decode("utf-8", "replace") for part in raw.split(b"\0") if part)
+                except OSError:
+                    command = "command unknown"
+                return f"pid {pid}: {command}"
+    except OSError:
+        pass
+    return "pid unknown"
+
+
+def release_output_locks() -> None:
+    """Drops every output-folder lock this process holds (the CLI calls it after each command)."""
+    import fcntl
+    while _held_locks:
+        _, fd = _held_locks.popitem()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
 
 def _check_creatable(out: Path) -> None:

@@ -187,3 +187,31 @@ def clear_splits(splits_dir: Path) -> None:
     for name in (*(split_path(splits_dir, n).name for n in SPLIT_NAMES), MISSING_NAME, DROPPED_NAME):
         (splits_dir / name).unlink(missing_ok=True)
     remove_stale_temps(splits_dir)
+
+
+def split_leaks(rows) -> list[str]:
+    """What makes splits leak, from (split, image_key, caption_id) rows: an image in two splits,
+    or one caption_id used twice. Each finding is one phrase with up to 5 example keys / ids;
+    build-splits refuses on any, and verify reports them (the same check for both)."""
+    owner: dict[str, str] = {}
+    clashes: dict[str, set] = {}
+    ids_seen: dict = {}
+    repeated: list = []
+    for split, key, caption_id in rows:
+        first = owner.setdefault(key, split)
+        if first != split:
+            clashes.setdefault(key, {first}).add(split)
+        if caption_id in ids_seen:
+            repeated.append(caption_id)
+        else:
+            ids_seen[caption_id] = key
+    found = []
+    if clashes:
+        examples = ", ".join(f"{key!r} ({' and '.join(s for s in SPLIT_NAMES if s in splits)})"
+                             for key, splits in sorted(clashes.items())[:5])
+        found.append(f"{len(clashes)} images are in two splits: {examples}")
+    if repeated:
+        examples = ", ".join(map(str, sorted(set(repeated))[:5]))
+        found.append(f"caption_id is not unique across splits ({len(repeated)} repeated ids): "
+                     f"e.g. {examples}")
+    return found

@@ -48,6 +48,10 @@ def show_alignment(source: Path, image_key: str, caption: str, out: Path, *, spl
     wp = load_wordpiece(tokenizer)
     wp.backend.no_truncation()
     encoding = wp.backend.encode(normalize_caption(caption))
+    positions = model.text_encoder.config.max_position_embeddings
+    if len(encoding.ids) > positions:  # the encoder has no position for the rest: refuse, not crash
+        raise PrepError(f"the caption has {len(encoding.ids)} word pieces ([CLS] and [SEP] included), "
+                        f"the text encoder of {source} takes at most {positions}; shorten the caption")
     aligned = word_region_alignment(model, regions, list(encoding.ids))
     result = [(encoding.tokens[pos], region, score) for pos, region, score in aligned]
 

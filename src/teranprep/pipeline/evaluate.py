@@ -10,6 +10,7 @@ import torch
 from ..errors import PrepError
 from ..manifests.atomic import atomic_write_bytes, canonical_json
 from ..manifests.lineage_warnings import emit, features_warnings, merge, recorded_warnings, warning_fields
+from ..manifests.values import require_finite_scores
 from ..teran.checkpoint import checkpoint_path, load_model
 
 PROTOCOLS = ("all", "1k", "5k")
@@ -65,6 +66,8 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
         raise PrepError(f"{store.root}: {store.feature_dim}-d features, but {checkpoint_path(source)} "
                         f"was trained on {ckpt['feature_dim']}-d ones")
     data = load_split(splits_dir, split, store)
+    from .train import refuse_long_captions
+    refuse_long_captions(splits_dir, data, model.text_encoder.config.max_position_embeddings)
     n_images = len(data.image_keys)
     if protocol == "5k":
         if n_images < 5 * fold_size:
@@ -99,6 +102,10 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
                            encoded.words[caps], encoded.word_lengths[caps])
         scores = model_score_matrix(model, sub, image_block=image_block,
                                     caption_block=caption_block, device=dev, precision=precision)
+        require_finite_scores(scores, what=f"{checkpoint_path(source)} on {splits_dir}/{split}.parquet",
+                              hint=f"its weights or the features hold NaN/inf (check with `prep verify "
+                                   f"{Path(source)}` and `prep verify {store.root} --full`); nothing "
+                                   "was written")
         owner = data.caption_image[caps] - images[0]
         if drift_stats is not None:
             ref = EncodedSplit(reference.regions[images], reference.region_lengths[images],

@@ -22,8 +22,10 @@ from ..extractors import (DEFAULT_MODEL, DEFAULT_PRECISION, MODELS, PRECISIONS, 
 from ..manifests import fingerprint, sha256_file
 from ..manifests.atomic import atomic_write_bytes
 from ..manifests.error_summary import format_error_summary, summarize_errors
+from ..manifests.outcome import mark_outcome
 from ..manifests.ownership import FEATURES, claim_output_dir
-from ..manifests.features import (INDEX_NAME, OPTIONAL_INDEX_COLUMNS, SHARDS_DIR, prepare_output,
+from ..manifests.features import (INDEX_NAME, MANIFEST_NAME, OPTIONAL_INDEX_COLUMNS, SHARDS_DIR,
+                                  prepare_output,
                                   write_index_and_manifest)
 from ..manifests.shards import Regions, ShardWriter
 from .common.distribute import (check_workers, default_threads, report_progress, stage_device,
@@ -402,10 +404,12 @@ def _extract_regions(images: Path, out: Path, opts: ExtractOptions, echo, warn) 
         return ExtractResult(out, len(entries), 0, 0, len(stage.tasks), 0, time.perf_counter() - t_start)
     if random_weights is not None:
         warn(f"WARNING: {RANDOM_WEIGHTS_WARNING}")  # never hidden by --quiet
-    if precision == "fp32" and not quiet and stage.pending and model != "detectron2" \
-            and resolved_device == "cpu":
+    if precision == "fp32" and not quiet and stage.pending and model == "butd-r101" \
+            and resolved_device == "cpu":  # the full-size model only: the one where it matters
         from ..extractors.precision import bf16_speedup_hint
-        echo(bf16_speedup_hint(threads))
+        hint = bf16_speedup_hint(threads)
+        if hint:
+            echo(hint)
     manifest = stage.current_manifest()
     shards_run = 0
     if manifest is None:
@@ -413,11 +417,14 @@ def _extract_regions(images: Path, out: Path, opts: ExtractOptions, echo, warn) 
                                             random_weights is not None, device, passed_over, unmatched)
     result = _result(out, manifest, shards_run, time.perf_counter() - t_start)
     n = result.n_images
+    failure = None
     if n and result.n_error / n > max_error_rate:
         # Checked on every run, so a failed stage stays failed until its inputs or limit change.
-        raise PrepError(f"{out / INDEX_NAME}: {result.n_error} of {n} images failed "
-                        f"({100 * result.n_error / n:.1f}% > --max-error-rate "
-                        f"{100 * max_error_rate:g}%): "
+        failure = (f"{result.n_error} of {n} images failed ({100 * result.n_error / n:.1f}% > "
+                   f"--max-error-rate {100 * max_error_rate:g}%)")
+    mark_outcome(out / MANIFEST_NAME, failure)  # downstream stages refuse a failed folder
+    if failure:
+        raise PrepError(f"{out / INDEX_NAME}: {failure}: "
                         f"{format_error_summary(manifest.get('errors_by_reason', {})) or 'no reasons recorded'}; "
                         "completed shards are kept; fix or remove those images, or raise --max-error-rate")
     return result
@@ -428,7 +435,7 @@ def _run_pending(stage, inputs, params, opts, workers, scheduler, retries, quiet
     from .common.progress import ExtractProgress
     out = stage.out
     total_images = sum(len(t.entries) for t in stage.pending)
-    bar = ExtractProgress(total_images, quiet=quiet)
+    bar = ExtractProgress(total_images, quiet=quiet, label="extract-regions")
     t_run = time.perf_counter()
     try:
         stage.run(workers=workers, scheduler=scheduler, retries=retries, on_result=bar.shard_done,

@@ -84,6 +84,7 @@ def encode_shard(task: IndexTask) -> dict:
             for batch in loader:
                 out = model.encode_images(*(batch[k].to(task.device) for k in
                                             ("features", "boxes", "sizes", "region_lengths"))).float().cpu().numpy()
+                refuse_nonfinite_embeddings(out, batch, task)
                 for b, i in enumerate(batch["index"].tolist()):
                     n = int(batch["region_lengths"][b]) - 1  # slot 0 is never scored: not stored
                     w, h = (int(v) for v in batch["sizes"][b].tolist())
@@ -106,6 +107,17 @@ def recorded_items(stats: dict) -> list:
     """[(key, signature)] an index marker was computed for (markers before `sources`: none)."""
     keys = stats.get("keys", [])
     return [[k, src] for k, src in zip(keys, stats.get("sources") or [None] * len(keys))]
+
+
+def refuse_nonfinite_embeddings(out, batch, task: IndexTask) -> None:
+    """A NaN/inf region embedding would never rank (or always rank first): one line, no index."""
+    from ..manifests.values import require_finite_scores
+    lengths = batch["region_lengths"].tolist()
+    for b, i in enumerate(batch["index"].tolist()):
+        require_finite_scores(out[b, 1:lengths[b]], what=f"{task.checkpoint}: image {task.keys[i]!r}",
+                              hint=f"the region embeddings of this model hold NaN/inf (its weights, "
+                                   f"or the features in {task.features}: check with `prep verify "
+                                   "--full`); no index was written")
 
 
 # ---------------------------------------------------------------- shortlist (FAISS)
@@ -217,7 +229,7 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
                 head: Path | None = None, dtype: str = "float16", shard_size: int = 1000,
                 batch_size: int = 64, workers: int | None = None, scheduler: str | None = None,
                 device: str = "auto", threads: int = 1, exact_max: int = EXACT_MAX, overwrite: bool = False,
-                dry_run: bool = False, echo=print) -> IndexResult:
+                dry_run: bool = False, echo=print, quiet: bool = False) -> IndexResult:
     """Writes index/ to `out`. Resumable: complete shards are kept; a finished index is a no-op;
     images added to the features later go into new shards."""
     import torch
@@ -225,6 +237,7 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
     from ..manifests import FeatureStore
     from ..teran.checkpoint import checkpoint_path, load_model
     from .common.distribute import check_workers, stage_device
+    from ..manifests.claims import refuse_false_claims
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -251,6 +264,7 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
                         f"was trained on {ckpt['feature_dim']}-d ones")
     shortlist_head, head_info = load_head(head, embed_dim)
     with FeatureStore(features) as store:
+        refuse_false_claims(store)  # a hand-edited feature_dim/dtype: one line, not a crash
         keys = _plan_keys(features, splits, split, store)
         located = dict(zip(store.index["image_key"], zip(store.index["shard"], store.index["row"])))
     if not keys:
@@ -311,8 +325,15 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
         _worker_cache.update(key=(str(ckpt_file.resolve()), str(Path(features).resolve()), run_device),
                              model=model if run_device == "cpu" else load_model(ckpt_file, run_device)[0],
                              store=FeatureStore(features))
-    stage.run(workers=workers, scheduler=scheduler,
-              on_result=lambda st: echo(f"  {st['shard']}: {st['n_images']} images"))
+    from .common.progress import ExtractProgress
+    bar = ExtractProgress(sum(len(t.keys) for t in pending), quiet=quiet, label="index")
+    try:
+        stage.run(workers=workers, scheduler=scheduler,
+                  on_result=lambda st: echo(f"  {st['shard']}: {st['n_images']} images"),
+                  on_progress=lambda p: p.get("run") == str(out.resolve()) and bar.shard_progress(
+                      {"shard": p["shard"], "done": p["images"], "errors": 0}))
+    finally:
+        bar.close()
     encode_s = time.perf_counter() - t_run
     stats = stage.ordered_stats()
 

@@ -80,7 +80,7 @@ def show_regions(features_dir, image_keys, out_dir, *, images_root=None, labels=
     with store:
         for key in image_keys:
             if key not in store:
-                raise PrepError(f"{features_dir}: no ok regions for {key!r}; see index.parquet for its status")
+                raise PrepError(unknown_key_message(store, key))
             regions = store[key]
             if not (root / key).is_file():
                 raise PrepError(f"{root / key}: image not found; pass --images ROOT where {key} lives")
@@ -97,10 +97,31 @@ def show_regions(features_dir, image_keys, out_dir, *, images_root=None, labels=
                 text = _label(regions, i, class_names, attr_names)
                 if text:
                     draw.text((x1 + 2, y1 + 1), text, fill=color)
-            target = out_dir / (key.replace("/", "__") + ".png")
+            target = out_dir / png_name(key)
             canvas.save(target)
             written.append(target)
     return written
+
+
+def png_name(key: str) -> str:
+    """The PNG file name of an image key: `/` -> `__` (`train2014/x.jpg` -> `train2014__x.jpg.png`);
+    a key that this would make ambiguous (it holds `__`, `%` or `_` next to `/`) is escaped first
+    (`%` -> `%25`, `_` -> `%5F`), so two keys never share a file name."""
+    if "__" in key or "%" in key or "_/" in key or "/_" in key:
+        key = key.replace("%", "%25").replace("_", "%5F")
+    return key.replace("/", "__") + ".png"
+
+
+def unknown_key_message(store, key: str) -> str:
+    """Why `key` has no regions in FeatureStore `store`: an error/skipped row, or not there at all."""
+    rows = store.index[store.index["image_key"] == key]
+    if len(rows):
+        row = rows.iloc[0]
+        return (f"{store.root}: {key!r} has no regions (status {row['status']}: "
+                f"{row['error'] or 'no reason recorded'})")
+    return (f"{store.root}: {key!r} is not in this features folder (its keys look like "
+            f"{store.index['image_key'].iloc[0]!r} if any: paths relative to the image root)"
+            if len(store.index) else f"{store.root}: {key!r} is not in this features folder (it is empty)")
 
 
 def _label(regions, i, class_names, attr_names) -> str:

@@ -144,9 +144,13 @@ class Searcher:
 
     def _score(self, regions, rlens, words, lengths) -> np.ndarray:
         from ..teran.scoring import score_matrix
+        from ..manifests.values import require_finite_scores
         al = self.alignment
-        return score_matrix(regions, rlens, words, lengths, mode=al["mode"], drop_tokens=al["drop_tokens"],
-                            word_max_floor_zero=al["word_max_floor_zero"], image_block=100)
+        scores = score_matrix(regions, rlens, words, lengths, mode=al["mode"], drop_tokens=al["drop_tokens"],
+                              word_max_floor_zero=al["word_max_floor_zero"], image_block=100)
+        require_finite_scores(scores, what=f"search in {self.root}", hint="the index's model or its "
+                              f"region embeddings hold NaN/inf; check with `prep verify {self.root} --full`")
+        return scores
 
     def exhaustive_scores(self, words, lengths) -> np.ndarray:
         """(n_images,) scores of every indexed image, one shard at a time (shortlist row order)."""

@@ -20,7 +20,7 @@ from ..manifests.fingerprint import fingerprint
 from ..manifests.splits import (DROPPED_COLUMNS, DROPPED_NAME, MISSING_COLUMNS, MISSING_NAME,
                                 SPLIT_NAMES, SPLITS_FORMAT, SPLITS_FORMAT_VERSION, clear_splits,
                                 existing_splits_manifest, relative_features_path,
-                                splits_files_intact, write_report_csv, write_split,
+                                split_leaks, splits_files_intact, write_report_csv, write_split,
                                 write_splits_manifest)
 from ..manifests.shards import remove_stale_temps
 from ..tokenizers.captions import CaptionTokenizer
@@ -310,6 +310,23 @@ def _validate(captions: Path, features: Path, restval: str, val, test, max_token
         raise PrepError(f"--max-tokens {max_tokens}: needs room for [CLS], one token and [SEP] (>= 3)")
 
 
+def _normalization_hint(missing_rows, ok_keys) -> str:
+    """", and 3 keys differ from a features key only in Unicode form (NFC vs NFD), e.g. ..." when
+    that is why captions miss their features (macOS file names are NFD, most JSON is NFC)."""
+    import unicodedata
+    by_form = {unicodedata.normalize("NFC", key): key for key in ok_keys}
+    pairs = {}
+    for row in missing_rows:
+        found = by_form.get(unicodedata.normalize("NFC", row[1]))
+        if found is not None:
+            pairs.setdefault(row[1], found)
+    if not pairs:
+        return ""
+    key, found = next(iter(pairs.items()))
+    return (f"; {len(pairs)} of these keys differ from a features key only in Unicode "
+            f"normalization (NFC vs NFD), e.g. {ascii(key)} vs {ascii(found)}")
+
+
 def build_splits(captions: Path, *, features: Path, out: Path, format: str | None = None,
                  image_key_template: str | None = None, image_column: str = "image",
                  caption_column: str = "caption", restval: str = "train", val: int | None = None,
@@ -427,8 +444,9 @@ def build_splits(captions: Path, *, features: Path, out: Path, format: str | Non
         raise PrepError(f"{out / MISSING_NAME}: {len(missing_rows)} captions ({images} images) have "
                         f"no ok features in {features} (--max-missing {max_missing}); e.g. "
                         f"{missing_rows[0][1]!r} while the features have keys like "
-                        f"{min(ok_keys)!r}: map the keys with --image-key-template, extract the "
-                        "missing images, or raise --max-missing")
+                        f"{min(ok_keys)!r}{_normalization_hint(missing_rows, ok_keys)}: map the "
+                        "keys with --image-key-template, extract the missing images, or raise "
+                        "--max-missing")
     if not kept_ids:
         write_report_csv(out, DROPPED_NAME, DROPPED_COLUMNS, dropped_rows)
         lost = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
@@ -437,6 +455,10 @@ def build_splits(captions: Path, *, features: Path, out: Path, format: str | Non
     if not source_has_splits:
         assignment = seeded_split(kept_keys, val=val or 0, test=test or 0, seed=seed)
         kept_split = [assignment[key] for key in kept_keys]
+    leaks = split_leaks(zip(kept_split, kept_keys, kept_ids))
+    if leaks:  # refused, not repaired: which split an image belongs to is the file's to say
+        raise PrepError(f"{captions}: the splits would leak: {'; '.join(leaks)}; give each image "
+                        "one split in the captions file (nothing was written)")
 
     # The stage is committed to writing now: a previous build goes first, manifest before files.
     clear_splits(out)

@@ -22,6 +22,7 @@ from ..errors import PrepError
 from ..interrupts import DeferredInterrupts, Interrupted, resumable
 from ..manifests.atomic import atomic_write_bytes, commit_temp, sha256_file, temp_path_for
 from ..manifests.lineage_warnings import emit, features_warnings, merge, recorded_warnings, warning_fields
+from ..manifests.values import require_finite_scores, tensors_nonfinite
 from ..teran.checkpoint import BEST, CHECKPOINT_FORMAT, LAST
 from ..teran.config import dump_config, load_config
 
@@ -96,6 +97,53 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def config_differences(given: dict, recorded: dict, prefix: str = "") -> list[str]:
+    """"key: recorded -> given" for every setting that differs (training.precision excepted: a
+    resumed run keeps its own, and --precision is checked on its own)."""
+    found = []
+    for key in sorted(set(given) | set(recorded)):
+        name = f"{prefix}{key}"
+        a, b = recorded.get(key), given.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += config_differences(b, a, f"{name}.")
+        elif a != b and name != "training.precision":
+            found.append(f"{name}: {a!r} -> {b!r}")
+    return found
+
+
+def _val_split_warnings(splits_dir: Path, n_images: int) -> list[str]:
+    """What a val split too small to validate on means for the run (warnings, not refusals)."""
+    where = Path(splits_dir) / "val.parquet"
+    if n_images == 0:
+        return [f"{where} is empty: training runs without validation (no {BEST}, no rsum); "
+                "rebuild the splits with --val N to select a best checkpoint"]
+    if n_images == 1:
+        return [f"{where} has 1 image: every validation ranks it first (R@1 100), so best-checkpoint "
+                "selection is meaningless; rebuild the splits with a larger --val"]
+    return []
+
+
+def refuse_long_captions(splits_dir: Path, split, positions: int) -> None:
+    """One line when a caption of `split` is longer than the text encoder's position embeddings
+    (the encoder would fail on it mid-run); the fix is build-splits --max-tokens."""
+    lengths = split.captions["input_ids"].map(len)
+    if len(lengths) and int(lengths.max()) > positions:
+        row = int(lengths.to_numpy().argmax())
+        raise PrepError(f"{Path(splits_dir) / (split.name + '.parquet')}: caption_id "
+                        f"{int(split.captions['caption_id'].iloc[row])} has {int(lengths.max())} tokens, "
+                        f"the text encoder has {positions} positions; rebuild the splits with "
+                        f"`prep build-splits --max-tokens {positions}` (or lower)")
+
+
+def _all_finite(loss: torch.Tensor, distributed: bool) -> bool:
+    """Whether the loss is finite on this rank (and, under torchrun, on every rank)."""
+    finite = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
+    if distributed:
+        import torch.distributed as dist
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def _resolve_device(device: str, local_rank: int) -> torch.device:
     from ..devices import resolve_device
     return torch.device(resolve_device(device, local_rank=local_rank))
@@ -150,6 +198,8 @@ def validate(model, split, store, config: dict, device) -> dict:
     encoded = encode_split(model, split, store, batch_size=max(t["batch_size"], 32), device=device,
                            max_regions=t["max_regions"], precision=precision)
     scores = model_score_matrix(model, encoded, device=device, precision=precision)
+    require_finite_scores(scores, what="validation", hint="the model's weights or the val "
+                          "features hold NaN/inf; check the features with `prep verify FEATURES --full`")
     return retrieval_metrics(scores, split.caption_image)
 
 
@@ -194,6 +244,13 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
         if not last_path.is_file():
             raise PrepError(f"{last_path}: nothing to resume; run `prep train` without --resume first")
         ckpt = load_checkpoint(last_path)
+        if config is not None:  # --config with --resume: it must be the run's own
+            changed = config_differences(load_config(config), ckpt["config"])
+            if changed:
+                raise PrepError(f"{out}: --config differs from the config this run was trained with "
+                                f"({'; '.join(changed[:5])}{'; ...' if len(changed) > 5 else ''}); "
+                                "resume without --config (the run's own is used) or start a new run "
+                                "in another --out")
         config = ckpt["config"]
         run_precision = config["training"].get("precision", "fp32")
         if precision is not None and precision != run_precision:
@@ -224,11 +281,16 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
                         f"image.feature_dim={config['image']['feature_dim']}")
     train_split = load_split(splits_dir, "train", store)
     val_split = load_split(splits_dir, "val", store, max_images=t["val_max_images"])
+    validating = len(val_split.image_keys) > 0
+    if is_main:
+        emit("train", _val_split_warnings(splits_dir, len(val_split.image_keys)))
 
     torch.manual_seed(t["seed"])
     np.random.seed(t["seed"])
     random.seed(t["seed"])
     model = build_model(config, feature_dim).to(dev)
+    for split in (train_split, val_split):
+        refuse_long_captions(splits_dir, split, model.text_encoder.config.max_position_embeddings)
     optimizer = torch.optim.Adam(model.parameters(), lr=t["lr"])
     sampler = EpochBatchSampler(len(train_split.captions), t["batch_size"], t["seed"], rank, world)
     steps_per_epoch = sampler.steps_per_epoch()
@@ -250,7 +312,10 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
 
     metrics_path = out / "metrics.jsonl"
     if is_main:
-        claim_output_dir(out, RUN)  # created here, after the inputs were checked; writable
+        claim_output_dir(out, RUN)  # created here, after the inputs were checked; writable; locked
+        if ckpt is None and last_path.exists():  # another run finished here while we read inputs
+            raise PrepError(f"{out}: already holds a run; pass --resume to continue it or choose "
+                            "another --out")
         if ckpt is None:
             atomic_write_bytes(out / "config.yaml", dump_config(config).encode("utf-8"))
             metrics_path.write_text("", encoding="utf-8")
@@ -292,6 +357,9 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
             last_saved[0] = step
 
     def validate_and_save():
+        if not validating:  # an empty val split: nothing to select a best checkpoint by
+            checkpoint([out / LAST], None)
+            return
         validation = None
         if is_main:
             validation = validate(model, val_split, store, config, dev)
@@ -337,6 +405,20 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
         timing.update(waited=0.0, stepped=0.0, steps=0)
         return fields
 
+    # Between validations: loss, steps/s and ETA every PROGRESS_SECONDS (also off a terminal).
+    from .common.progress import duration, progress_seconds
+    pace = {"every": progress_seconds(), "t0": time.monotonic(), "step0": step}
+    pace["last"] = pace["t0"]
+
+    def progress_line(loss_value):
+        now = time.monotonic()
+        if now - pace["last"] < pace["every"] or now <= pace["t0"]:
+            return
+        pace["last"] = now
+        rate = (step - pace["step0"]) / (now - pace["t0"])
+        eta = duration((stop_at - step) / rate) if rate > 0 else "?"
+        echo(f"step {step}/{stop_at}: loss {loss_value:.4f}, {rate:.2f} steps/s, ETA {eta}")
+
     def _train_loop(pending):
         nonlocal step
         while step < stop_at:
@@ -349,6 +431,9 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
                 with step_autocast():
                     scores = train_model(batch)
                 loss = hinge_loss(scores.float(), t["margin"])
+                if not _all_finite(loss, distributed):
+                    # Nothing of this step was applied: the model still holds `step` good steps.
+                    stop_on_nonfinite_loss(batch)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if t["grad_clip"]:
@@ -365,6 +450,8 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
                 if is_main and (step % t["log_every"] == 0 or step == 1):
                     _append_jsonl(metrics_path, {"kind": "train", "step": step, "epoch": epoch,
                                                  "loss": loss_value, "lr": lr_used, **timing_fields()})
+                if is_main:
+                    progress_line(loss_value)
                 if step % t["val_every"] == 0 or step == total_steps:
                     validate_and_save()
                 elif step == stop_at or (t["checkpoint_every"] and step % t["checkpoint_every"] == 0):
@@ -373,6 +460,23 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
                     break
                 pending.check()  # an interrupt lands here, between whole steps
                 t_fetch = time.perf_counter()  # validation and checkpoints are not data wait
+
+    def stop_on_nonfinite_loss(batch):
+        inputs_bad = [name for name in ("features", "boxes", "sizes")
+                      if name in batch and batch[name].is_floating_point()
+                      and not torch.isfinite(batch[name]).all()]
+        weights_bad = tensors_nonfinite(model.state_dict().items())
+        # (single process only: last_saved is rank 0's, and a checkpoint is a collective)
+        if not distributed and not weights_bad and step > last_saved[0]:
+            checkpoint([out / LAST], None)  # the last good state, resumable
+        cause = (f"this batch's {'/'.join(inputs_bad)} hold NaN/inf: check the features with "
+                 f"`prep verify {store.root} --full`" if inputs_bad else
+                 f"the model's weights hold NaN/inf ({weights_bad[0]}, ...)" if weights_bad else
+                 "the model diverged: lower training.lr or training.grad_clip in the config")
+        kept_line = (f"last good checkpoint (step {last_saved[0]}) kept in {out / LAST}"
+                     if last_saved[0] else "no checkpoint was written")
+        raise PrepError(f"{out}: the loss is non-finite at step {step + 1}; likely cause: {cause}; "
+                        f"training stopped, {kept_line}")
 
     def kept():
         return (f"a resumable checkpoint at step {last_saved[0]} of {stop_at} is in {out / LAST}"

@@ -11,6 +11,7 @@ import pandas as pd
 
 from ..manifests import sha256_file
 from ..manifests.features import FEATURES_FORMAT, INDEX_COLUMNS, INDEX_NAME, MANIFEST_NAME, SHARDS_DIR
+from ..manifests.claims import shard_claim_problems
 from ..manifests.shards import ShardReader
 from ..manifests.splits import SPLITS_FORMAT
 
@@ -21,6 +22,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)
+    full: bool = False  # check the values of every image, not a sample (--full)
 
     @property
     def ok(self) -> bool:
@@ -37,11 +39,13 @@ RUN_CONFIG = "config.yaml"
 FILE_IDENTITY_COLUMNS = ("file_size", "file_sha256", "file_mtime_ns")
 
 
-def verify(path: Path) -> VerifyReport:
+def verify(path: Path, *, full: bool = False) -> VerifyReport:
     """Checks features/ or splits/ (by their manifest's format, see VERIFIERS), a training run
-    (runs/NAME: config.yaml + checkpoints) or a runs/ folder of them."""
+    (runs/NAME: config.yaml + checkpoints) or a runs/ folder of them. The values of region
+    shards (finite, boxes inside their image) are checked on a sample of images, or on every
+    image with `full`."""
     path = Path(path)
-    report = VerifyReport(path)
+    report = VerifyReport(path, full=full)
     manifest_path = path / MANIFEST_NAME
     if not manifest_path.is_file() and path.is_dir():
         runs = [path] if (path / RUN_CONFIG).is_file() else sorted(
@@ -63,20 +67,31 @@ def verify(path: Path) -> VerifyReport:
     if checker is None:
         report.problem(manifest_path, f"unknown format {fmt!r}")
         return report
+    if manifest.get("status") == "failed":
+        report.problem(manifest_path, f"the {manifest.get('stage', 'stage')} run that wrote it failed "
+                                      f"({manifest.get('failure', 'no reason recorded')}); later "
+                                      "stages refuse it until a re-run passes")
     checker(path, manifest, report)
     return report
 
 
 def verify_features(root: Path, manifest: dict, report: VerifyReport) -> None:
+    from ..manifests.values import VERIFY_SAMPLE, sample_positions
     listed_keys: dict[str, tuple[str, int]] = {}
-    for entry in manifest.get("shards", []):
+    entries = manifest.get("shards", [])
+    # Value checks: every image with --full, else VERIFY_SAMPLE images spread over all shards.
+    starts = np.cumsum([0] + [int(e.get("n_images", 0)) for e in entries])
+    sampled = sample_positions(int(starts[-1]), None if report.full else VERIFY_SAMPLE)
+    bad_values: list[str] = []
+    for number, entry in enumerate(entries):
         shard_path = root / entry["path"]
         if not shard_path.is_file():
             report.problem(shard_path, "listed in the manifest but missing")
             continue
         size = shard_path.stat().st_size
         if size != entry["bytes"]:
-            report.problem(shard_path, f"size {size} bytes, manifest says {entry['bytes']} (truncated?)")
+            change = "truncated?" if size < entry["bytes"] else "grown: written to after the run?"
+            report.problem(shard_path, f"size {size} bytes, manifest says {entry['bytes']} ({change})")
         digest = sha256_file(shard_path)
         if digest != entry["sha256"]:
             report.problem(shard_path, f"sha256 {digest[:12]}.. differs from the manifest's "
@@ -88,12 +103,21 @@ def verify_features(root: Path, manifest: dict, report: VerifyReport) -> None:
             continue
         with reader:
             _check_shard_structure(reader, entry, report)
+            for claim in shard_claim_problems(reader, manifest):
+                report.problem(shard_path, claim)
+            rows = sampled[(sampled >= starts[number]) & (sampled < starts[number + 1])] - starts[number]
+            bad_values += _check_values(reader, rows)
             for row, key in enumerate(reader.image_keys):
                 if key in listed_keys:
                     report.problem(shard_path, f"image {key!r} also stored in {listed_keys[key][0]}")
                 listed_keys[key] = (entry["path"], row)
         report.checked.append(entry["path"])
+    if bad_values:
+        scope = "every image" if report.full else f"a sample of {len(sampled)} images (--full: all)"
+        report.problem(root, f"{len(bad_values)} images hold unusable values ({scope} checked): "
+                             + "; ".join(bad_values[:5]))
     _check_index(root, manifest, listed_keys, report)
+    _check_image_hashes(root, manifest, report)
     _report_error_rows(root, report)
     shard_dir = root / SHARDS_DIR
     if shard_dir.is_dir():
@@ -101,6 +125,56 @@ def verify_features(root: Path, manifest: dict, report: VerifyReport) -> None:
         for extra in sorted(shard_dir.glob("*.h5")):
             if extra.name not in listed:
                 report.warnings.append(f"{extra}: not listed in the manifest (ignored by readers)")
+
+
+def _check_image_hashes(root: Path, manifest: dict, report: VerifyReport) -> None:
+    """The recorded sha256 of a sample of input images (all with --full) against the files, for
+    a folder input: an image rewritten in place with its size and mtime kept is reported."""
+    from ..manifests.values import VERIFY_SAMPLE, sample_positions
+    source = manifest.get("input") or {}
+    if source.get("kind") != "folder" or not source.get("root"):
+        return  # tar members and list files are not re-read here
+    try:
+        index = pd.read_parquet(root / INDEX_NAME, columns=["image_key", "status", "file_sha256"])
+    except Exception:  # noqa: BLE001 - _check_index already reported an unreadable index
+        return
+    hashed = index[(index["status"] == "ok") & (index["file_sha256"].fillna("") != "")]
+    picked = sample_positions(len(hashed), None if report.full else VERIFY_SAMPLE)
+    images = Path(source["root"])
+    changed, absent = [], []
+    for key, recorded in zip(hashed["image_key"].to_numpy()[picked], hashed["file_sha256"].to_numpy()[picked]):
+        path = images / key
+        if not path.is_file():
+            absent.append(key)
+        elif sha256_file(path) != recorded:
+            changed.append(key)
+    scope = "every image" if report.full else f"{len(picked)} sampled images (--full: all)"
+    if changed:
+        report.problem(images, f"{len(changed)} of {scope} changed since extraction (sha256 differs "
+                               f"from {INDEX_NAME}), e.g. {', '.join(map(repr, changed[:5]))}; their "
+                               "features are stale: re-run extract-regions with --overwrite")
+    if absent:
+        report.warnings.append(f"{images}: {len(absent)} of {scope} are no longer there (features "
+                               f"kept), e.g. {', '.join(map(repr, absent[:5]))}")
+
+
+def _check_values(reader: ShardReader, rows) -> list[str]:
+    """The value problems (NaN/inf, inverted or out-of-image boxes) of the shard's `rows`."""
+    from ..manifests.values import region_value_problem
+    found = []
+    n = len(reader.image_keys)
+    for row in rows:
+        if not 0 <= row < n:
+            continue  # the structure check reported the count mismatch
+        try:
+            regions = reader.read(int(row))
+        except Exception as exc:  # noqa: BLE001 - an unreadable row is the finding
+            found.append(f"{reader.path.name} row {row}: unreadable ({type(exc).__name__})")
+            continue
+        problem = region_value_problem(regions, source=reader.path.name)
+        if problem:
+            found.append(f"{regions.image_key!r}: {problem}")
+    return found
 
 
 def _report_error_rows(root: Path, report: VerifyReport) -> None:
@@ -174,6 +248,12 @@ def _check_index(root: Path, manifest: dict, stored: dict, report: VerifyReport)
     counts = manifest.get("counts", {})
     if counts.get("ok") != len(ok):
         report.problem(index_path, f"{len(ok)} ok rows, manifest counts {counts.get('ok')}")
+    for status in ("error", "skipped"):
+        n = int((index["status"] == status).sum())
+        if status in counts and counts[status] != n:
+            report.problem(index_path, f"{n} {status} rows, manifest counts {counts[status]}")
+    if counts.get("ok") is not None and len(stored) != counts["ok"]:
+        report.problem(root, f"the shards hold {len(stored)} images, manifest counts {counts['ok']} ok")
 
 
 def verify_splits(root: Path, manifest: dict, report: VerifyReport) -> None:
@@ -182,7 +262,7 @@ def verify_splits(root: Path, manifest: dict, report: VerifyReport) -> None:
 
     from ..errors import PrepError
     from ..manifests.features import FeatureStore
-    from ..manifests.splits import SPLIT_NAMES, check_lineage, split_path, split_schema
+    from ..manifests.splits import SPLIT_NAMES, check_lineage, split_leaks, split_path, split_schema
 
     for name, info in sorted((manifest.get("files") or {}).items()):
         path = root / name
@@ -197,8 +277,7 @@ def verify_splits(root: Path, manifest: dict, report: VerifyReport) -> None:
     except PrepError as exc:
         report.problems.append(str(exc))
     expected = split_schema()
-    owner: dict[str, str] = {}
-    clashes, caption_ids, n_ids = [], set(), 0
+    leak_rows = []
     counts = manifest.get("counts") or {}
     keys_seen = set()
     for name in SPLIT_NAMES:
@@ -218,14 +297,10 @@ def verify_splits(root: Path, manifest: dict, report: VerifyReport) -> None:
             elif not _same_arrow_type(schema.field(column.name).type, column.type):
                 report.problem(path, f"column {column.name!r} is {schema.field(column.name).type}, "
                                      f"expected {column.type}")
-        split_keys = set(table.column("image_key").to_pylist())
+        keys = table.column("image_key").to_pylist()
+        split_keys = set(keys)
         ids = table.column("caption_id").to_pylist()
-        n_ids += len(ids)
-        caption_ids.update(ids)
-        for key in split_keys:
-            if key in owner:
-                clashes.append(f"{key!r} ({owner[key]} and {name})")
-            owner.setdefault(key, name)
+        leak_rows += [(name, key, caption_id) for key, caption_id in zip(keys, ids)]
         keys_seen |= split_keys
         want = counts.get(name)
         if isinstance(want, int):  # an older manifest counted captions only
@@ -234,11 +309,8 @@ def verify_splits(root: Path, manifest: dict, report: VerifyReport) -> None:
             report.problem(path, f"{len(ids)} captions of {len(split_keys)} images, manifest counts "
                                  f"{want.get('captions')} of {want.get('images')}")
         report.checked.append(path.name)
-    if clashes:
-        report.problem(root, f"{len(clashes)} images are in two splits: {', '.join(clashes[:10])}")
-    if len(caption_ids) != n_ids:
-        report.problem(root, f"caption_id is not unique across splits ({n_ids - len(caption_ids)} "
-                             "repeated ids)")
+    for leak in split_leaks(leak_rows):  # the check build-splits makes before writing
+        report.problem(root, leak)
     if features is not None:
         try:
             with FeatureStore(features) as store:

@@ -77,9 +77,13 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
         return path
     stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
     bundled = PACKAGE_CONFIGS / f"{stem}.yaml"
+    # Bundled TERAN configs are named teran_*; the others (detector_*) are train-detector's.
+    known = sorted(p.stem for p in PACKAGE_CONFIGS.glob("teran_*.yaml"))
     if path.parent == Path(".") and bundled.is_file():
+        if stem not in known:
+            raise PrepError(f"{name_or_path}: a bundled config of another kind (for `prep "
+                            f"train-detector --config`), not a TERAN config; pass one of {known}")
         return bundled
-    known = sorted(p.stem for p in PACKAGE_CONFIGS.glob("*.yaml"))
     raise PrepError(f"{name_or_path}: no such config file; pass a YAML path or one of {known}")
 
 

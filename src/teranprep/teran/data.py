@@ -48,8 +48,12 @@ def load_split(splits_dir: Path, name: str, store: FeatureStore, max_images: int
 
 
 def open_features(splits_dir: Path, features: Path | None = None) -> FeatureStore:
-    """The features of these splits, after checking splits/manifest.json's lineage."""
-    return FeatureStore(check_lineage(Path(splits_dir), features))
+    """The features of these splits, after checking splits/manifest.json's lineage and that the
+    features manifest's claims (feature_dim, dtype) hold for its first shard."""
+    from ..manifests.claims import refuse_false_claims
+    store = FeatureStore(check_lineage(Path(splits_dir), features))
+    refuse_false_claims(store)
+    return store
 
 
 def _image_items(store: FeatureStore, keys: list[str], max_regions: int | None) -> list[dict]:

@@ -37,7 +37,11 @@ def rank_summary(ranks: np.ndarray) -> dict:
 
 
 def retrieval_metrics(scores: np.ndarray, caption_image: np.ndarray) -> dict:
-    """{i2t: {r1, r5, r10, medr, meanr}, t2i: {...}, rsum} for one image x caption score matrix."""
+    """{i2t: {r1, r5, r10, medr, meanr}, t2i: {...}, rsum} for one image x caption score matrix.
+    A matrix holding NaN/inf is refused (PrepError): NaN compares false, so it would rank first."""
+    from ..manifests.values import require_finite_scores
+    require_finite_scores(scores, what="retrieval metrics", hint="the scores come from a model or "
+                          "features that hold NaN/inf")
     i2t = rank_summary(i2t_ranks(scores, caption_image))
     t2i = rank_summary(t2i_ranks(scores, caption_image))
     rsum = sum(i2t[f"r{k}"] + t2i[f"r{k}"] for k in RECALL_KS)

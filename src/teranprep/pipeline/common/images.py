@@ -150,6 +150,14 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def _too_large(exc: Exception) -> str:
+    """Pillow's size refusal (raised while opening, before the size is known to us) in our words."""
+    import re
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else "size unknown"
+    return f"image too large ({size}, limit {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels)"
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """RGB uint8 (H, W, 3) from encoded bytes; raises ItemError naming the reason."""
     if not data:
@@ -161,8 +169,8 @@ def decode_image(data: bytes) -> np.ndarray:
             fmt = probe.format
             width, height = probe.size
             if width * height > MAX_IMAGE_PIXELS:
-                raise ItemError(f"decompression bomb: {width}x{height} pixels exceeds the limit "
-                                f"of {MAX_IMAGE_PIXELS}")
+                raise ItemError(f"image too large ({width} x {height}, limit "
+                                f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels)")
             if fmt == "PNG":
                 probe.verify()  # checks chunk CRCs, which decoding alone may not
             img = Image.open(io.BytesIO(data)) if fmt == "PNG" else probe
@@ -171,10 +179,8 @@ def decode_image(data: bytes) -> np.ndarray:
             rgb = np.asarray(_to_rgb8(img))
     except ItemError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ItemError(f"decompression bomb: {exc}") from None
-    except Image.DecompressionBombWarning as exc:
-        raise ItemError(f"decompression bomb: {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ItemError(_too_large(exc)) from None
     except Image.UnidentifiedImageError:
         raise ItemError("not an image Pillow can identify") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError, IndexError, TypeError,

@@ -20,7 +20,9 @@ from ...errors import ItemError, PrepError
 from ...manifests import fingerprint
 from ...manifests.atomic import sha256_file
 from ...manifests.build import write_shard
-from ...manifests.features import INDEX_NAME, prepare_output, write_index_and_manifest
+from ...manifests.features import INDEX_NAME, MANIFEST_NAME, prepare_output, write_index_and_manifest
+from ...manifests.outcome import mark_outcome
+from ...manifests.values import region_value_problem
 from ..common.distribute import report_progress
 from ..common.results import FeaturesResult
 from ..common.sharded import PlannedItem, ShardedStage, ShardTask
@@ -153,10 +155,15 @@ def import_features(fmt: str, src: Path, out: Path, *, key_map: Path | None = No
                       overwrite, quiet, dry_run, echo, t_start)
     finally:
         source.close()
+    failure = None
     if not dry_run and result.n_images and result.n_error / result.n_images > max_error_rate:
-        raise PrepError(f"{out / INDEX_NAME}: {result.n_error} of {result.n_images} images failed "
-                        f"({100 * result.n_error / result.n_images:.1f}% > --max-error-rate "
-                        f"{100 * max_error_rate:g}%); the reasons are in the error column "
+        failure = (f"{result.n_error} of {result.n_images} images failed "
+                   f"({100 * result.n_error / result.n_images:.1f}% > --max-error-rate "
+                   f"{100 * max_error_rate:g}%)")
+    if not dry_run:
+        mark_outcome(out / MANIFEST_NAME, failure)  # downstream stages refuse a failed folder
+    if failure:
+        raise PrepError(f"{out / INDEX_NAME}: {failure}; the reasons are in the error column "
                         "(status=error); the features written are kept")
     return result
 
@@ -200,7 +207,7 @@ def _run(fmt, src, out, source, mapping, key_map, shard_size, dtype, sizes, spli
 
     from ..common.progress import ExtractProgress
     pending = stage.pending
-    bar = ExtractProgress(sum(len(t.part) for t in pending), quiet=quiet)
+    bar = ExtractProgress(sum(len(t.part) for t in pending), quiet=quiet, label="import-features")
     t_run = time.perf_counter()
     try:
         # in this process, one shard at a time: the source's open files stay here; a failure
@@ -231,18 +238,25 @@ def _run(fmt, src, out, source, mapping, key_map, shard_size, dtype, sizes, spli
 
 
 def _regions(source, part, shard_index):
-    """Regions (or (key, error) pairs) of one shard in key order, updating the progress bar."""
+    """Regions (or (key, error) pairs) of one shard in key order, updating the progress bar.
+    NaN/inf, inverted or out-of-image boxes become an error row naming the source id, never a
+    shard row."""
     errors = 0
     for n, (key, item) in enumerate(part, 1):
-        if item.error:
-            errors += 1
-            yield key, item.error
-        else:
+        problem = item.error
+        if not problem:
             try:
-                yield source.read(item, key)
+                regions = source.read(item, key)
             except ItemError as exc:
-                errors += 1
-                yield key, str(exc)
+                problem = str(exc)
+            else:
+                found = region_value_problem(regions, source=f"source id {item.source_id!r}")
+                problem = f"{key}: {found}" if found else None
+        if problem:
+            errors += 1
+            yield key, problem
+        else:
+            yield regions
         report_progress({"shard": shard_index, "done": n, "errors": errors})
 
 

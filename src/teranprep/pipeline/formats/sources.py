@@ -52,6 +52,17 @@ def _int_field(text: str, what: str, source_id: str) -> int:
         raise ItemError(f"{source_id}: field {what} is not a number ({text[:30]!r})") from None
 
 
+def _size_value(value, what: str, where) -> int:
+    """An image width/height stored as a number; a NaN, inf or non-number is an item error."""
+    try:
+        number = float(np.asarray(value).reshape(()))
+    except (TypeError, ValueError):
+        raise ItemError(f"{where}: {what} is not a number ({value!r})") from None
+    if not np.isfinite(number):
+        raise ItemError(f"{where}: {what} is {number} (non-finite image size)")
+    return int(number)
+
+
 # ------------------------------------------------------------------------------------ TSV
 
 class TsvSource:
@@ -281,7 +292,8 @@ class BuaNpzSource:
                 if values.size != n:
                     raise ItemError(f"{path}: info[{field!r}] has {values.size} values, num_bbox is {n}")
                 extra[column] = values
-        return Regions(key, int(data["image_w"]), int(data["image_h"]), boxes, feats, **extra)
+        return Regions(key, _size_value(data["image_w"], "image_w", path),
+                       _size_value(data["image_h"], "image_h", path), boxes, feats, **extra)
 
     def close(self):
         pass
