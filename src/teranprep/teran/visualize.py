@@ -43,7 +43,7 @@ def show_alignment(source: Path, image_key: str, caption: str, out: Path, *, spl
 
     from ..manifests import FeatureStore
     from ..manifests.atomic import commit_temp, temp_path_for
-    from ..manifests.splits import check_lineage
+    from ..manifests.splits import check_lineage, run_caption_rule
     from ..pipeline.evaluate import load_model
     from ..tokenizers import load_wordpiece, normalize_caption
 
@@ -68,7 +68,8 @@ def show_alignment(source: Path, image_key: str, caption: str, out: Path, *, spl
             tokenizer = "minilm"
     wp = load_wordpiece(tokenizer)
     wp.backend.no_truncation()
-    encoding = wp.backend.encode(normalize_caption(caption))
+    # as search tokenizes it: by the caption rule of the run's training captions
+    encoding = wp.backend.encode(normalize_caption(caption, run_caption_rule(ckpt.get("lineage"), splits)))
     aligned = word_region_alignment(model, regions, list(encoding.ids))
     result = [(encoding.tokens[pos], region, score) for pos, region, score in aligned]
 
