@@ -49,7 +49,8 @@ def run_caption_rule(lineage: dict | None, splits_dir: Path | None = None) -> st
         if lineage.get("caption_rule"):
             return lineage["caption_rule"]
         path = Path(lineage.get("splits") or "") / SPLITS_MANIFEST
-        if lineage.get("splits") and path.is_file() and sha256_file(path) == lineage.get("splits_manifest_sha256"):
+        if lineage.get("splits") and path.is_file() \
+                and sha256_file(path) == lineage.get("splits_manifest_sha256"):
             return caption_rule_of(read_splits_manifest(path.parent))
         return UNRECORDED_CAPTION_RULE
     if splits_dir is not None and (Path(splits_dir) / SPLITS_MANIFEST).is_file():
