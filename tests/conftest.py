@@ -65,3 +65,14 @@ def image_dir(tmp_path):
     root = tmp_path / "images"
     root.mkdir()
     return root
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """(result, echoed lines, settings) of `run_demo` with DemoSettings.quick() into a temp folder,
+    run once per session (tests/test_demo.py and test_search.py's search-vs-eval test share it)."""
+    from teranprep.pipeline.demo import DemoSettings, run_demo
+    lines = []
+    settings = DemoSettings.quick()
+    result = run_demo(tmp_path_factory.mktemp("quick-demo") / "demo", settings, echo=lines.append)
+    return result, lines, settings

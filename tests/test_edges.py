@@ -31,16 +31,11 @@ class Ran:
 
 
 def prep(*args, timeout=300, env=None):
-    """The real `prep` command line, in this process (Click's runner): what a subprocess would
-    print and return, minus the interpreter start-up. Signals get real subprocesses below."""
-    import traceback
-    from click.testing import CliRunner
-    from teranprep.cli import main
-    result = CliRunner().invoke(main, [str(a) for a in args], env=env)
-    stderr = result.stderr
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        stderr += "".join(traceback.format_exception(result.exception))  # a crash shows as one
-    return Ran(result.exit_code, result.stdout, stderr)
+    """The real `prep` command line in a subprocess (this interpreter, `-m teranprep`): its exit
+    code, stdout and stderr as a user's shell would see them."""
+    done = subprocess.run([sys.executable, "-m", "teranprep", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return Ran(done.returncode, done.stdout, done.stderr)
 
 
 def tree(directory: Path) -> dict:
@@ -291,6 +286,124 @@ def test_interrupted_training_writes_a_checkpoint_and_resume_continues(tmp_path,
     resumed = prep("train", splits, "--out", run, "--resume", "--stop-after", step + 2, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert int(load_checkpoint(run / "checkpoint_last.pt")["step"]) == step + 2
+
+
+def _interrupt(cmd, ready, sig=signal.SIGINT, env=None, timeout=240) -> str:
+    """Starts `cmd` in its own process group, sends `sig` to the group once `ready()` holds (as a
+    terminal's Ctrl-C does), and checks the stage's answer: exit 128 + sig, no traceback, one
+    line saying what was kept and how to resume. Returns that line."""
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})})
+    reached = _wait_for(lambda: proc.poll() is not None or ready(), timeout)
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert reached and proc.returncode == 128 + sig, (proc.returncode, stderr[-2000:])
+    assert "Traceback" not in stdout + stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("WARNING:")]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"interrupted ({signal.Signals(sig).name})") and "resume with: prep" in lines[0]
+    return lines[0]
+
+
+def _files(directory: Path, skip=("manifest.json",)) -> dict:
+    """relative path -> bytes of every file under `directory` but `skip` (which hold times)."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name not in skip}
+
+
+def test_import_features_interrupted_by_sigint_resumes_to_identical_shards(tmp_path):
+    from formats_fixtures import butd_row, make_records, write_tsv
+    records = make_records([f"{i:06d}" for i in range(240)], dim=2048, boxes=(2, 4))
+    tsv = write_tsv(tmp_path / "feats.tsv", [butd_row(s, r) for s, r in records.items()])
+    out = tmp_path / "features"
+    cmd = [sys.executable, "-m", "teranprep", "import-features", "butd-tsv", str(tsv), str(out),
+           "--shard-size", "2", "--quiet"]
+    line = _interrupt(cmd, lambda: len(list(out.glob("shards/regions-*.json"))) >= 3)
+    assert "of 120 shards complete" in line, line
+    kept = {p.name: p.read_bytes() for p in out.glob("shards/regions-*.h5")}
+    assert 3 <= len(kept) < 120 and not (out / "manifest.json").exists()
+    resumed = prep("import-features", "butd-tsv", tsv, out, "--shard-size", "2", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    for name, data in kept.items():  # completed shards are kept, not redone
+        assert (out / "shards" / name).read_bytes() == data
+    fresh = prep("import-features", "butd-tsv", tsv, tmp_path / "fresh", "--shard-size", "2", "--quiet")
+    assert fresh.returncode == 0, fresh.stderr
+    assert _files(out) == _files(tmp_path / "fresh")
+
+
+def test_eval_interrupted_by_sigint_in_the_relevance_matrix_resumes_to_the_same_matrix(tmp_path,
+                                                                                       make_features):
+    """SIGINT while eval computes the ROUGE-L relevance (6 row blocks of 1000 captions): one line
+    naming the blocks kept; the resumed eval keeps them, and its matrix is the bytes of an
+    uninterrupted computation's."""
+    from teran_fixtures import CLS, DOT, SEP, make_tiny_bert, tiny_config, write_splits
+    rng = np.random.default_rng(0)
+    train_keys = [f"tr{i:04d}.jpg" for i in range(12)]
+    test_keys = [f"te{i:04d}.jpg" for i in range(1500)]
+    features, _ = make_features(train_keys + test_keys, n_boxes=3, dim=8, shard_size=500)
+
+    def rows(keys, caps):
+        return [(k, [CLS] + rng.integers(5, 40, int(rng.integers(6, 14))).tolist() + [DOT, SEP])
+                for k in keys for _ in range(caps)]
+    splits = write_splits(tmp_path / "splits", features, {"train": rows(train_keys, 2),
+                                                          "val": rows(train_keys[:4], 2),
+                                                          "test": rows(test_keys, 4)})
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(make_tiny_bert(tmp_path / "bert"), epochs=1,
+                                                 val_every=100000)))
+    run = tmp_path / "run"
+    trained = prep("train", splits, "--config", config, "--out", run, "--stop-after", 1)
+    assert trained.returncode == 0, trained.stderr
+
+    def cmd(cache, out):
+        return [sys.executable, "-m", "teranprep", "eval", str(run), "--splits", str(splits),
+                "--split", "test", "--relevance-cache", str(cache), "--out", str(out)]
+    cache = tmp_path / "relevance"
+    parts = cache / "test-rougeL.parts"
+    line = _interrupt(cmd(cache, tmp_path / "e1"), lambda: len(list(parts.glob("rows-*.npy"))) >= 1)
+    assert "of 6 ROUGE-L row blocks complete" in line, line
+    kept = {p.name: p.read_bytes() for p in parts.glob("rows-*.npy")}
+    assert 1 <= len(kept) < 6
+    resumed = subprocess.run(cmd(cache, tmp_path / "e1"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{6 - len(kept)} of 6 row blocks to compute" in resumed.stdout + resumed.stderr
+    fresh = subprocess.run(cmd(tmp_path / "fresh", tmp_path / "e2"), capture_output=True, text=True,
+                           timeout=600)
+    assert fresh.returncode == 0, fresh.stderr
+    assert (cache / "test-rougeL.npy").read_bytes() == (tmp_path / "fresh" / "test-rougeL.npy").read_bytes()
+
+
+TINY_DETECTOR = {"epochs": 4, "images_per_batch": 2, "warmup_iters": 2, "threads": 1,
+                 "eval": {"max_per_image": 20}, "rpn": {"batch": 32}, "roi": {"batch": 8},
+                 "model_overrides": {"test_short": 128, "test_max": 192, "anchor_scales": [2.0, 4.0],
+                                     "pre_nms_topk": 200, "post_nms_topk": 16, "pooler_resolution": 7}}
+
+
+def test_train_detector_interrupted_by_sigint_resumes_to_the_uninterrupted_weights(tmp_path):
+    import torch
+    made = prep("make-synthetic", tmp_path / "data", "--images", 12, "--seed", 5, "--size", 64,
+                "--val", 2, "--test", 1, "--image-format", "png")
+    assert made.returncode == 0, made.stderr
+    config = tmp_path / "det.yaml"
+    config.write_text(yaml.safe_dump(TINY_DETECTOR))
+    data = tmp_path / "data"
+
+    def cmd(out):
+        return [sys.executable, "-m", "teranprep", "train-detector", str(data / "instances.json"),
+                str(data / "images"), "--config", str(config), "--out", str(out)]
+    out = tmp_path / "det"
+    line = _interrupt(cmd(out), lambda: (out / "last.pth").is_file())  # mid-way, after an epoch
+    assert not (out / "model_final.pth").exists(), line
+    resumed = subprocess.run(cmd(out), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "resuming after epoch" in resumed.stdout, resumed.stderr
+    straight = subprocess.run(cmd(tmp_path / "straight"), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr
+    a = torch.load(out / "model_final.pth", weights_only=True)
+    b = torch.load(tmp_path / "straight" / "model_final.pth", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:  # the weights are the uninterrupted run's, bit for bit
+        assert torch.equal(a["model"][key], b["model"][key]), key
 
 
 # ------------------------------------------------------------ 5. a failed stage stays failed

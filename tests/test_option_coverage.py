@@ -108,6 +108,7 @@ CASES = {
     ("build-splits", "--max-tokens"): P("test_random_weights_lineage.py", "test_every_stage_after_random_weight_features_warns_and_records_it"),
     ("build-splits", "--max-missing"): P("test_splits.py", "test_cli_reports_one_error_line_and_exit_code_2"),
     ("build-splits", "--overwrite"): P("test_splits.py", "test_changed_parameters_are_refused_unless_overwrite"),
+    ("build-splits", "--caption-rule"): P("test_splits_tokenize.py", "test_a_local_tokenizer_dir_is_used_and_recorded"),
     ("build-splits", "--quiet"): P("test_random_weights_lineage.py", "test_every_stage_after_random_weight_features_warns_and_records_it"),
     # train, eval, show-alignment
     ("train", "--config"): P("test_edges.py", "test_wrong_files_as_weights_checkpoints_and_configs_are_one_line"),
@@ -167,9 +168,9 @@ CASES = {
     ("make-synthetic", "--twin-rate"): R(SYN + ("--twin-rate", "2"), "--twin-rate must be within [0, 1]"),
     ("make-synthetic", "--image-format"): P("test_synthetic.py", "test_same_seed_gives_identical_files_and_another_seed_does_not"),
     ("make-synthetic", "--overwrite"): P("test_synthetic.py", "test_rerun_is_a_noop_and_other_parameters_need_overwrite"),
-    ("demo", "--out"): P("test_demo.py", "test_quick_demo_runs_every_stage_and_reaches_its_bar", via="run_demo(tmp_path"),
+    ("demo", "--out"): P("test_demo.py", "test_quick_demo_runs_every_stage_and_reaches_its_bar"),
     ("demo", "--images"): R(("demo", "--out", "d", "--images", "0"), "--images must be >= 1"),
-    ("demo", "--quick"): P("test_demo.py", "test_quick_demo_runs_every_stage_and_reaches_its_bar", via="DemoSettings.quick()"),
+    ("demo", "--quick"): P("test_demo.py", "test_quick_demo_runs_every_stage_and_reaches_its_bar"),
     ("demo", "--seed"): Untested("the quick demo runs at its default seed only (minutes per run)"),
     # index, train-shortlist, search, serve
     ("index", "--features"): P("test_search.py", "test_cli_search_image_to_text_and_errors"),
@@ -214,6 +215,8 @@ CASES = {
     ("train-shortlist", "--quiet"): P("test_no_wrong_answer.py", "test_quiet_means_errors_warnings_and_the_summary_line_on_every_other_stage"),
     ("verify", "--quiet"): P("test_no_wrong_answer.py", "test_quiet_means_errors_warnings_and_the_summary_line_on_every_other_stage"),
     ("verify", "--full"): P("test_no_wrong_answer.py", "test_nan_chain_is_refused_at_the_first_stage_that_sees_it"),
+    ("demo", "--min-r1"): P("test_demo.py", "test_quick_demo_runs_every_stage_and_reaches_its_bar"),
+    ("demo", "--min-map"): P("test_demo.py", "test_quick_demo_runs_every_stage_and_reaches_its_bar"),
     ("serve", "--host"): Untested("the server test binds 127.0.0.1 (the default); no second interface here"),
     ("serve", "--port"): P("test_serve.py", "server"),
     ("serve", "--images"): P("test_serve.py", "server"),

@@ -90,9 +90,36 @@ def test_a_local_tokenizer_dir_is_used_and_recorded(tmp_path, make_features):
         hashlib.sha256((tmp_path / "vocab.txt").read_bytes()).hexdigest()
     frames = {n: read_split(tmp_path / "splits", n) for n in ("train", "val", "test")}
     ids = {k: list(v) for f in frames.values() for k, v in zip(f.image_key, f.input_ids)}
+    # the default caption rule gives "Dogs" and "a zebra" their final '.' (id 9)
+    assert result.manifest["parameters"]["caption_rule"] == "final-period"
+    assert ids == {"x.jpg": [2, 5, 6, 9, 3], "y.jpg": [2, 7, 8, 9, 3], "z.jpg": [2, 5, 1, 9, 3]}
+    as_given = build_splits(captions, features=features, out=tmp_path / "as-given",
+                            tokenizer=str(tmp_path / "tiny"), val=1, test=1, caption_rule="as-given")
+    assert as_given.manifest["parameters"]["caption_rule"] == "as-given"
+    assert "caption rule: as-given" in as_given.summary()
+    frames = {n: read_split(tmp_path / "as-given", n) for n in ("train", "val", "test")}
+    ids = {k: list(v) for f in frames.values() for k, v in zip(f.image_key, f.input_ids)}
     assert ids == {"x.jpg": [2, 5, 6, 9, 3], "y.jpg": [2, 7, 8, 3], "z.jpg": [2, 5, 1, 3]}
+    with pytest.raises(PrepError, match="--caption-rule"):
+        build_splits(captions, features=features, out=tmp_path / "bad", val=1, test=1, caption_rule="dot")
     with pytest.raises(PrepError, match="cannot load a tokenizer"):
         load_wordpiece(str(tmp_path / "no-such-model"))
+
+
+def test_caption_rule_is_one_normalisation_and_old_splits_say_they_carry_none(tmp_path):
+    from teranprep.manifests.splits import caption_rule_of, run_caption_rule
+    assert normalize_caption(" a  dog ", "final-period") == "a dog."
+    assert normalize_caption("a dog.", "final-period") == "a dog."
+    assert normalize_caption("a dog!", "final-period") == "a dog!."
+    assert normalize_caption("  ", "final-period") == ""  # still empty: dropped as empty
+    assert normalize_caption(" a  dog ") == normalize_caption(" a  dog ", "as-given") == "a dog"
+    with pytest.raises(ValueError):
+        normalize_caption("a", "period")
+    # splits from before the record carry no rule; a run names its own, else its splits'
+    assert caption_rule_of({"parameters": {"seed": 0}}) == "as-given"
+    assert run_caption_rule({"caption_rule": "final-period", "splits": "/nowhere"}) == "final-period"
+    assert run_caption_rule({"splits": str(tmp_path / "gone"), "splits_manifest_sha256": "0"}) == "as-given"
+    assert run_caption_rule(None) == "final-period"  # an original TERAN checkpoint
 
 
 def test_pipeline_rows_carry_words_and_ids_of_the_normalised_caption(tmp_path, make_features, vocab):
@@ -108,10 +135,10 @@ def test_pipeline_rows_carry_words_and_ids_of_the_normalised_caption(tmp_path, m
         frame = read_split(tmp_path / "splits", name)
         rows.update({cid: (list(w), list(i), raw) for cid, w, i, raw in
                      zip(frame.caption_id, frame.words, frame.input_ids, frame.raw)})
-    assert rows[0] == (["two", "dogs", ",", "running", "!"],
-                       ids_of(vocab, "two", "dogs", ",", "running", "!"),
+    assert rows[0] == (["two", "dogs", ",", "running", "!", "."],  # the caption rule's '.'
+                       ids_of(vocab, "two", "dogs", ",", "running", "!", "."),
                        "  Two\u00a0\uff24ogs,\n running! ")  # raw is kept as written
-    assert rows[1][0] == ["dog"] * 200 and rows[1][1] == ids_of(vocab, *["dog"] * 10)
+    assert rows[1][0] == ["dog"] * 200 + ["."] and rows[1][1] == ids_of(vocab, *["dog"] * 10)
     assert result.manifest["truncated"] == 1
     assert result.manifest["tokenizer"]["max_tokens"] == 12
 

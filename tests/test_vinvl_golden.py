@@ -23,7 +23,7 @@ import pytest
 
 # the reference's outputs (README.md there) and the 3 images it ran on (butd-golden's)
 GOLDEN = Path(__file__).resolve().parent / "data" / "vinvl_golden"
-IMAGES = GOLDEN / "images"
+IMAGES = GOLDEN.parent / "butd_golden" / "images"  # the same 3 images as the BUTD golden test
 NAMES = ("scene-small", "scene-tall", "scene-wide")
 
 pytestmark = pytest.mark.fullsize

@@ -52,15 +52,26 @@ def train_detector_cmd(annotations, images, config, out, epochs, init_weights, o
     IMAGES is the folder the file_name paths are relative to. Resumes from OUT/last.pth; prints
     validation mAP@0.5 per epoch; OUT/model_final.pth loads with `prep extract-regions --weights`.
     """
+    from ..interrupts import resumable
     from ..pipeline.train_detector import train_detector
     overrides = {}
     if epochs is not None:
         overrides["epochs"] = epochs
     if init_weights is not None:
         overrides["init_weights"] = str(init_weights)
-    result = train_detector(annotations, images, config=config, out=out, overrides=overrides,
-                            overwrite=overwrite, echo=stage_echo(quiet))
+    with resumable(lambda: _detector_kept(out)):
+        result = train_detector(annotations, images, config=config, out=out, overrides=overrides,
+                                overwrite=overwrite, echo=stage_echo(quiet))
     click.echo(result.summary())
+
+
+def _detector_kept(out: Path) -> str:
+    """What an interrupted train-detector leaves: the last finished epoch in OUT/last.pth."""
+    from ..safe_torch import load_torch_file
+    last = Path(out) / "last.pth"
+    if not last.is_file():
+        return f"no epoch had finished (nothing kept in {out})"
+    return f"epoch {int(load_torch_file(last)['epoch'])} is saved in {last}"
 
 
 @main.command("show-regions")

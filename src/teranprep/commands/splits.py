@@ -31,6 +31,10 @@ from ..cli import main
 @click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=3),
               help="Truncate input_ids to this many tokens, [CLS] and [SEP] included (3 .. the "
                    "text encoder's positions: 512 for BERT and MiniLM; train refuses longer).")
+@click.option("--caption-rule", type=click.Choice(["final-period", "as-given"]), default="final-period",
+              show_default=True, help="final-period: a caption without a final '.' gets one, so the "
+                                      "reference token-dropping rule scores its last word; search "
+                                      "applies the same rule to queries.")
 @click.option("--max-missing", default=0, show_default=True,
               help="Captions whose image has no ok features that are tolerated (listed in missing.csv).")
 @click.option("--overwrite", is_flag=True, help="Rebuild OUT even if it holds splits made with other parameters.")

@@ -31,6 +31,33 @@ DROPPED_NAME = "dropped.csv"
 DROPPED_COLUMNS = ("caption_id", "image_key", "reason", "detail", "raw")
 
 
+def caption_rule_of(manifest: dict | None) -> str:
+    """The caption rule (tokenizers/text.py) a splits manifest's captions were normalised by;
+    splits built before it was recorded applied none ("as-given")."""
+    from ..tokenizers.text import UNRECORDED_CAPTION_RULE
+    return ((manifest or {}).get("parameters") or {}).get("caption_rule", UNRECORDED_CAPTION_RULE)
+
+
+def run_caption_rule(lineage: dict | None, splits_dir: Path | None = None) -> str:
+    """The caption rule a run was trained under, for its queries: its lineage's record; for a run
+    from before the record, the rule of the splits it names (if still there, unchanged); for a
+    checkpoint without lineage (an original TERAN one), that of `splits_dir` when given, else the
+    default (queries with a final '.', what the reference token-dropping rule expects)."""
+    from .atomic import sha256_file
+    from ..tokenizers.text import DEFAULT_CAPTION_RULE, UNRECORDED_CAPTION_RULE
+    if lineage:
+        if lineage.get("caption_rule"):
+            return lineage["caption_rule"]
+        path = Path(lineage.get("splits") or "") / SPLITS_MANIFEST
+        if lineage.get("splits") and path.is_file() \
+                and sha256_file(path) == lineage.get("splits_manifest_sha256"):
+            return caption_rule_of(read_splits_manifest(path.parent))
+        return UNRECORDED_CAPTION_RULE
+    if splits_dir is not None and (Path(splits_dir) / SPLITS_MANIFEST).is_file():
+        return caption_rule_of(read_splits_manifest(splits_dir))
+    return DEFAULT_CAPTION_RULE
+
+
 def split_path(splits_dir: Path, name: str) -> Path:
     return Path(splits_dir) / f"{name}.parquet"
 

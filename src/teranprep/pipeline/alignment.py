@@ -21,7 +21,7 @@ def show_alignment(source: Path, image_key: str, caption: str, out: Path, *, spl
 
     from ..manifests import FeatureStore
     from ..manifests.atomic import commit_temp, temp_path_for
-    from ..manifests.splits import check_lineage
+    from ..manifests.splits import check_lineage, run_caption_rule
     from ..teran.checkpoint import load_model
     from ..teran.visualize import word_region_alignment
     from ..tokenizers import load_wordpiece, normalize_caption
@@ -47,7 +47,8 @@ def show_alignment(source: Path, image_key: str, caption: str, out: Path, *, spl
             tokenizer = "minilm"
     wp = load_wordpiece(tokenizer)
     wp.backend.no_truncation()
-    encoding = wp.backend.encode(normalize_caption(caption))
+    # as search tokenizes it: by the caption rule of the run's training captions
+    encoding = wp.backend.encode(normalize_caption(caption, run_caption_rule(ckpt.get("lineage"), splits)))
     positions = model.text_encoder.config.max_position_embeddings
     if len(encoding.ids) > positions:  # the encoder has no position for the rest: refuse, not crash
         raise PrepError(f"the caption has {len(encoding.ids)} word pieces ([CLS] and [SEP] included), "

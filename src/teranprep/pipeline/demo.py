@@ -41,12 +41,24 @@ class DemoSettings:
     teran_overrides: dict = field(default_factory=lambda: {
         "training": {"epochs": 5, "lr": 2.0e-4, "warmup_iters": 50, "lr_decay_epochs": 4}})
     pictures: int = 3
+    # The bar `prep demo` checks (and fails below): test R@1 both ways, detector val mAP@0.5.
+    # Full demo: measured in benchmarks/README.md ("The full demo's bar"), set below the lowest
+    # of 3 seeds with room for another machine's rounding; chance R@1 is 1% on 101 images.
+    min_r1: float = 80.0
+    min_map: float = 0.9
 
     @classmethod
     def quick(cls) -> "DemoSettings":
+        # the quick demo's bar: about half the lowest of benchmarks/README.md "The quick demo's
+        # bar" (chance R@1 4.2% on 24 images; an untrained detector scores ~0)
         return cls(images=160, val=16, test=24, detector_epochs=4,
                    teran_overrides={"training": {"epochs": 5, "lr": 2.0e-4, "warmup_iters": 20,
-                                                 "val_every": 1000}}, pictures=1)
+                                                 "val_every": 1000}}, pictures=1,
+                   min_r1=20.0, min_map=0.15)
+
+    def bar(self) -> str:
+        return (f"R@1 >= {self.min_r1:g} text->image and image->text, detector mAP@0.5 >= "
+                f"{self.min_map:g}")
 
 
 @dataclass
@@ -92,6 +104,7 @@ def run_demo(out: Path, settings: DemoSettings | None = None, *, echo=print) -> 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    echo(f"demo bar (checked at the end): {s.bar()}")
     stages: dict = {}
 
     def stage(name):
@@ -212,8 +225,9 @@ def _index_and_search(out, syn, features, run_dir, splits_dir, echo) -> dict:
             "shortlist_recall": head.recall, "noop": not built.shards_run}
 
 
-def check_demo_targets(result: DemoResult, min_r1: float = 50.0, min_map: float = 0.8) -> list[str]:
-    """The issue's bar: R@1 both ways >= 50% on the test split, detector mAP@0.5 >= 0.8."""
+def check_demo_targets(result: DemoResult, min_r1: float, min_map: float) -> list[str]:
+    """What misses the bar (test R@1 both ways >= min_r1 %, detector mAP@0.5 >= min_map), one
+    line each; [] when every target is met."""
     problems = []
     for d, name in (("t2i", "text->image"), ("i2t", "image->text")):
         if result.metrics[d]["r1"] < min_r1:

@@ -25,6 +25,7 @@ from ..manifests.fingerprint import fingerprint
 from ..manifests.index import (CAPTIONS_NAME, HEAD_NAME, SHORTLIST_NAME, refuse_foreign_folder,
                                write_captions, write_index_manifest)
 from ..manifests.shards import Regions
+from ..manifests.splits import run_caption_rule
 from .common.sharded import PlannedItem, ShardedStage, ShardTask
 
 RANDOM_FEATURES_WARNING = ("the indexed features came from a detector with random weights: "
@@ -361,6 +362,7 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
         "alignment": {"mode": al["mode"], "drop_tokens": al["drop_tokens"],
                       "word_max_floor_zero": al["word_max_floor_zero"]},
         "tokenizer": ckpt["config"]["text"]["encoder"],
+        "caption_rule": run_caption_rule(ckpt.get("lineage"), splits or captions),
         "shortlist": {"path": SHORTLIST_NAME, "faiss": {**plan, "dim": int(vectors.shape[1]),
                                                          "n": int(len(vectors))},
                       "head": {**head_info, "path": HEAD_NAME}},

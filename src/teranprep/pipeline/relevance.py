@@ -114,7 +114,10 @@ def ensure_rouge_matrix(splits_dir: Path, split: str, *, cache_dir: Path | None 
     if todo:
         echo(f"relevance: ROUGE-L of {n_captions} captions x {n_images} images of {source}, "
              f"{len(todo)} of {len(blocks)} row blocks to compute -> {cache_dir}")
-        run_tasks_for_relevance(todo, scheduler=scheduler, workers=workers)
+        from ..interrupts import resumable
+        done = lambda: sum((parts / block_name(s, e)).is_file() for s, e in blocks)  # noqa: E731
+        with resumable(lambda: f"{done()} of {len(blocks)} ROUGE-L row blocks complete in {parts}"):
+            run_tasks_for_relevance(todo, scheduler=scheduler, workers=workers)
     tmp = temp_path_for(target)
     with open(tmp, "wb") as fh:
         for s, e in blocks:

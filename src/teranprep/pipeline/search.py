@@ -22,6 +22,7 @@ import torch
 from ..errors import PrepError
 from ..manifests.atomic import sha256_file
 from ..manifests.index import CAPTIONS_NAME, HEAD_NAME, SHORTLIST_NAME, IndexStore, read_captions
+from ..manifests.splits import run_caption_rule
 
 MAX_QUERY_CHARS = 500
 MAX_QUERY_TOKENS = 64
@@ -89,6 +90,9 @@ class Searcher:
         self.alignment = m["alignment"]
         self.embed_dim = int(m["embed_dim"])
         self.warning = m.get("warning")
+        # Queries are normalised as the run's training captions were (index manifests from
+        # before the record: the rule of the run the index names).
+        self.caption_rule = m.get("caption_rule") or run_caption_rule(m["lineage"].get("trained_on"))
         self._tokenizer_name = tokenizer or m.get("tokenizer")
         self._tokenizer = None
         self._captions = None
@@ -105,15 +109,10 @@ class Searcher:
             # Original TERAN checkpoints name bert-base-uncased, whose vocabulary the bundled MiniLM shares.
             self._tokenizer = load_wordpiece("minilm" if name == "bert-base-uncased" else name).backend
             positions = int(self.ckpt["text_config"].get("max_position_embeddings", 512))
-            self._tokenizer.enable_truncation(min(MAX_QUERY_TOKENS, positions) - 1)  # room for '.'
-        ids = list(self._tokenizer.encode(normalize_caption(text)).ids)
-        # The reference rule never scores a caption's last word piece (training captions end with
-        # '.'): a query typed without the full stop gets one, so its last word still counts.
-        dot = self._tokenizer.token_to_id(".")
-        if self.alignment["drop_tokens"] == "reference" and dot is not None and len(ids) >= 2 \
-                and ids[-2] != dot:
-            ids = ids[:-1] + [dot, ids[-1]]
-        return ids
+            self._tokenizer.enable_truncation(min(MAX_QUERY_TOKENS, positions))
+        # build-splits' normalisation, by the rule the run's captions carry: a query is tokenized
+        # as that caption was, so its scores (and ranks) are eval's
+        return list(self._tokenizer.encode(normalize_caption(text, self.caption_rule)).ids)
 
     def token_strings(self, ids: list[int]) -> list[str]:
         if self._tokenizer is None:

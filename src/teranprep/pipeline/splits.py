@@ -18,13 +18,13 @@ from ..manifests.features import FeatureStore, manifest_sha256, read_features_ma
 from ..manifests.lineage_warnings import emit, features_warnings, warning_fields
 from ..manifests.fingerprint import fingerprint
 from ..manifests.splits import (DROPPED_COLUMNS, DROPPED_NAME, MISSING_COLUMNS, MISSING_NAME,
-                                SPLIT_NAMES, SPLITS_FORMAT, SPLITS_FORMAT_VERSION, clear_splits,
-                                existing_splits_manifest, relative_features_path,
+                                SPLIT_NAMES, SPLITS_FORMAT, SPLITS_FORMAT_VERSION, caption_rule_of,
+                                clear_splits, existing_splits_manifest, relative_features_path,
                                 split_leaks, splits_files_intact, write_report_csv, write_split,
                                 write_splits_manifest)
 from ..manifests.shards import remove_stale_temps
 from ..tokenizers.captions import CaptionTokenizer
-from ..tokenizers.text import is_valid_utf8, normalize_caption, printable
+from ..tokenizers.text import CAPTION_RULES, DEFAULT_CAPTION_RULE, is_valid_utf8, normalize_caption, printable
 from ..tokenizers.wordpiece import load_wordpiece
 
 FORMATS = ("karpathy", "csv", "jsonl", "features-index")
@@ -52,7 +52,7 @@ class SplitsResult:
         head = "build-splits: up to date, nothing to do" if self.noop else \
             f"build-splits: wrote {self.out} in {self.wall_s:.1f}s"
         return (f"{head}\n  {parts}\n  dropped: {lost}; truncated to {self.manifest['tokenizer']['max_tokens']} "
-                f"tokens: {self.manifest['truncated']}")
+                f"tokens: {self.manifest['truncated']}; caption rule: {caption_rule_of(self.manifest)}")
 
 
 # ---- caption sources ----
@@ -331,8 +331,8 @@ def build_splits(captions: Path, *, features: Path, out: Path, format: str | Non
                  image_key_template: str | None = None, image_column: str = "image",
                  caption_column: str = "caption", restval: str = "train", val: int | None = None,
                  test: int | None = None, seed: int = 0, tokenizer: str | None = None,
-                 max_tokens: int = 128, max_missing: int = 0, overwrite: bool = False,
-                 echo=None) -> SplitsResult:
+                 max_tokens: int = 128, max_missing: int = 0, caption_rule: str = DEFAULT_CAPTION_RULE,
+                 overwrite: bool = False, echo=None) -> SplitsResult:
     """Tokenized train/val/test splits of `captions`, tied to `features`, written to `out`.
 
     A finished build with the same inputs and parameters is a no-op (no file is touched); other
@@ -345,6 +345,8 @@ def build_splits(captions: Path, *, features: Path, out: Path, format: str | Non
     claim_output_dir(out, SPLITS)  # before any work: never into features/ or a file
     say = echo or (lambda message: None)
     _validate(captions, features, restval, val, test, max_tokens, max_missing)
+    if caption_rule not in CAPTION_RULES:
+        raise PrepError(f"--caption-rule {caption_rule!r}: choose one of {', '.join(CAPTION_RULES)}")
     warnings = features_warnings(features, read_features_manifest(features))
     emit("build-splits", warnings)
     fmt = detect_format(captions, format)
@@ -354,7 +356,7 @@ def build_splits(captions: Path, *, features: Path, out: Path, format: str | Non
               "restval": restval, "val": val, "test": test, "seed": seed,
               "split_method": SPLIT_METHOD, "max_tokens": max_tokens,
               "tokenizer_vocab_sha256": wordpiece.vocab_sha256,
-              "tokenizer_sha256": wordpiece.tokenizer_sha256}
+              "tokenizer_sha256": wordpiece.tokenizer_sha256, "caption_rule": caption_rule}
     params_fp = fingerprint(params)
     inputs = {"captions_sha256": sha256_file(captions),
               "features_manifest_sha256": manifest_sha256(features)}
@@ -404,7 +406,7 @@ def build_splits(captions: Path, *, features: Path, out: Path, format: str | Non
             problem = ("invalid_utf8", "image key")
         if problem is None and raw is not None and not is_valid_utf8(raw):
             problem = ("invalid_utf8", "caption")
-        clean = "" if problem or raw is None else normalize_caption(raw)
+        clean = "" if problem or raw is None else normalize_caption(raw, caption_rule)
         if problem is None and not clean:
             problem = ("empty", "empty" if not raw else "whitespace only")
         if problem is not None:

@@ -45,10 +45,13 @@ class TrainResult:
 
 def lineage_of(splits_dir: Path, features_dir: Path) -> dict:
     from ..manifests.features import manifest_sha256
+    from ..manifests.splits import caption_rule_of, read_splits_manifest
     return {"splits": str(Path(splits_dir).resolve()),
             "splits_manifest_sha256": sha256_file(Path(splits_dir) / "manifest.json"),
             "features": str(Path(features_dir).resolve()),
-            "features_manifest_sha256": manifest_sha256(features_dir)}
+            "features_manifest_sha256": manifest_sha256(features_dir),
+            # search normalises queries by the rule these captions were (tokenizers/text.py)
+            "caption_rule": caption_rule_of(read_splits_manifest(splits_dir))}
 
 
 def lr_factor(step: int, steps_per_epoch: int, t: dict) -> float:
