@@ -476,6 +476,67 @@ def test_verify_notices_an_image_rewritten_with_its_size_and_mtime_kept(tmp_path
     assert "changed since extraction" in checked.stderr and repr(key) in checked.stderr
 
 
+def test_verify_inputs_reruns_only_the_shard_whose_image_changed_in_place(tmp_path):
+    """A rewrite that keeps size and mtime: a plain resume cannot tell; --verify-inputs re-hashes,
+    says which shard changed in its dry run, re-runs that shard only and records the new sha256."""
+    import hashlib
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):  # stored PNGs (no compression): the file size depends on the size only
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(images / f"im{i}.png",
+                                                                                 compress_level=0)
+    out = tmp_path / "features"
+    args = ("extract-regions", images, out, *TV, "--workers", "0", "--shard-size", "2")
+    assert prep(*args).returncode == 0
+    shard = lambda i: out / "shards" / f"regions-0000{i}.h5"  # noqa: E731
+    before = [(shard(i).read_bytes(), shard(i).stat().st_mtime_ns) for i in (0, 1)]
+    victim = images / "im3.png"
+    stat = victim.stat()
+    Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(victim, compress_level=0)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert victim.stat().st_size == stat.st_size and victim.stat().st_mtime_ns == stat.st_mtime_ns
+
+    plain = prep(*args)
+    assert plain.returncode == 0 and "nothing to do: every shard was already complete" in plain.stdout, plain.stdout
+    dry = prep(*args, "--verify-inputs", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "regions-00001.h5" in dry.stdout and "[1 changed content (sha256)]" in dry.stdout, dry.stdout
+    assert dry.stdout.count("[complete]") == 1, dry.stdout
+    rerun = prep(*args, "--verify-inputs")
+    assert rerun.returncode == 0 and "ran 1 of 2 shards" in rerun.stdout, rerun.stdout + rerun.stderr
+    assert (shard(0).read_bytes(), shard(0).stat().st_mtime_ns) == before[0]
+    assert shard(1).read_bytes() != before[1][0]
+    index = pd.read_parquet(out / "index.parquet").set_index("image_key")
+    assert index.loc["im3.png", "file_sha256"] == hashlib.sha256(victim.read_bytes()).hexdigest()
+    assert prep("verify", out).returncode == 0
+    again = prep(*args, "--verify-inputs")
+    assert again.returncode == 0 and "nothing to do: every shard was already complete" in again.stdout, again.stdout
+
+
+def test_max_megapixels_names_the_limit_and_raising_it_reads_the_image(tmp_path):
+    from PIL import Image
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (2000, 1500), (120, 30, 60)).save(images / "big.png")
+    Image.new("RGB", (80, 64), (20, 90, 60)).save(images / "small.png")
+    out = tmp_path / "features"
+    base = ("extract-regions", images, out, *TV, "--workers", "0", "--max-error-rate", "1")
+    assert prep(*base, "--max-megapixels", "2").returncode == 0
+    index = pd.read_parquet(out / "index.parquet").set_index("image_key")
+    assert index.loc["big.png", "status"] == "error" and index.loc["small.png", "status"] == "ok"
+    assert index.loc["big.png", "error"].endswith(
+        "image too large (2000 x 1500, limit 2 megapixels; --max-megapixels to raise)"), index.loc["big.png", "error"]
+    before = tree(out)
+    # which images are errors is a parameter of the folder: another limit is refused, not mixed
+    one_error(prep(*base, "--max-megapixels", "4"), "--overwrite")
+    assert tree(out) == before
+    assert prep(*base, "--max-megapixels", "4", "--overwrite").returncode == 0
+    assert set(pd.read_parquet(out / "index.parquet")["status"]) == {"ok"}
+    one_error(prep(*base, "--max-megapixels", "0"), "--max-megapixels must be > 0")
+
+
 # ------------------------------------------------------------------ 7. messages a user can act on
 
 def test_show_regions_keeps_keys_apart_and_names_an_unknown_key(tmp_path, make_features):
@@ -629,3 +690,24 @@ def test_quiet_means_errors_warnings_and_the_summary_line_on_every_other_stage(t
             return re.sub(r"\d+\.\d+|\d+ ?s\b", "T", line.replace(suffix, ""))
         tail = [same(line, "-loud") for line in loud_lines[-len(quiet_lines):]]
         assert [same(line, "-quiet") for line in quiet_lines] == tail, (stage, loud.stdout, quiet.stdout)
+
+
+def test_a_stage_called_from_python_drops_its_folder_lock_when_it_returns(tmp_path):
+    """The Python API (a notebook, run_demo) must not keep a folder locked against the `prep` that
+    runs next; a lock taken before the call (an enclosing stage's) stays held."""
+    from teranprep.manifests import ownership
+    from teranprep.pipeline.synthetic import make_synthetic
+    out = tmp_path / "syn"
+    make_synthetic(out, images=4, seed=1)
+    assert os.path.realpath(out) not in ownership._held_locks
+    again = prep("make-synthetic", out, "--images", "4", "--seed", "1")
+    assert again.returncode == 0, again.stderr
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    ownership.lock_output_dir(outer)
+    try:
+        make_synthetic(outer, images=4, seed=1)
+        assert os.path.realpath(outer) in ownership._held_locks
+        one_error(prep("make-synthetic", outer, "--images", "4", "--seed", "1"), "another prep run")
+    finally:
+        ownership.release_output_locks()

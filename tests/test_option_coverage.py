@@ -81,6 +81,8 @@ CASES = {
     ("extract-regions", "--spatial"): R(EX + ("--spatial",), "--spatial applies to the VinVL models"),
     ("extract-regions", "--vinvl-selection"): R(EX + ("--vinvl-selection", "max-class"),
                                                 "--vinvl-selection applies to the VinVL models"),
+    ("extract-regions", "--max-megapixels"): P("test_no_wrong_answer.py", "test_max_megapixels_names_the_limit_and_raising_it_reads_the_image"),
+    ("extract-regions", "--verify-inputs"): P("test_no_wrong_answer.py", "test_verify_inputs_reruns_only_the_shard_whose_image_changed_in_place"),
     ("extract-regions", "--quiet"): P("test_no_wrong_answer.py", "test_quiet_means_errors_warnings_and_the_summary_line_on_every_other_stage"),
     # train-detector, show-regions
     ("train-detector", "--config"): P("test_edges.py", "test_wrong_files_as_weights_checkpoints_and_configs_are_one_line"),

@@ -71,6 +71,11 @@ def _default_precision():
 @click.option("--retries", default=2, show_default=True, help="Retries of a failed shard task.")
 @click.option("--max-error-rate", default=0.01, show_default=True,
               help="Fail the stage (exit 2, manifest marked failed) above this share of error rows (0..1).")
+@click.option("--max-megapixels", type=float,
+              help="Images larger than this are error rows  [default: Pillow's limit, 89 megapixels]")
+@click.option("--verify-inputs", is_flag=True,
+              help="Re-hash the images of complete shards (sha256) and re-run the shards whose images "
+                   "changed although their size and mtime did not (cp -p, rsync -t); reads every image.")
 @click.option("--overwrite", is_flag=True, help="Delete previous outputs in OUT and start afresh.")
 @click.option("--dry-run", is_flag=True, help="Print the shard plan and exit.")
 @click.option("--quiet", is_flag=True, help="Print only errors, warnings and the final summary line.")

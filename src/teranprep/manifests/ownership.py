@@ -194,15 +194,35 @@ def _lock_holder(fd: int) -> str:
     return "pid unknown"
 
 
-def release_output_locks() -> None:
-    """Drops every output-folder lock this process holds (the CLI calls it after each command)."""
+def releases_locks(stage):
+    """Decorates a stage function: the folder locks it took are dropped when it returns or
+    raises, so a library caller (a notebook, `run_demo`, a test) can run `prep` on the same
+    folder afterwards. Locks taken before the call (an enclosing stage's) stay held."""
+    import functools
+
+    @functools.wraps(stage)
+    def run(*args, **kwargs):
+        before = set(_held_locks)
+        try:
+            return stage(*args, **kwargs)
+        finally:
+            _release([real for real in _held_locks if real not in before])
+    return run
+
+
+def _release(reals) -> None:
     import fcntl
-    while _held_locks:
-        _, fd = _held_locks.popitem()
+    for real in reals:
+        fd = _held_locks.pop(real)
         try:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+def release_output_locks() -> None:
+    """Drops every output-folder lock this process holds (the CLI calls it after each command)."""
+    _release(list(_held_locks))
 
 
 def _check_creatable(out: Path) -> None:

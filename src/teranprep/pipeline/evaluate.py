@@ -12,6 +12,7 @@ from ..manifests.atomic import atomic_write_bytes, canonical_json
 from ..manifests.lineage_warnings import emit, features_warnings, merge, recorded_warnings, warning_fields
 from ..manifests.values import require_finite_scores
 from ..teran.checkpoint import checkpoint_path, load_model
+from ..manifests.ownership import releases_locks
 
 PROTOCOLS = ("all", "1k", "5k")
 TOP_K_SAVED = 10
@@ -23,6 +24,7 @@ def default_eval_dir(source: Path, split: str, protocol: str, precision: str = "
     return base / (f"eval-{split}-{protocol}" + ("" if precision == "fp32" else f"-{precision}"))
 
 
+@releases_locks
 def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: str = "all",
              features: Path | None = None, out: Path | None = None, device: str = "auto",
              batch_size: int = 64, image_block: int = 100, caption_block: int = 500,

@@ -32,8 +32,9 @@ from .common.distribute import (check_workers, default_threads, report_progress,
                                  tune_malloc_for_tensors)
 from .common.sharded import PlannedItem, ShardedStage, ShardTask
 from .common.results import FeaturesResult
-from .common.images import IMAGE_EXTENSIONS, ImageEntry, listing_sha256
-from .common.inputs import discover_inputs, read_entries
+from .common.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, ImageEntry, listing_sha256
+from .common.inputs import discover_inputs, entry_digests, read_entries
+from ..manifests.ownership import releases_locks
 
 NO_GIVEN_BOXES = "no given boxes: the --given-boxes file has no entry for this image"
 UNMATCHED_GIVEN_BOXES = "given_boxes_unmatched.txt"  # box-file keys that match no image
@@ -54,6 +55,7 @@ class ExtractTask(ShardTask):
     given_boxes: tuple = ()  # (key, (k,4) list) pairs for this shard's images, given-box mode
     given_mode: bool = False
     missing_given_boxes: str = "error"  # status of an image the given-box file has no entry for
+    max_pixels: int = MAX_IMAGE_PIXELS  # larger images are error rows (--max-megapixels)
 
     def __repr__(self):
         return f"shard {self.index:05d} ({len(self.entries)} images)"
@@ -120,7 +122,8 @@ def _run_shard(task: ExtractTask) -> dict:
                          optional_columns=detector.columns,
                          attrs={"detector": task.spec.model, "weights_sha256": detector.weights_sha256,
                                 "params_fingerprint": task.params_fingerprint})
-    stream = read_entries(task.root, task.entries)  # read + decoded ahead, in a thread
+    # read + decoded ahead, in a thread
+    stream = read_entries(task.root, task.entries, max_pixels=task.max_pixels)
     try:
         for start in range(0, len(task.entries), task.batch_size):
             batch = task.entries[start:start + task.batch_size]
@@ -230,6 +233,15 @@ def _first_line(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------- driver side
 
+def content_changed(task: ExtractTask, stats: dict) -> int:
+    """--verify-inputs: how many images of a complete shard now hash differently from the sha256
+    its marker recorded (a rewrite that kept size and mtime: `cp -p`, `rsync -t`). Rows without a
+    recorded sha256 (images that failed to decode) are compared by size and mtime only."""
+    recorded = {r["image_key"]: r.get("file_sha256") or None for r in stats.get("rows", [])}
+    return sum(1 for entry, digest in entry_digests(task.root, task.entries)
+               if recorded.get(entry.key) is not None and digest != recorded[entry.key])
+
+
 def recorded_items(stats: dict) -> list:
     """[(key, signature)] a marker was computed for: each row's key, (file size, mtime)."""
     return [[r["image_key"], [r["file_size"], r["file_mtime_ns"]]] for r in stats.get("rows", [])]
@@ -285,6 +297,8 @@ class ExtractOptions:
     missing_given_boxes: str = "error"
     precision: str = DEFAULT_PRECISION
     model_options: dict | None = None
+    max_megapixels: float | None = None  # None: Pillow's limit (89.5 megapixels)
+    verify_inputs: bool = False  # re-hash the images of complete shards; re-run those that changed
 
     def recorded(self) -> dict:
         """What the manifest keeps: every field, the given boxes as their sha256."""
@@ -293,6 +307,7 @@ class ExtractOptions:
         return out
 
 
+@releases_locks
 def extract_regions(images: Path, out: Path, options: ExtractOptions | None = None, *, echo=print,
                     warn=None, **settings) -> ExtractResult:
     """Detects regions in every image under `images` and writes features/ to `out`.
@@ -333,6 +348,9 @@ def _extract_regions(images: Path, out: Path, opts: ExtractOptions, echo, warn) 
     missing_given_boxes = opts.missing_given_boxes
     precision = opts.precision
     model_options = opts.model_options
+    if opts.max_megapixels is not None and not opts.max_megapixels > 0:
+        raise PrepError("--max-megapixels must be > 0")
+    max_pixels = MAX_IMAGE_PIXELS if opts.max_megapixels is None else int(opts.max_megapixels * 1e6)
     t_start = time.perf_counter()
     warn = warn or echo
     out = Path(out)
@@ -381,6 +399,8 @@ def _extract_regions(images: Path, out: Path, opts: ExtractOptions, echo, warn) 
         from ..extractors.vinvl.detector import INFERENCE, feature_layout
         params["inference"] = INFERENCE
         params["feature_layout"] = feature_layout(bool(options.get("spatial")))
+    if opts.max_megapixels is not None:  # which images are errors; absent (Pillow's) in older folders
+        params["max_pixels"] = max_pixels
     params_fp = fingerprint(params)
     prepare_output(out, params_fp, overwrite and not dry_run)
     unmatched = sorted(set(given_boxes) - {e.key for e in entries}) if given_boxes else []
@@ -392,10 +412,11 @@ def _extract_regions(images: Path, out: Path, opts: ExtractOptions, echo, warn) 
                            root=inputs.root, entries=tuple(part), spec=spec, dtype=dtype,
                            batch_size=batch_size, threads=threads,
                            given_boxes=_boxes_for(part, given_boxes), given_mode=given_boxes is not None,
-                           missing_given_boxes=missing_given_boxes)
+                           missing_given_boxes=missing_given_boxes, max_pixels=max_pixels)
 
     stage = ShardedStage("extract-regions", out, items, shard_size, params_fp, make_task,
-                         recorded_items, listing=listing_sha256(entries))
+                         recorded_items, listing=listing_sha256(entries),
+                         recheck=content_changed if opts.verify_inputs else None)
     if dry_run:
         for line in stage.report_lines():
             echo(line)

@@ -27,6 +27,7 @@ from ..manifests.index import (CAPTIONS_NAME, HEAD_NAME, SHORTLIST_NAME, refuse_
 from ..manifests.shards import Regions
 from ..manifests.splits import run_caption_rule
 from .common.sharded import PlannedItem, ShardedStage, ShardTask
+from ..manifests.ownership import releases_locks
 
 RANDOM_FEATURES_WARNING = ("the indexed features came from a detector with random weights: "
                            "search results over them are meaningless")
@@ -225,6 +226,7 @@ def _plan_keys(features_manifest_dir: Path, splits: Path | None, split: str | No
     return sorted(keys)
 
 
+@releases_locks
 def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = None,
                 split: str | None = None, captions: Path | None = None,
                 head: Path | None = None, dtype: str = "float16", shard_size: int = 1000,

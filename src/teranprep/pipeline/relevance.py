@@ -17,6 +17,7 @@ from ..manifests.relevance import (block_name, default_relevance_dir, matrix_pat
                                    write_relevance_manifest, PLAN_NAME)
 from ..manifests.splits import split_path
 from ..teran.relevance import ROUGE_BETA, TokenizedCaptions, fold_ndcg, rouge_l_rows
+from ..manifests.ownership import releases_locks
 
 BLOCK_ROWS = 1000
 TOKENIZATION = 'text.lower().split(" ")'
@@ -69,6 +70,7 @@ def _check_cache_dir(cache_dir: Path, splits_dir: Path) -> None:
     claim_output_dir(cache_dir, RELEVANCE, create=False)
 
 
+@releases_locks
 def ensure_rouge_matrix(splits_dir: Path, split: str, *, cache_dir: Path | None = None,
                         scheduler: str | None = None, workers: int = 0,
                         block_rows: int = BLOCK_ROWS, echo=print) -> Path:

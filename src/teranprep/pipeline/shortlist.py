@@ -19,6 +19,7 @@ import torch
 from ..errors import PrepError
 from ..manifests.atomic import atomic_write_bytes, canonical_json, commit_temp, sha256_file, temp_path_for
 from ..manifests.fingerprint import fingerprint
+from ..manifests.ownership import releases_locks
 
 SHORTLIST_FORMAT = "teranprep.shortlist"
 RECALL_SIZES = (10, 20, 50, 100, 500, 1000)  # the issue asks 50..1000; 10, 20 tell on small sets
@@ -107,6 +108,7 @@ def distill(head, model, encoded, caption_image: np.ndarray, *, epochs: int, bat
     return losses
 
 
+@releases_locks
 def train_shortlist(run: Path, *, splits: Path | None = None, features: Path | None = None,
                     out: Path | None = None, dim: int = 256, hidden: int = 512, epochs: int = 30,
                     batch_size: int = 64, lr: float = 1e-3, max_images: int = 20000, seed: int = 0,

@@ -26,6 +26,7 @@ from ..manifests.shards import remove_stale_temps
 from ..tokenizers.captions import CaptionTokenizer
 from ..tokenizers.text import CAPTION_RULES, DEFAULT_CAPTION_RULE, is_valid_utf8, normalize_caption, printable
 from ..tokenizers.wordpiece import load_wordpiece
+from ..manifests.ownership import releases_locks
 
 FORMATS = ("karpathy", "csv", "jsonl", "features-index")
 RESTVAL_MODES = ("train", "drop", "val")
@@ -327,6 +328,7 @@ def _normalization_hint(missing_rows, ok_keys) -> str:
             f"normalization (NFC vs NFD), e.g. {ascii(key)} vs {ascii(found)}")
 
 
+@releases_locks
 def build_splits(captions: Path, *, features: Path, out: Path, format: str | None = None,
                  image_key_template: str | None = None, image_column: str = "image",
                  caption_column: str = "caption", restval: str = "train", val: int | None = None,

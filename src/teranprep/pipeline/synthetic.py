@@ -24,6 +24,7 @@ from .. import __version__
 from ..errors import PrepError
 from ..manifests.atomic import atomic_write_bytes, atomic_write_json
 from ..manifests.fingerprint import fingerprint
+from ..manifests.ownership import releases_locks
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 # Saturated colours far from the grey backgrounds and from one another (pixel tests rely on it).
@@ -362,6 +363,7 @@ def _split_groups(rng, groups: list[list[int]], n_val: int, n_test: int) -> dict
     return split_of
 
 
+@releases_locks
 def make_synthetic(out: Path, *, images: int = 1000, seed: int = 0, size: int = 160,
                    captions_per_image: int = 5, val: int | None = None, test: int | None = None,
                    twin_rate: float = 0.3, image_format: str = "mix", overwrite: bool = False,

@@ -25,6 +25,7 @@ from ..manifests.lineage_warnings import emit, features_warnings, merge, recorde
 from ..manifests.values import require_finite_scores, tensors_nonfinite
 from ..teran.checkpoint import BEST, CHECKPOINT_FORMAT, LAST
 from ..teran.config import dump_config, load_config
+from ..manifests.ownership import releases_locks
 
 CHECKPOINT_VERSION = 1
 
@@ -206,6 +207,7 @@ def validate(model, split, store, config: dict, device) -> dict:
     return retrieval_metrics(scores, split.caption_image)
 
 
+@releases_locks
 def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features: Path | None = None,
           device: str = "auto", stop_after: int | None = None, precision: str | None = None,
           echo=print) -> TrainResult:

@@ -32,6 +32,7 @@ from ..extractors.butd.training.engine import (Sample, build_model, butd_config,
                                                evaluate_detector, load_coco, load_detector_config,
                                                make_optimizer, train_epoch)
 from ..extractors.butd.training.losses import RoiSettings, RpnSettings
+from ..manifests.ownership import releases_locks
 
 CHECKPOINT_FORMAT = "teranprep.butd-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -94,6 +95,7 @@ def _save(path: Path, payload: dict) -> None:
     commit_temp(tmp, path)
 
 
+@releases_locks
 def train_detector(annotations: Path, images: Path, *, config: Path | None = None, out: Path,
                    overrides: dict | None = None, overwrite: bool = False, echo=print) -> TrainDetectorResult:
     """Trains a detector (see _train_detector); the config's `threads` holds only for this call."""

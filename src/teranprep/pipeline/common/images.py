@@ -150,27 +150,36 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def _too_large(exc: Exception) -> str:
+def too_large_message(size: str, max_pixels: int) -> str:
+    return (f"image too large ({size}, limit {max_pixels / 1e6:.0f} megapixels; "
+            "--max-megapixels to raise)")
+
+
+def _too_large(exc: Exception, max_pixels: int) -> str:
     """Pillow's size refusal (raised while opening, before the size is known to us) in our words."""
     import re
     found = re.search(r"\((\d+) pixels\)", str(exc))
     size = f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else "size unknown"
-    return f"image too large ({size}, limit {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels)"
+    return too_large_message(size, max_pixels)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """RGB uint8 (H, W, 3) from encoded bytes; raises ItemError naming the reason."""
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """RGB uint8 (H, W, 3) from encoded bytes; raises ItemError naming the reason. An image of
+    more than `max_pixels` (read from its header, before any pixel is decoded) is refused."""
     if not data:
         raise ItemError("empty file (0 bytes)")
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # our check on the header replaces Pillow's (which would refuse a raised
+            # --max-megapixels first, and without naming the size)
+            Image.MAX_IMAGE_PIXELS = None
             probe = Image.open(io.BytesIO(data))
             fmt = probe.format
             width, height = probe.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise ItemError(f"image too large ({width} x {height}, limit "
-                                f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels)")
+            if width * height > max_pixels:
+                raise ItemError(too_large_message(f"{width} x {height}", max_pixels))
             if fmt == "PNG":
                 probe.verify()  # checks chunk CRCs, which decoding alone may not
             img = Image.open(io.BytesIO(data)) if fmt == "PNG" else probe
@@ -180,12 +189,14 @@ def decode_image(data: bytes) -> np.ndarray:
     except ItemError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ItemError(_too_large(exc)) from None
+        raise ItemError(_too_large(exc, max_pixels)) from None
     except Image.UnidentifiedImageError:
         raise ItemError("not an image Pillow can identify") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError, IndexError, TypeError,
             ZeroDivisionError) as exc:  # Pillow's corrupt-data errors are this assorted
         raise ItemError(f"corrupt image data: {type(exc).__name__}: {exc}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise ItemError(f"decoded to an unusable array of shape {rgb.shape}")
     return np.array(rgb, dtype=np.uint8, order="C")  # writable copy, detached from Pillow

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import ItemError, PrepError
-from .images import IMAGE_EXTENSIONS, ImageEntry, PassedOver, decode_image, discover_images_with_report
+from .images import (IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, ImageEntry, PassedOver, decode_image,
+                     discover_images_with_report)
 
 LIST_SUFFIXES = (".parquet", ".csv")
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -259,9 +260,18 @@ def _stream_tar(tar_path: Path, entries):
         yield entry, ItemError(problem)
 
 
-def read_entries(root, entries, prefetch: int = 4):
+def entry_digests(root, entries):
+    """(entry, sha256 hex of its bytes | None when it cannot be read) per entry, in order: what
+    --verify-inputs compares with the sha256 a completed shard recorded."""
+    import hashlib
+    for entry, data in _entry_bytes(Path(root), list(entries)):
+        yield entry, None if isinstance(data, ItemError) else hashlib.sha256(data).hexdigest()
+
+
+def read_entries(root, entries, prefetch: int = 4, max_pixels: int = MAX_IMAGE_PIXELS):
     """(entry, (image, bytes) | ItemError) per entry, in order, read and decoded `prefetch` ahead
-    in a background thread (Pillow's decoders release the GIL), so decoding overlaps detection."""
+    in a background thread (Pillow's decoders release the GIL), so decoding overlaps detection;
+    an image above `max_pixels` is an ItemError."""
     out: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
     done = object()
@@ -273,7 +283,7 @@ def read_entries(root, entries, prefetch: int = 4):
                     return
                 if not isinstance(data, ItemError):
                     try:
-                        data = (decode_image(data), data)
+                        data = (decode_image(data, max_pixels), data)
                     except ItemError as exc:
                         data = exc
                 out.put((entry, data))
@@ -310,4 +320,5 @@ def read_one(root, entry: ImageEntry):
     raise ItemError(f"{entry.key}: not found")
 
 
-__all__ = ["InputSet", "discover_inputs", "expand_braces", "read_entries", "read_one", "sample_key"]
+__all__ = ["InputSet", "discover_inputs", "entry_digests", "expand_braces", "read_entries", "read_one",
+           "sample_key"]

@@ -161,6 +161,9 @@ class ShardedStage:
     recorded: Callable
     noun: str = "images"
     listing: str = ""
+    # recheck(task, stats) -> how many of a complete shard's items changed in content although
+    # their signatures did not (extract's --verify-inputs: sha256 of the bytes); those shards run
+    recheck: Callable | None = None
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -169,6 +172,12 @@ class ShardedStage:
         self.tasks = [self.make_task(index, members) for index, members in self.plan.shards]
         self.members = dict(self.plan.shards)
         self.done = {t.index: stats for t in self.tasks if (stats := self.completed(t)) is not None}
+        self.content_changed = {}
+        if self.recheck is not None:
+            for t in self.tasks:
+                if t.index in self.done and (changed := self.recheck(t, self.done[t.index])):
+                    self.content_changed[t.index] = changed
+                    del self.done[t.index]
         self.pending = [t for t in self.tasks if t.index not in self.done]
 
     def completed(self, task) -> dict | None:
@@ -185,6 +194,8 @@ class ShardedStage:
         """Why a shard would run (or "complete")."""
         if task.index in self.done:
             return "complete"
+        if task.index in self.content_changed:
+            return f"{self.content_changed[task.index]} changed content (sha256)"
         if task.index in self.plan.new_indices:
             return f"new {self.noun}"
         try:

@@ -21,6 +21,7 @@ from ...manifests.atomic import atomic_write_bytes, atomic_write_json, commit_te
 from ...manifests.features import FeatureStore, manifest_sha256, read_features_manifest
 from ...manifests.lineage_warnings import emit, features_warnings, warning_fields
 from .sources import SCAN_BOXES, SCAN_CAPS, SCAN_IDS, SCAN_IMS, SCAN_SIZES, SIZES_FILE
+from ...manifests.ownership import releases_locks
 
 EXPORT_FORMATS = ("scan-precomp", "teran", "butd-tsv", "vinvl-tsv", "lmdb")
 # SCAN's loaders read train / dev / test: our val split is their dev.
@@ -117,6 +118,7 @@ def _progress(total, quiet):
     return tqdm(total=total, unit="img", disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
 
 
+@releases_locks
 def export_features(features: Path, to: str, out: Path, *, splits: Path | None = None,
                     key_map: Path | None = None, label_map: Path | None = None,
                     quiet: bool = False) -> ExportResult:

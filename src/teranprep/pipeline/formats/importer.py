@@ -27,6 +27,7 @@ from ..common.distribute import report_progress
 from ..common.results import FeaturesResult
 from ..common.sharded import PlannedItem, ShardedStage, ShardTask
 from .sources import IMPORT_FORMATS, SourceItem, open_source
+from ...manifests.ownership import releases_locks
 
 MAX_LISTED_DUPLICATES = 1000
 
@@ -119,6 +120,7 @@ class ImportTask(ShardTask):
                            extra_stats={"items": [list(r) for r in self.records]}, marker=False)
 
 
+@releases_locks
 def import_features(fmt: str, src: Path, out: Path, *, key_map: Path | None = None,
                     shard_size: int = 1000, dtype: str = "float32", sizes: Path | None = None,
                     splits: tuple[str, ...] = (), max_error_rate: float = 1.0,
