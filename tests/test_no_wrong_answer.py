@@ -631,7 +631,7 @@ def test_progress_lines_off_a_terminal_for_import_and_train(tmp_path, nan_chain)
 def test_config_errors_list_only_teran_configs(tmp_path):
     for name in ("nosuch", "detector_tiny"):
         line = one_error(prep("train", tmp_path, "--config", name, "--out", tmp_path / "run"),
-                         "['teran_coco', 'teran_f30k', 'teran_small']")
+                         "['teran_coco', 'teran_coco_vinvl', 'teran_f30k', 'teran_small']")
         assert "detector_tiny'" not in line.split("one of")[-1]
     assert not (tmp_path / "run").exists()
 

@@ -29,8 +29,21 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
+_undelivered: list[int] = []  # a signal whose Interrupted no `resumable` has seen yet
+
+
 def _raise_interrupted(signum, frame):
+    # The handler runs at whatever bytecode the main thread is at; inside a weakref callback or a
+    # __del__ the exception is printed and dropped, so the signal is also kept here for
+    # check_interrupted() (called between items) to raise again.
+    _undelivered.append(signum)
     raise Interrupted(signum)
+
+
+def check_interrupted() -> None:
+    """Raises the Interrupted that an earlier signal could not deliver (see _raise_interrupted)."""
+    if _undelivered:
+        raise Interrupted(_undelivered[-1])
 
 
 def install_signal_handlers() -> dict:
@@ -60,6 +73,7 @@ def resumable(describe_kept: Callable[[], str]):
     try:
         yield
     except (Interrupted, KeyboardInterrupt) as exc:
+        _undelivered.clear()  # delivered
         if not hasattr(exc, "kept"):  # the innermost stage describes what it kept, now
             try:
                 exc.kept = describe_kept()

@@ -13,6 +13,7 @@ from ..errors import PrepError
 
 # Boxes may reach one pixel past the image's far edge: the Caffe/BUTD convention clips to
 # [0, W - 1] and adds 1 to widths, and some tools store x2 = W exactly.
+INVERTED_TOLERANCE = 1.0  # px; see region_value_problem
 BOX_EDGE_TOLERANCE = 1.0
 # How many images `prep verify` checks values of without --full (spread over the store).
 VERIFY_SAMPLE = 256
@@ -28,7 +29,7 @@ def _count_nonfinite(array) -> int:
 def region_value_problem(regions, *, source: str = "the source") -> str | None:
     """None when `regions` (manifests.shards.Regions) holds only usable values, else the reason:
     non-finite features / boxes / scores, a size that is not a positive integer (-1, unknown, is
-    allowed), an inverted box (x2 < x1 or y2 < y1) or a box outside the image (W x H, after EXIF
+    allowed), an inverted box (x2 < x1 or y2 < y1, by more than 1 px) or a box outside the image (W x H, after EXIF
     orientation). `source` names where the values came from, for the message."""
     n_bad = _count_nonfinite(regions.features)
     if n_bad:
@@ -50,10 +51,13 @@ def region_value_problem(regions, *, source: str = "the source") -> str | None:
     width, height = (int(v) for v in sizes)
     if (width, height) != (-1, -1) and (width < 1 or height < 1):
         return f"image size {width} x {height} is not a positive size in {source} (-1 x -1 = unknown)"
-    inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    # maskrcnn_benchmark's decoding (x2 = centre + w/2 - 1) leaves VinVL boxes narrower than a
+    # pixel inverted by up to 1 px, which the released features keep: inverted means beyond that
+    inverted = (boxes[:, 2] < boxes[:, 0] - INVERTED_TOLERANCE) | (boxes[:, 3] < boxes[:, 1] - INVERTED_TOLERANCE)
     if inverted.any():
         row = int(np.flatnonzero(inverted)[0])
-        return (f"{int(inverted.sum())} boxes are inverted (x2 < x1 or y2 < y1) in {source}, e.g. "
+        return (f"{int(inverted.sum())} boxes are inverted (x2 < x1 or y2 < y1 by more than "
+                f"{INVERTED_TOLERANCE:g} px) in {source}, e.g. "
                 f"box {row} {_box_text(boxes[row])}")
     if width > 0 and len(boxes):
         t = BOX_EDGE_TOLERANCE

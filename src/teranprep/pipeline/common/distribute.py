@@ -34,8 +34,11 @@ def report_progress(payload: dict) -> None:
         worker = None
     if worker is not None:
         worker.log_event(PROGRESS_TOPIC, payload)
-    elif _inline_progress:
-        _inline_progress[-1](payload)
+    else:
+        from ...interrupts import check_interrupted
+        check_interrupted()  # in-process: between items is where a dropped signal is raised again
+        if _inline_progress:
+            _inline_progress[-1](payload)
 
 
 def machine_cores() -> int:
