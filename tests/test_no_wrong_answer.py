@@ -584,8 +584,11 @@ def test_quiet_train_and_eval_print_only_their_summary_line(tmp_path, nan_chain)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [f"{run}: 2 steps, best validation rsum "
                                         f"{json.loads((run / 'metrics.jsonl').read_text().splitlines()[-1])['rsum']:.2f}"]
-    evaluated = prep("eval", run, "--splits", splits, "--no-ndcg", "--quiet")
+    # with NDCG: its ROUGE-L relevance is computed here, and prints no progress line either
+    evaluated = prep("eval", run, "--splits", splits, "--quiet", env={"TERANPREP_PROGRESS_SECONDS": "0"})
     assert evaluated.returncode == 0, evaluated.stderr
+    assert (splits.parent / "splits-relevance" / "test-rougeL.npy").is_file()  # it was computed
+    assert not any(l.startswith("relevance") for l in evaluated.stderr.splitlines()), evaluated.stderr
     metrics = json.loads((run / "eval-test-all" / "metrics.json").read_text())
     assert evaluated.stdout.splitlines() == [
         f"test (all): rsum {metrics['rsum']:.1f}, i2t R@1 {metrics['i2t']['r1']:.1f}, "
@@ -626,6 +629,26 @@ def test_progress_lines_off_a_terminal_for_import_and_train(tmp_path, nan_chain)
     steps = [l for l in trained.stdout.splitlines() if l.startswith("step ")]
     assert any(l.startswith("step 3/3: loss ") and "steps/s, ETA" in l for l in steps), trained.stdout
     assert quiet.returncode == 0 and len(quiet.stdout.splitlines()) == 1, quiet.stdout
+
+
+def test_progress_lines_off_a_terminal_for_the_relevance_computation(tmp_path, planted_run):
+    """eval's ROUGE-L relevance: a plain line per report inside a row block (every REPORT_ROWS
+    captions and at its end) off a terminal (--quiet drops them: the quiet test above)."""
+    import re
+    from teranprep.pipeline.relevance import REPORT_ROWS
+    p = planted_run
+    n = len(pd.read_parquet(p["splits"] / "test.parquet"))
+    assert n > 2 * REPORT_ROWS  # more than one report inside the one block of this split
+    every = {"TERANPREP_PROGRESS_SECONDS": "0"}  # a line at every update: the lines are what is tested
+
+    loud = prep("eval", p["run"], "--splits", p["splits"], "--relevance-cache", tmp_path / "rel",
+                "--out", tmp_path / "eval", env=every)
+    assert loud.returncode == 0, loud.stderr
+    line = re.compile(r"relevance: (\d+)/(\d+) captions, \d+\.\d\d captions/s, ETA (\d+m\d\ds|\?)$")
+    found = [line.match(l) for l in loud.stderr.splitlines() if l.startswith("relevance: ") and "/" in l.split()[1]]
+    assert found and all(found), loud.stderr
+    assert [int(m[1]) for m in found] == [*range(REPORT_ROWS, n, REPORT_ROWS), n], loud.stderr
+    assert {int(m[2]) for m in found} == {n}
 
 
 def test_config_errors_list_only_teran_configs(tmp_path):

@@ -79,7 +79,7 @@ def eval_cmd(source, splits, split, protocol, features, out, device, batch_size,
                        device=device, batch_size=batch_size, text_encoder=text_encoder,
                        ndcg=not no_ndcg, relevance_files=relevance_files,
                        relevance_cache=relevance_cache, scheduler=scheduler, workers=workers,
-                       precision=precision, drift=drift, echo=echo)
+                       precision=precision, drift=drift, echo=echo, quiet=quiet)
     if as_json:
         click.echo(json.dumps(metrics, sort_keys=True))
     elif quiet:
