@@ -19,6 +19,7 @@ from search_fixtures import planted_run  # noqa: F401 (fixture)
 from teran_fixtures import make_tiny_bert, random_dataset, tiny_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+REPO_CONFIGS = Path(__file__).parent.parent / "configs"  # links to the bundled configs
 
 
 def prep(*args, timeout=900, env=None):
@@ -656,7 +657,24 @@ def test_config_errors_list_only_teran_configs(tmp_path):
         line = one_error(prep("train", tmp_path, "--config", name, "--out", tmp_path / "run"),
                          "['teran_coco', 'teran_coco_vinvl', 'teran_f30k', 'teran_small']")
         assert "detector_tiny'" not in line.split("one of")[-1]
+    # by path too (the repo's configs/ links to the bundled files): named as the wrong kind
+    line = one_error(prep("train", tmp_path, "--config", REPO_CONFIGS / "detector_tiny.yaml", "--out",
+                          tmp_path / "run"), "another kind (for `prep train-detector --config`)")
     assert not (tmp_path / "run").exists()
+
+
+def test_train_detector_config_errors_list_only_detector_configs(tmp_path):
+    def train_detector(config):
+        return prep("train-detector", tmp_path / "instances.json", tmp_path, "--config", config,
+                    "--out", tmp_path / "det")
+    for given in ("nosuch", "teran_small", "teran_coco.yaml", REPO_CONFIGS / "teran_small.yaml"):
+        line = one_error(train_detector(given), f"{given}: ", "one of ['detector_tiny']")
+        assert "teran_" not in line.split("one of")[-1], line
+        if given != "nosuch":  # a TERAN config: named as the wrong kind, with the command it is for
+            assert "a bundled config of another kind (for `prep train --config`), not a detector config" in line
+    assert not (tmp_path / "det").exists()
+    # the bundled detector config by its name is taken: the next complaint is the missing annotations
+    one_error(train_detector("detector_tiny"), "instances.json", "COCO")
 
 
 def test_error_reasons_group_counts_but_keep_the_words_readable():
@@ -682,12 +700,11 @@ def test_quiet_means_errors_warnings_and_the_summary_line_on_every_other_stage(t
     """make-synthetic, train-detector, extract-regions, verify, index and train-shortlist: --quiet drops every line
     but the summary (the same summary the loud run ends with; some summaries take a few lines)."""
     p = planted_run
-    repo_configs = Path(__file__).parent.parent / "configs"
     runs = {
         "make-synthetic": lambda out: ("make-synthetic", out, "--images", "6", "--seed", "1"),
         "train-detector": lambda out: ("train-detector", tmp_path / "syn0" / "instances.json",
                                        tmp_path / "syn0" / "images", "--config",
-                                       repo_configs / "detector_tiny.yaml", "--epochs", "1", "--out", out),
+                                       REPO_CONFIGS / "detector_tiny.yaml", "--epochs", "1", "--out", out),
         "extract-regions": lambda out: ("extract-regions", tmp_path / "syn0" / "images", out, "--model",
                                         "tv-frcnn-mbv3-320", "--random-weights", "0"),
         "verify": lambda out: ("verify", p["features"]),
