@@ -287,11 +287,51 @@ def test_two_build_splits_started_together_have_one_writer(tmp_path, make_featur
     assert_one_writer(race(args, args), success="build-splits: wrote", noop="up to date")
 
 
-def test_two_trains_started_together_have_one_writer(tmp_path, make_features, nan_chain):
-    splits, features, cfg, _ = nan_chain
-    args = ["train", splits, "--config", cfg, "--out", tmp_path / "run", "--stop-after", "2"]
-    assert_one_writer(race(args, args), success="2 steps", noop="never: a second train is refused",
-                      refusals=(LOCKED, "already holds a run"))
+def test_a_train_started_while_another_trains_into_its_folder_is_refused_and_the_first_is_untouched(
+        tmp_path, nan_chain):
+    """A true overlap: the second `prep train` starts once the first has printed a step line (so
+    it holds the folder's lock and trains) and is held mid-run by SIGSTOP until the second has
+    asked for the lock. The second: one line naming the first's pid. The first then finishes as a
+    solo run would, to the same losses and weights."""
+    import signal
+    import torch
+    splits, _, _, config = nan_chain
+    cfg = write_yaml(tmp_path / "long.yaml", dict(config, training=dict(config["training"], epochs=6)))
+    run = tmp_path / "run"
+    args = ["train", splits, "--config", cfg, "--out", run]
+    every = {"TERANPREP_PROGRESS_SECONDS": "0"}  # a step line at every step
+    with open(tmp_path / "first.err", "w") as first_err:
+        first = subprocess.Popen([sys.executable, "-m", "teranprep", *map(str, args)], env={**ENV, **every},
+                                 stdout=subprocess.PIPE, stderr=first_err, text=True)
+        try:
+            lines = [first.stdout.readline()]
+            while lines[-1] and not lines[-1].startswith("step "):
+                lines.append(first.stdout.readline())
+            assert lines[-1].startswith("step 1/36: "), lines  # training: its lock was taken before
+            first.send_signal(signal.SIGSTOP)
+            state = Path(f"/proc/{first.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            assert state == "T", state  # stopped mid-run (had it finished, it would be Z)
+            second = prep(*args, env=every)
+        finally:
+            first.send_signal(signal.SIGCONT)
+        rest = first.stdout.read()
+        first.wait(timeout=600)
+    one_error(second, LOCKED, f"pid {first.pid}", "prep train")
+    assert second.stdout == "", second.stdout  # no summary of work it did not do
+    assert first.returncode == 0, (tmp_path / "first.err").read_text()
+    assert f"{run}: 36 steps" in rest, rest
+    solo = prep(*args[:-1], tmp_path / "solo")
+    assert solo.returncode == 0 and "36 steps" in solo.stdout, solo.stderr
+
+    def losses(folder):
+        return [{k: v for k, v in json.loads(l).items() if k not in ("data_wait_share", "step_s", "time")}
+                for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert losses(run) == losses(tmp_path / "solo")
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt"):
+        a = torch.load(run / name, weights_only=True)["model"]
+        b = torch.load(tmp_path / "solo" / name, weights_only=True)["model"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert (run / "config.yaml").read_bytes() == (tmp_path / "solo" / "config.yaml").read_bytes()
 
 
 def test_two_indexes_started_together_have_one_writer(tmp_path, planted_run):
