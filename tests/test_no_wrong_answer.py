@@ -760,6 +760,11 @@ def test_quiet_means_errors_warnings_and_the_summary_line_on_every_other_stage(t
         assert loud.returncode == 0 and quiet.returncode == 0, (stage, loud.stderr[-800:], quiet.stderr[-800:])
         loud_lines, quiet_lines = loud.stdout.splitlines(), quiet.stdout.splitlines()
         assert quiet_lines, (stage, quiet.stdout)
+        if stage == "extract-regions":  # its progress lines off a terminal (6 synthetic images)
+            lines = [l for l in loud.stderr.splitlines() if l.startswith("extract-regions: ")]
+            assert lines and lines[-1].startswith("extract-regions: 6/6 img (6 ok, 0 errors), ") and \
+                "ETA" in lines[-1], loud.stderr
+            assert "extract-regions: " not in quiet.stderr, quiet.stderr
         if stage not in ("make-synthetic", "verify"):  # loud, these print their summary only here
             said = lambda proc: len((proc.stdout + proc.stderr).splitlines())
             assert said(loud) > said(quiet), (stage, loud.stdout, loud.stderr, quiet.stdout, quiet.stderr)
