@@ -309,8 +309,8 @@ def test_a_train_started_while_another_trains_into_its_folder_is_refused_and_the
                 lines.append(first.stdout.readline())
             assert lines[-1].startswith("step 1/36: "), lines  # training: its lock was taken before
             first.send_signal(signal.SIGSTOP)
-            state = Path(f"/proc/{first.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            assert state == "T", state  # stopped mid-run (had it finished, it would be Z)
+            _, status = os.waitpid(first.pid, os.WUNTRACED)  # returns once it is stopped (or gone)
+            assert os.WIFSTOPPED(status), status  # stopped mid-run, not finished
             second = prep(*args, env=every)
         finally:
             first.send_signal(signal.SIGCONT)
