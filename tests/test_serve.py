@@ -37,36 +37,35 @@ def _get(port: int, path: str):
         conn.close()
 
 
-class _Server:
-    """`prep serve` in a subprocess on a free port, answering /api/info."""
-
-    def __init__(self, index: Path, images: Path, tokenizer: Path):
-        self.port = _free_port()
-        env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "teranprep", "serve", str(index), "--port",
-                                      str(self.port), "--images", str(images), "--tokenizer", str(tokenizer)],
-                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                if _get(self.port, "/api/info")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.2)
-            if self.proc.poll() is not None:
-                raise AssertionError(self.proc.stdout.read())
-        self.proc.kill()
-        raise AssertionError("server did not start")
-
-    def stop(self) -> str:
-        self.proc.terminate()
+def _start_server(index: Path, images: Path, tokenizer: Path):
+    """`prep serve` in a subprocess on a free port, once it answers /api/info: (port, process)."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-m", "teranprep", "serve", str(index), "--port", str(port),
+                             "--images", str(images), "--tokenizer", str(tokenizer)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline:
         try:
-            out, _ = self.proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, _ = self.proc.communicate()
-        return out
+            if _get(port, "/api/info")[0] == 200:
+                return port, proc
+        except OSError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+    proc.kill()
+    raise AssertionError("server did not start")
+
+
+def _stop_server(proc) -> str:
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +85,10 @@ def server(planted_run, tmp_path_factory):
     secret.write_bytes(b"outside the image root")
     (images / "escape.jpg").symlink_to(secret)           # a symlink leaving the root
     (images / "up").symlink_to(root, target_is_directory=True)
-    running = _Server(index, images, p["tokenizer"])
-    yield {"port": running.port, "index": index, "images": images, "proc": running.proc, "secret": secret, **p}
-    out = running.stop()
-    assert f"http://127.0.0.1:{running.port}/" in out  # localhost unless told otherwise
+    port, proc = _start_server(index, images, p["tokenizer"])
+    yield {"port": port, "index": index, "images": images, "proc": proc, "secret": secret, **p}
+    out = _stop_server(proc)
+    assert f"http://127.0.0.1:{port}/" in out  # localhost unless told otherwise
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +117,9 @@ def captioned_server(planted_run, tmp_path_factory):
     images.mkdir()
     for key in sorted({k for k, _ in split_captions(p["splits"])}):
         Image.new("RGB", (1000, 1000), (90, 120, 150)).save(images / key)
-    running = _Server(index, images, p["tokenizer"])
-    yield {"port": running.port, "index": index, **p}
-    running.stop()
+    port, proc = _start_server(index, images, p["tokenizer"])
+    yield {"port": port, "index": index, **p}
+    _stop_server(proc)
 
 
 def test_api_json_schema_and_answers(server):
@@ -285,8 +284,9 @@ def _api(port: int, path: str):
 
 
 def _results(browser):
-    from selenium.webdriver.common.by import By
-    return [e.get_attribute("data-key") for e in browser.find_elements(By.CSS_SELECTOR, "#results .result")]
+    """The result keys shown, read in one script (the page may replace the grid between calls)."""
+    return browser.execute_script(
+        "return [...document.querySelectorAll('#results .result')].map((e) => e.dataset.key)")
 
 
 def test_browser_the_query_is_in_the_page_address(server, browser):
