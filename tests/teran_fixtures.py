@@ -144,3 +144,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def ndcg25_by_hand(raw: list[str], caption_image, t2i_order, i2t_order) -> dict:
+    """NDCG@25 of given rankings over ROUGE-L relevance, one query and one pair at a time, as the
+    reference's evaluation defines it: relevance of image j to caption c is rouge_l (the per-pair
+    definition, checked against hand values in test_teran_relevance) of c against j's captions;
+    gains 2^rel - 1, discounts log2(rank + 1), over the DCG of all candidates sorted, cut at the
+    same length; t2i is the mean over captions, i2t over the images whose NDCG is not 0.
+    t2i_order[c]: images ranked for caption c; i2t_order[i]: caption rows ranked for image i."""
+    import math
+    from teranprep.teran.relevance import rouge_l
+    owner = [int(o) for o in caption_image]
+    n_img = max(owner) + 1
+    refs = [[raw[c] for c in range(len(raw)) if owner[c] == j] for j in range(n_img)]
+    rel = [[rouge_l(raw[c], refs[j]) for j in range(n_img)] for c in range(len(raw))]
+
+    def ndcg(ranked, every):
+        ranked = ranked[:25]
+        dcg = sum((2 ** r - 1) / math.log2(i + 2) for i, r in enumerate(ranked))
+        ideal = sum((2 ** r - 1) / math.log2(i + 2) for i, r in enumerate(sorted(every, reverse=True)[:len(ranked)]))
+        return dcg / ideal if ideal else 0.0
+    t2i = [ndcg([rel[c][j] for j in t2i_order[c]], rel[c]) for c in range(len(raw))]
+    i2t = [ndcg([rel[c][i] for c in i2t_order[i]], [row[i] for row in rel]) for i in range(n_img)]
+    counted = [v for v in i2t if v != 0]
+    return {"t2i": sum(t2i) / len(t2i), "i2t": sum(counted) / len(counted)}

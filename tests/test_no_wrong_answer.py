@@ -19,6 +19,7 @@ from search_fixtures import planted_run  # noqa: F401 (fixture)
 from teran_fixtures import make_tiny_bert, random_dataset, tiny_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+REPO_CONFIGS = Path(__file__).parent.parent / "configs"  # links to the bundled configs
 
 
 def prep(*args, timeout=900, env=None):
@@ -286,11 +287,51 @@ def test_two_build_splits_started_together_have_one_writer(tmp_path, make_featur
     assert_one_writer(race(args, args), success="build-splits: wrote", noop="up to date")
 
 
-def test_two_trains_started_together_have_one_writer(tmp_path, make_features, nan_chain):
-    splits, features, cfg, _ = nan_chain
-    args = ["train", splits, "--config", cfg, "--out", tmp_path / "run", "--stop-after", "2"]
-    assert_one_writer(race(args, args), success="2 steps", noop="never: a second train is refused",
-                      refusals=(LOCKED, "already holds a run"))
+def test_a_train_started_while_another_trains_into_its_folder_is_refused_and_the_first_is_untouched(
+        tmp_path, nan_chain):
+    """A true overlap: the second `prep train` starts once the first has printed a step line (so
+    it holds the folder's lock and trains) and is held mid-run by SIGSTOP until the second has
+    asked for the lock. The second: one line naming the first's pid. The first then finishes as a
+    solo run would, to the same losses and weights."""
+    import signal
+    import torch
+    splits, _, _, config = nan_chain
+    cfg = write_yaml(tmp_path / "long.yaml", dict(config, training=dict(config["training"], epochs=6)))
+    run = tmp_path / "run"
+    args = ["train", splits, "--config", cfg, "--out", run]
+    every = {"TERANPREP_PROGRESS_SECONDS": "0"}  # a step line at every step
+    with open(tmp_path / "first.err", "w") as first_err:
+        first = subprocess.Popen([sys.executable, "-m", "teranprep", *map(str, args)], env={**ENV, **every},
+                                 stdout=subprocess.PIPE, stderr=first_err, text=True)
+        try:
+            lines = [first.stdout.readline()]
+            while lines[-1] and not lines[-1].startswith("step "):
+                lines.append(first.stdout.readline())
+            assert lines[-1].startswith("step 1/36: "), lines  # training: its lock was taken before
+            first.send_signal(signal.SIGSTOP)
+            _, status = os.waitpid(first.pid, os.WUNTRACED)  # returns once it is stopped (or gone)
+            assert os.WIFSTOPPED(status), status  # stopped mid-run, not finished
+            second = prep(*args, env=every)
+        finally:
+            first.send_signal(signal.SIGCONT)
+        rest = first.stdout.read()
+        first.wait(timeout=600)
+    one_error(second, LOCKED, f"pid {first.pid}", "prep train")
+    assert second.stdout == "", second.stdout  # no summary of work it did not do
+    assert first.returncode == 0, (tmp_path / "first.err").read_text()
+    assert f"{run}: 36 steps" in rest, rest
+    solo = prep(*args[:-1], tmp_path / "solo")
+    assert solo.returncode == 0 and "36 steps" in solo.stdout, solo.stderr
+
+    def losses(folder):
+        return [{k: v for k, v in json.loads(l).items() if k not in ("data_wait_share", "step_s", "time")}
+                for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert losses(run) == losses(tmp_path / "solo")
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt"):
+        a = torch.load(run / name, weights_only=True)["model"]
+        b = torch.load(tmp_path / "solo" / name, weights_only=True)["model"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert (run / "config.yaml").read_bytes() == (tmp_path / "solo" / "config.yaml").read_bytes()
 
 
 def test_two_indexes_started_together_have_one_writer(tmp_path, planted_run):
@@ -584,8 +625,11 @@ def test_quiet_train_and_eval_print_only_their_summary_line(tmp_path, nan_chain)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [f"{run}: 2 steps, best validation rsum "
                                         f"{json.loads((run / 'metrics.jsonl').read_text().splitlines()[-1])['rsum']:.2f}"]
-    evaluated = prep("eval", run, "--splits", splits, "--no-ndcg", "--quiet")
+    # with NDCG: its ROUGE-L relevance is computed here, and prints no progress line either
+    evaluated = prep("eval", run, "--splits", splits, "--quiet", env={"TERANPREP_PROGRESS_SECONDS": "0"})
     assert evaluated.returncode == 0, evaluated.stderr
+    assert (splits.parent / "splits-relevance" / "test-rougeL.npy").is_file()  # it was computed
+    assert not any(l.startswith("relevance") for l in evaluated.stderr.splitlines()), evaluated.stderr
     metrics = json.loads((run / "eval-test-all" / "metrics.json").read_text())
     assert evaluated.stdout.splitlines() == [
         f"test (all): rsum {metrics['rsum']:.1f}, i2t R@1 {metrics['i2t']['r1']:.1f}, "
@@ -628,12 +672,49 @@ def test_progress_lines_off_a_terminal_for_import_and_train(tmp_path, nan_chain)
     assert quiet.returncode == 0 and len(quiet.stdout.splitlines()) == 1, quiet.stdout
 
 
+def test_progress_lines_off_a_terminal_for_the_relevance_computation(tmp_path, planted_run):
+    """eval's ROUGE-L relevance: a plain line per report inside a row block (every REPORT_ROWS
+    captions and at its end) off a terminal (--quiet drops them: the quiet test above)."""
+    import re
+    from teranprep.pipeline.relevance import REPORT_ROWS
+    p = planted_run
+    n = len(pd.read_parquet(p["splits"] / "test.parquet"))
+    assert n > 2 * REPORT_ROWS  # more than one report inside the one block of this split
+    every = {"TERANPREP_PROGRESS_SECONDS": "0"}  # a line at every update: the lines are what is tested
+
+    loud = prep("eval", p["run"], "--splits", p["splits"], "--relevance-cache", tmp_path / "rel",
+                "--out", tmp_path / "eval", env=every)
+    assert loud.returncode == 0, loud.stderr
+    line = re.compile(r"relevance: (\d+)/(\d+) captions, \d+\.\d\d captions/s, ETA (\d+m\d\ds|\?)$")
+    found = [line.match(l) for l in loud.stderr.splitlines() if l.startswith("relevance: ") and "/" in l.split()[1]]
+    assert found and all(found), loud.stderr
+    assert [int(m[1]) for m in found] == [*range(REPORT_ROWS, n, REPORT_ROWS), n], loud.stderr
+    assert {int(m[2]) for m in found} == {n}
+
+
 def test_config_errors_list_only_teran_configs(tmp_path):
     for name in ("nosuch", "detector_tiny"):
         line = one_error(prep("train", tmp_path, "--config", name, "--out", tmp_path / "run"),
                          "['teran_coco', 'teran_coco_vinvl', 'teran_f30k', 'teran_small']")
         assert "detector_tiny'" not in line.split("one of")[-1]
+    # by path too (the repo's configs/ links to the bundled files): named as the wrong kind
+    line = one_error(prep("train", tmp_path, "--config", REPO_CONFIGS / "detector_tiny.yaml", "--out",
+                          tmp_path / "run"), "another kind (for `prep train-detector --config`)")
     assert not (tmp_path / "run").exists()
+
+
+def test_train_detector_config_errors_list_only_detector_configs(tmp_path):
+    def train_detector(config):
+        return prep("train-detector", tmp_path / "instances.json", tmp_path, "--config", config,
+                    "--out", tmp_path / "det")
+    for given in ("nosuch", "teran_small", "teran_coco.yaml", REPO_CONFIGS / "teran_small.yaml"):
+        line = one_error(train_detector(given), f"{given}: ", "one of ['detector_tiny']")
+        assert "teran_" not in line.split("one of")[-1], line
+        if given != "nosuch":  # a TERAN config: named as the wrong kind, with the command it is for
+            assert "a bundled config of another kind (for `prep train --config`), not a detector config" in line
+    assert not (tmp_path / "det").exists()
+    # the bundled detector config by its name is taken: the next complaint is the missing annotations
+    one_error(train_detector("detector_tiny"), "instances.json", "COCO")
 
 
 def test_error_reasons_group_counts_but_keep_the_words_readable():
@@ -659,12 +740,11 @@ def test_quiet_means_errors_warnings_and_the_summary_line_on_every_other_stage(t
     """make-synthetic, train-detector, extract-regions, verify, index and train-shortlist: --quiet drops every line
     but the summary (the same summary the loud run ends with; some summaries take a few lines)."""
     p = planted_run
-    repo_configs = Path(__file__).parent.parent / "configs"
     runs = {
         "make-synthetic": lambda out: ("make-synthetic", out, "--images", "6", "--seed", "1"),
         "train-detector": lambda out: ("train-detector", tmp_path / "syn0" / "instances.json",
                                        tmp_path / "syn0" / "images", "--config",
-                                       repo_configs / "detector_tiny.yaml", "--epochs", "1", "--out", out),
+                                       REPO_CONFIGS / "detector_tiny.yaml", "--epochs", "1", "--out", out),
         "extract-regions": lambda out: ("extract-regions", tmp_path / "syn0" / "images", out, "--model",
                                         "tv-frcnn-mbv3-320", "--random-weights", "0"),
         "verify": lambda out: ("verify", p["features"]),
@@ -680,6 +760,11 @@ def test_quiet_means_errors_warnings_and_the_summary_line_on_every_other_stage(t
         assert loud.returncode == 0 and quiet.returncode == 0, (stage, loud.stderr[-800:], quiet.stderr[-800:])
         loud_lines, quiet_lines = loud.stdout.splitlines(), quiet.stdout.splitlines()
         assert quiet_lines, (stage, quiet.stdout)
+        if stage == "extract-regions":  # its progress lines off a terminal (6 synthetic images)
+            lines = [l for l in loud.stderr.splitlines() if l.startswith("extract-regions: ")]
+            assert lines and lines[-1].startswith("extract-regions: 6/6 img (6 ok, 0 errors), ") and \
+                "ETA" in lines[-1], loud.stderr
+            assert "extract-regions: " not in quiet.stderr, quiet.stderr
         if stage not in ("make-synthetic", "verify"):  # loud, these print their summary only here
             said = lambda proc: len((proc.stdout + proc.stderr).splitlines())
             assert said(loud) > said(quiet), (stage, loud.stdout, loud.stderr, quiet.stdout, quiet.stderr)

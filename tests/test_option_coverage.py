@@ -220,9 +220,9 @@ CASES = {
     ("demo", "--min-r1"): P("test_demo.py", "test_quick_demo_runs_every_stage_and_reaches_its_bar"),
     ("demo", "--min-map"): P("test_demo.py", "test_quick_demo_runs_every_stage_and_reaches_its_bar"),
     ("serve", "--host"): Untested("the server test binds 127.0.0.1 (the default); no second interface here"),
-    ("serve", "--port"): P("test_serve.py", "server"),
-    ("serve", "--images"): P("test_serve.py", "server"),
-    ("serve", "--tokenizer"): P("test_serve.py", "server"),
+    ("serve", "--port"): P("test_serve.py", "_start_server"),
+    ("serve", "--images"): P("test_serve.py", "_start_server"),
+    ("serve", "--tokenizer"): P("test_serve.py", "_start_server"),
 }
 
 

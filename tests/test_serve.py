@@ -37,6 +37,37 @@ def _get(port: int, path: str):
         conn.close()
 
 
+def _start_server(index: Path, images: Path, tokenizer: Path):
+    """`prep serve` in a subprocess on a free port, once it answers /api/info: (port, process)."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-m", "teranprep", "serve", str(index), "--port", str(port),
+                             "--images", str(images), "--tokenizer", str(tokenizer)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if _get(port, "/api/info")[0] == 200:
+                return port, proc
+        except OSError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+    proc.kill()
+    raise AssertionError("server did not start")
+
+
+def _stop_server(proc) -> str:
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out
+
+
 @pytest.fixture(scope="module")
 def server(planted_run, tmp_path_factory):
     from PIL import Image
@@ -54,32 +85,41 @@ def server(planted_run, tmp_path_factory):
     secret.write_bytes(b"outside the image root")
     (images / "escape.jpg").symlink_to(secret)           # a symlink leaving the root
     (images / "up").symlink_to(root, target_is_directory=True)
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-m", "teranprep", "serve", str(index), "--port", str(port),
-                             "--images", str(images), "--tokenizer", str(p["tokenizer"])],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if _get(port, "/api/info")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.2)
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())
-    else:
-        proc.kill()
-        raise AssertionError("server did not start")
+    port, proc = _start_server(index, images, p["tokenizer"])
     yield {"port": port, "index": index, "images": images, "proc": proc, "secret": secret, **p}
-    proc.terminate()
-    try:
-        out, _ = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
+    out = _stop_server(proc)
     assert f"http://127.0.0.1:{port}/" in out  # localhost unless told otherwise
+
+
+@pytest.fixture(scope="module")
+def captioned_server(planted_run, tmp_path_factory):
+    """The planted run served over features of 1000 x 1000 images (the planted boxes x 10, so the
+    same embeddings) and an index holding every split's captions (image -> text)."""
+    import dataclasses
+    from PIL import Image
+    from teranprep.manifests.build import write_features
+    from teranprep.manifests.shards import ShardReader
+    from teranprep.pipeline.index import build_index
+    p = planted_run
+    root = tmp_path_factory.mktemp("serve-captions")
+    regions = []
+    for shard in sorted((p["features"] / "shards").glob("*.h5")):
+        with ShardReader(shard) as reader:
+            for i in range(len(reader.image_keys)):
+                r = reader.read(i)
+                regions.append(dataclasses.replace(r, width=r.width * 10, height=r.height * 10, boxes=r.boxes * 10))
+    features = root / "features"
+    write_features(features, regions, feature_dim=regions[0].features.shape[1], dtype="float32",
+                   shard_size=64, columns=(), stage="test-planted")
+    index = root / "index"
+    build_index(p["run"], features, index, captions=p["splits"], echo=lambda *_: None)
+    images = root / "images"
+    images.mkdir()
+    for key in sorted({k for k, _ in split_captions(p["splits"])}):
+        Image.new("RGB", (1000, 1000), (90, 120, 150)).save(images / key)
+    port, proc = _start_server(index, images, p["tokenizer"])
+    yield {"port": port, "index": index, **p}
+    _stop_server(proc)
 
 
 def test_api_json_schema_and_answers(server):
@@ -197,41 +237,175 @@ def _chrome():
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
-def test_browser_types_a_query_and_sees_thumbnails_and_the_overlay(server):
+@pytest.fixture(scope="module")
+def browser():
+    """One headless chromium for the module's page tests (each loads its own page)."""
+    chrome = _chrome()
+    yield chrome
+    chrome.quit()
+
+
+def test_browser_types_a_query_and_sees_thumbnails_and_the_overlay(server, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    browser = _chrome()
-    try:
-        browser.get(f"http://127.0.0.1:{server['port']}/")
-        key, ids = split_captions(server["splits"])[0]
-        words = " ".join(f"w{i}" for i in ids[1:-2])
-        query = words + "."  # as in test_api_json_schema_and_answers
-        box = browser.find_element(By.ID, "q")
-        box.send_keys(query)
-        browser.find_element(By.ID, "go").click()
-        wait = WebDriverWait(browser, 30)
-        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results .result img")) == 10)
-        # thumbnails really loaded from /images/
-        wait.until(lambda b: all(b.execute_script("return arguments[0].complete && arguments[0].naturalWidth", im) == 100
-                                 for im in b.find_elements(By.CSS_SELECTOR, "#results .result img")))
-        labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .result .label")]
-        assert labels[0].startswith("1. ") and any(key in label for label in labels[:3])
-        first = browser.find_elements(By.CSS_SELECTOR, "#results .result")[0]
-        first_key = first.get_attribute("data-key")
-        first.click()
-        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#stage svg rect.word-box")) == len(words.split()))
-        rects = browser.find_elements(By.CSS_SELECTOR, "#stage svg rect.word-box")
-        assert [r.get_attribute("data-word") for r in rects] == words.split()
-        # the boxes are drawn where the API says, scaled to the shown image (100 px shown at 100 px)
-        status, body, _ = _get(server["port"], f"/api/alignment?key={first_key}&q={query.replace(' ', '+')}")
-        boxes = [w["box"] for w in json.loads(body)["words"]]
-        shown = browser.execute_script("return document.querySelector('#stage img').getBoundingClientRect().width")
-        for rect, b in zip(rects, boxes):
-            assert abs(float(rect.get_attribute("x")) - b[0] * shown / 100) < 0.5
-            assert abs(float(rect.get_attribute("width")) - (b[2] - b[0]) * shown / 100) < 0.5
-        assert browser.find_element(By.ID, "detail-title").text == first_key
-    finally:
-        browser.quit()
+    browser.get(f"http://127.0.0.1:{server['port']}/")
+    key, ids = split_captions(server["splits"])[0]
+    words = " ".join(f"w{i}" for i in ids[1:-2])
+    query = words + "."  # as in test_api_json_schema_and_answers
+    box = browser.find_element(By.ID, "q")
+    box.send_keys(query)
+    browser.find_element(By.ID, "go").click()
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results .result img")) == 10)
+    # thumbnails really loaded from /images/
+    wait.until(lambda b: all(b.execute_script("return arguments[0].complete && arguments[0].naturalWidth", im) == 100
+                             for im in b.find_elements(By.CSS_SELECTOR, "#results .result img")))
+    labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .result .label")]
+    assert labels[0].startswith("1. ") and any(key in label for label in labels[:3])
+    first = browser.find_elements(By.CSS_SELECTOR, "#results .result")[0]
+    first_key = first.get_attribute("data-key")
+    first.click()
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#stage svg rect.word-box")) == len(words.split()))
+    rects = browser.find_elements(By.CSS_SELECTOR, "#stage svg rect.word-box")
+    assert [r.get_attribute("data-word") for r in rects] == words.split()
+    # the boxes are drawn where the API says, scaled to the shown image (100 px shown 480 px wide)
+    status, body, _ = _get(server["port"], f"/api/alignment?key={first_key}&q={query.replace(' ', '+')}")
+    boxes = [w["box"] for w in json.loads(body)["words"]]
+    shown = browser.execute_script("return document.querySelector('#stage img').getBoundingClientRect().width")
+    for rect, b in zip(rects, boxes):
+        assert abs(float(rect.get_attribute("x")) - b[0] * shown / 100) < 0.5
+        assert abs(float(rect.get_attribute("width")) - (b[2] - b[0]) * shown / 100) < 0.5
+    assert browser.find_element(By.ID, "detail-title").text == first_key
+
+
+def _api(port: int, path: str):
+    status, body, _ = _get(port, path)
+    return status, json.loads(body)
+
+
+def _results(browser):
+    """The result keys shown, read in one script (the page may replace the grid between calls)."""
+    return browser.execute_script(
+        "return [...document.querySelectorAll('#results .result')].map((e) => e.dataset.key)")
+
+
+def test_browser_the_query_is_in_the_page_address(server, browser):
+    """Loading an address with ?q= runs that search; a search typed in the page puts its query in
+    the address, so a reload (or a shared link) shows the same results."""
+    from urllib.parse import parse_qs, quote, urlsplit
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    port = server["port"]
+    captions = split_captions(server["splits"])
+    first = " ".join(f"w{i}" for i in captions[0][1][1:-2]) + "."
+    other = " ".join(f"w{i}" for i in captions[7][1][1:-2]) + "."
+    assert first != other
+    wait = WebDriverWait(browser, 30)
+
+    def want(query, k):
+        status, data = _api(port, f"/api/search?q={quote(query)}&k={k}")
+        assert status == 200, data
+        return [r["key"] for r in data["results"]]
+    browser.get(f"http://127.0.0.1:{port}/?q={quote(first)}&k=5")
+    wait.until(lambda b: len(_results(b)) == 5)
+    assert _results(browser) == want(first, 5)
+    assert browser.find_element(By.ID, "q").get_attribute("value") == first
+    assert browser.find_element(By.ID, "k").get_attribute("value") == "5"
+    box, k = browser.find_element(By.ID, "q"), browser.find_element(By.ID, "k")
+    box.clear()
+    box.send_keys(other)
+    k.clear()
+    k.send_keys("3")
+    browser.find_element(By.ID, "go").click()
+    wait.until(lambda b: len(_results(b)) == 3)
+    assert parse_qs(urlsplit(browser.current_url).query) == {"q": [other], "k": ["3"]}
+    browser.refresh()  # the reloaded page runs the search in its address
+    wait.until(lambda b: len(_results(b)) == 3)
+    assert _results(browser) == want(other, 3)
+    assert browser.find_element(By.ID, "q").get_attribute("value") == other
+
+
+def test_browser_shows_the_api_errors_text(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    port = server["port"]
+    for query in ("q=w5&k=0", "q=" + "w5+" * 300):  # k below 1; a query over the length limit
+        status, data = _api(port, f"/api/search?{query}")
+        assert status == 422 and data["error"], data
+        browser.get(f"http://127.0.0.1:{port}/?{query}")
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "status").text.startswith("error"))
+        assert browser.find_element(By.ID, "status").text == f"error: {data['error']}"
+        assert _results(browser) == []
+
+
+def _alignment_view(browser, wait):
+    """The shown image's width, the word boxes and the word labels, as laid out by the browser:
+    [left, top, right, bottom] in page pixels."""
+    from selenium.webdriver.common.by import By
+    first = browser.find_elements(By.CSS_SELECTOR, "#results .result")[0]
+    first.click()
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#stage svg g.word-label"))
+    return browser.execute_script("""
+        const box = (e) => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+        const svg = document.querySelector('#stage svg');
+        return {key: document.getElementById('detail-title').textContent,
+                image: box(document.querySelector('#stage img')), svg: box(svg),
+                boxes: [...svg.querySelectorAll('rect.word-box')].map(box),
+                labels: [...svg.querySelectorAll('g.word-label')].map((g) => [g.dataset.word, box(g)])};""")
+
+
+def test_browser_alignment_view_is_readable_and_its_labels_never_overlap(server, browser):
+    """A 100 px image is shown 480 px wide; a query whose words outnumber the image's 3 regions
+    puts several labels on one box, and the browser's own layout of them must not intersect."""
+    from urllib.parse import quote
+    from selenium.webdriver.support.ui import WebDriverWait
+    port = server["port"]
+    key, ids = split_captions(server["splits"])[0]
+    words = [f"w{i}" for i in ids[1:-2]] * 3  # 9 words over 3 regions
+    query = " ".join(words) + "."
+    wait = WebDriverWait(browser, 30)
+    browser.get(f"http://127.0.0.1:{port}/?q={quote(query)}&k=5")
+    wait.until(lambda b: len(_results(b)) == 5)
+    view = _alignment_view(browser, wait)
+    left, top, right, bottom = view["image"]
+    assert abs((right - left) - 480) < 0.5 and abs((bottom - top) - 480) < 0.5  # 100 x 100 scaled up
+    status, align = _api(port, f"/api/alignment?key={quote(view['key'])}&q={quote(query)}")
+    assert [w["word"] for w in align["words"]] == words == [w for w, _ in view["labels"]]
+    boxes = [tuple(w["box"]) for w in align["words"]]
+    assert len(set(boxes)) < len(boxes)  # labels that start at one corner: the layout must move them
+    labels = [b for _, b in view["labels"]]
+    for i, a in enumerate(labels):
+        for j, b in enumerate(labels[:i]):
+            overlap_x = min(a[2], b[2]) - max(a[0], b[0])
+            overlap_y = min(a[3], b[3]) - max(a[1], b[1])
+            assert overlap_x <= 0.01 or overlap_y <= 0.01, (words[i], a, words[j], b)
+    svg = view["svg"]
+    for label, word_box in zip(labels, view["boxes"]):
+        assert svg[0] - 0.01 <= label[0] and label[2] <= svg[2] + 0.01  # inside the view's width
+        assert label[1] >= word_box[1] - 1 and label[3] <= svg[3] + 0.01  # at or below its box's top, shown
+
+
+def test_browser_large_image_is_shown_640_wide_with_its_indexed_captions(captioned_server, browser):
+    from urllib.parse import quote
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    port = captioned_server["port"]
+    assert _api(port, "/api/info")[1]["captions"] is True
+    key, ids = split_captions(captioned_server["splits"])[0]
+    query = " ".join(f"w{i}" for i in ids[1:-2]) + "."
+    wait = WebDriverWait(browser, 30)
+    browser.get(f"http://127.0.0.1:{port}/?q={quote(query)}&k=5")
+    wait.until(lambda b: len(_results(b)) == 5)
+    view = _alignment_view(browser, wait)
+    left, top, right, bottom = view["image"]
+    assert abs((right - left) - 640) < 0.5 and abs((bottom - top) - 640) < 0.5  # 1000 x 1000 scaled down
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#captions li")) == 5)
+    status, ranked = _api(port, f"/api/captions?key={quote(view['key'])}&k=5")
+    assert status == 200 and len(ranked["results"]) == 5
+    shown = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#captions li")]
+    assert shown == [f"{c['caption']} ({c['score']:.3f}{', its own' if c['image_key'] == view['key'] else ''})"
+                     for c in ranked["results"]]
+    assert any(c["image_key"] == view["key"] for c in ranked["results"])  # planted: its own captions rank high
 
 
 def test_a_rebuilt_index_is_reloaded_and_a_removed_one_is_named(server):

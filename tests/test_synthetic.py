@@ -61,7 +61,8 @@ def test_counts_files_and_coco_fields(synthetic):
         with Image.open(path) as pic:
             assert pic.size == (im["width"], im["height"])
             suffixes[pic.format] += 1
-    assert suffixes["PNG"] > 0 and suffixes["JPEG"] > 0
+    # was: both > 0. One seeded Generator draw per image (the same on every CPU) picks the format.
+    assert suffixes == {"PNG": 23, "JPEG": 25}
     for entry in karpathy["images"]:
         assert len(entry["sentences"]) == 5
         assert (out / "images" / entry["filepath"] / entry["filename"]).is_file()
@@ -150,7 +151,7 @@ def test_splits_are_disjoint_sized_and_keep_twins_together(synthetic):
     cats, attrs = _names(coco)
     anns = _by_image(coco)
     twins = [e for e in karpathy["images"] if e["twin_of"] is not None]
-    assert len(twins) == result.n_twins > 0
+    assert len(twins) == result.n_twins == 7  # was: > 0; seed 3's draws, the same on every CPU
     for e in twins:
         source = e["twin_of"]
         assert split[source] == e["split"]

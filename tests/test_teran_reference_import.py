@@ -265,5 +265,15 @@ def test_cli_refuses_an_unknown_head_count_then_evaluates_with_text_encoder(tmp_
     assert metrics["text_encoder"]["config"]["num_attention_heads"] == 2
     assert metrics["text_encoder"]["source"]["config_json"] == [str(given / "config.json")]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == metrics
+    # NDCG@25 of the rankings eval saved, recomputed query by query (was: 0 < ndcg <= 1). 4 test
+    # images and 8 captions: the saved top lists (10 deep) are the whole rankings.
+    import numpy as np
+    from teran_fixtures import ndcg25_by_hand
+    from teranprep.pipeline.relevance import split_captions
+    raw, owner, _ = split_captions(splits / "test.parquet")
+    saved = np.load(tmp_path / "eval" / "rankings.npz")
+    assert saved["t2i_top"].shape == (len(raw), 4) and saved["i2t_top"].shape == (4, len(raw))
+    t2i_order = dict(zip(saved["caption_index"].tolist(), saved["t2i_top"].tolist()))
+    want = ndcg25_by_hand(raw, owner, [t2i_order[c] for c in range(len(raw))], saved["i2t_top"].tolist())
     for direction in ("i2t", "t2i"):
-        assert 0 < metrics[direction]["ndcg_rougeL"] <= 1
+        assert metrics[direction]["ndcg_rougeL"] == pytest.approx(want[direction], rel=1e-6), direction

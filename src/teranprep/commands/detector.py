@@ -39,7 +39,8 @@ def weights_path_cmd(name):
 @click.argument("annotations", type=click.Path(path_type=Path))
 @click.argument("images", type=click.Path(path_type=Path))
 @click.option("--config", "config", type=click.Path(path_type=Path),
-              help="YAML settings (e.g. configs/detector_tiny.yaml); default: built-in defaults.")
+              help="YAML settings, or a bundled detector config's name (detector_tiny); "
+                   "default: built-in defaults.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--epochs", type=int, help="Override the config's epochs (more epochs continue a run).")
 @click.option("--init-weights", type=click.Path(path_type=Path),
@@ -53,6 +54,9 @@ def train_detector_cmd(annotations, images, config, out, epochs, init_weights, o
     validation mAP@0.5 per epoch; OUT/model_final.pth loads with `prep extract-regions --weights`.
     """
     from ..interrupts import resumable
+    from ..settings import resolve_config
+    if config is not None:
+        config = resolve_config(config, "detector")  # refused before torch is imported
     from ..pipeline.train_detector import train_detector
     overrides = {}
     if epochs is not None:

@@ -12,7 +12,7 @@ from ..cli import main, quiet_option, stage_echo
 @main.command("train")
 @click.argument("splits", type=click.Path(path_type=Path))
 @click.option("--config", "config",
-              help="YAML file, or a bundled config name: teran_coco, teran_f30k, teran_small "
+              help="YAML file, or a bundled config name: teran_coco, teran_coco_vinvl, teran_f30k, teran_small "
                    "(not needed with --resume: the run's own config is used).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory (runs/NAME).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
@@ -27,10 +27,13 @@ from ..cli import main, quiet_option, stage_echo
 def train_cmd(splits, config, out, resume, features, device, stop_after, precision, quiet):
     """Train TERAN on SPLITS (train split; validation on val). Multi-GPU: run under torchrun."""
     from ..errors import PrepError
-    from ..pipeline.train import train
+    from ..settings import bundled_configs, resolve_config
     if config is None and not resume:
-        raise PrepError("prep train: --config is required (a YAML path or teran_small, teran_coco, "
-                        "teran_f30k) unless --resume continues an existing run")
+        raise PrepError(f"prep train: --config is required (a YAML path or one of "
+                        f"{bundled_configs('teran')}) unless --resume continues an existing run")
+    if config is not None:
+        resolve_config(config, "teran")  # a wrong --config is refused before torch is imported
+    from ..pipeline.train import train
     result = train(splits, config, out, resume=resume, features=features, device=device,
                    stop_after=stop_after, precision=precision, echo=stage_echo(quiet))
     click.echo(result.summary())
@@ -79,7 +82,7 @@ def eval_cmd(source, splits, split, protocol, features, out, device, batch_size,
                        device=device, batch_size=batch_size, text_encoder=text_encoder,
                        ndcg=not no_ndcg, relevance_files=relevance_files,
                        relevance_cache=relevance_cache, scheduler=scheduler, workers=workers,
-                       precision=precision, drift=drift, echo=echo)
+                       precision=precision, drift=drift, echo=echo, quiet=quiet)
     if as_json:
         click.echo(json.dumps(metrics, sort_keys=True))
     elif quiet:

@@ -159,7 +159,7 @@ def run_demo(out: Path, settings: DemoSettings | None = None, *, echo=print) -> 
     stages["train"] = {"wall_s": time.perf_counter() - t, "noop": trained_before}
 
     t = stage("6/6 eval (test split)")
-    metrics = evaluate(run_dir, splits_dir, split="test", device="cpu", echo=echo)
+    metrics = evaluate(run_dir, splits_dir, split="test", device="cpu", echo=echo, quiet=True)
     stages["eval"] = {"wall_s": time.perf_counter() - t}
 
     t = stage("pictures: show-regions and show-alignment")

@@ -31,13 +31,13 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
              fold_size: int = 1000, text_encoder: Path | None = None, ndcg: bool = True,
              relevance_files=(), relevance_cache: Path | None = None, scheduler: str | None = None,
              workers: int | None = None, precision: str = "fp32", drift: bool | None = None,
-             echo=print) -> dict:
+             echo=print, quiet: bool = False) -> dict:
     """Scores every image of `split` against every caption, block by block, and writes
     metrics.json + rankings.npz to `out` (default: RUN/eval-SPLIT-PROTOCOL/, -bf16 appended for
     bf16). With `ndcg`, also NDCG@25 per direction over ROUGE-L relevance (cached beside splits/)
     and `relevance_files`. `precision` bf16 encodes and scores under bf16 autocast; with `drift`
     (the default for bf16) the same checkpoint is also scored in fp32 and metrics.json gets
-    `drift_vs_fp32`."""
+    `drift_vs_fp32`. `quiet`: no progress lines (of the ROUGE-L relevance computation)."""
     from ..devices import resolve_device
     from ..teran.precision import check_precision
     from .common.distribute import check_workers
@@ -83,7 +83,8 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
     if ndcg:
         from .relevance import ndcg_scorer
         scorer = ndcg_scorer(splits_dir, split, data, relevance_files=relevance_files,
-                             cache_dir=relevance_cache, scheduler=scheduler, workers=workers, echo=echo)
+                             cache_dir=relevance_cache, scheduler=scheduler, workers=workers, echo=echo,
+                             quiet=quiet)
     max_regions = ckpt["config"]["training"]["max_regions"]
     encoded = encode_split(model, data, store, batch_size=batch_size, device=dev, max_regions=max_regions,
                            precision=precision)

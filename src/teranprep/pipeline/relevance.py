@@ -20,6 +20,7 @@ from ..teran.relevance import ROUGE_BETA, TokenizedCaptions, fold_ndcg, rouge_l_
 from ..manifests.ownership import releases_locks
 
 BLOCK_ROWS = 1000
+REPORT_ROWS = 25  # a block reports its progress every this many captions (and at its end)
 TOKENIZATION = 'text.lower().split(" ")'
 
 
@@ -40,6 +41,7 @@ class RougeBlock:
     start: int
     stop: int
     out: str
+    run: str = ""  # the blocks' folder: what the driver's progress accepts events of
 
 
 _tokenized: dict = {}  # one split per worker process: (path, sha256) -> TokenizedCaptions
@@ -55,7 +57,13 @@ def compute_rouge_block(task: RougeBlock) -> dict:
         _tokenized.clear()
         _tokenized[key] = TokenizedCaptions(captions, caption_image, len(keys))
     t0 = time.perf_counter()
-    rows = rouge_l_rows(_tokenized[key], range(task.start, task.stop))
+    from .common.distribute import report_progress
+    n = task.stop - task.start
+
+    def done(rows: int) -> None:
+        if rows % REPORT_ROWS == 0 or rows == n:
+            report_progress({"run": task.run, "shard": task.start, "done": rows, "errors": 0})
+    rows = rouge_l_rows(_tokenized[key], range(task.start, task.stop), done=done)
     out = Path(task.out)
     tmp = temp_path_for(out)
     with open(tmp, "wb") as fh:
@@ -73,8 +81,9 @@ def _check_cache_dir(cache_dir: Path, splits_dir: Path) -> None:
 @releases_locks
 def ensure_rouge_matrix(splits_dir: Path, split: str, *, cache_dir: Path | None = None,
                         scheduler: str | None = None, workers: int = 0,
-                        block_rows: int = BLOCK_ROWS, echo=print) -> Path:
-    """The split's ROUGE-L matrix file, computed into the cache unless it is already there."""
+                        block_rows: int = BLOCK_ROWS, echo=print, quiet: bool = False) -> Path:
+    """The split's ROUGE-L matrix file, computed into the cache unless it is already there.
+    Progress: a bar on a terminal, else a line every $TERANPREP_PROGRESS_SECONDS; none if quiet."""
     splits_dir = Path(splits_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_relevance_dir(splits_dir)
     _check_cache_dir(cache_dir, splits_dir)
@@ -110,16 +119,24 @@ def ensure_rouge_matrix(splits_dir: Path, split: str, *, cache_dir: Path | None 
     if not plan_path.is_file():
         atomic_write_json(plan_path, plan)
     blocks = [(s, min(s + block_rows, n_captions)) for s in range(0, n_captions, block_rows)]
-    todo = [RougeBlock(str(source.resolve()), split_sha, s, e, str((parts / block_name(s, e)).resolve()))
+    run = str(parts.resolve())
+    todo = [RougeBlock(str(source.resolve()), split_sha, s, e, str((parts / block_name(s, e)).resolve()), run)
             for s, e in blocks if not (parts / block_name(s, e)).is_file()]
     t0 = time.perf_counter()
     if todo:
         echo(f"relevance: ROUGE-L of {n_captions} captions x {n_images} images of {source}, "
              f"{len(todo)} of {len(blocks)} row blocks to compute -> {cache_dir}")
         from ..interrupts import resumable
+        from .common.progress import ExtractProgress
         done = lambda: sum((parts / block_name(s, e)).is_file() for s, e in blocks)  # noqa: E731
-        with resumable(lambda: f"{done()} of {len(blocks)} ROUGE-L row blocks complete in {parts}"):
-            run_tasks_for_relevance(todo, scheduler=scheduler, workers=workers)
+        bar = ExtractProgress(sum(t.stop - t.start for t in todo), quiet=quiet, unit="captions",
+                              label="relevance", counts=False)
+        try:
+            with resumable(lambda: f"{done()} of {len(blocks)} ROUGE-L row blocks complete in {parts}"):
+                run_tasks_for_relevance(todo, scheduler=scheduler, workers=workers,
+                                        on_progress=lambda p: p.get("run") == run and bar.shard_progress(p))
+        finally:
+            bar.close()
     tmp = temp_path_for(target)
     with open(tmp, "wb") as fh:
         for s, e in blocks:
@@ -140,9 +157,10 @@ def ensure_rouge_matrix(splits_dir: Path, split: str, *, cache_dir: Path | None 
     return target
 
 
-def run_tasks_for_relevance(tasks, *, scheduler, workers):
+def run_tasks_for_relevance(tasks, *, scheduler, workers, on_progress=None):
     from .common.distribute import run_tasks
-    return run_tasks(compute_rouge_block, tasks, workers=workers, scheduler=scheduler)
+    return run_tasks(compute_rouge_block, tasks, workers=workers, scheduler=scheduler,
+                     on_progress=on_progress)
 
 
 def _read_json(path: Path):
@@ -171,7 +189,7 @@ class NdcgScorer:
 
 
 def ndcg_scorer(splits_dir: Path, split: str, data, *, relevance_files=(), cache_dir=None,
-                scheduler=None, workers=0, echo=print) -> NdcgScorer:
+                scheduler=None, workers=0, echo=print, quiet: bool = False) -> NdcgScorer:
     """The scorer for `data` (the split as eval loaded it, maybe cut to its first images): ROUGE-L
     from the cache (computed when missing) unless a --relevance file gives it, plus those files."""
     source = split_path(splits_dir, split)
@@ -198,7 +216,7 @@ def ndcg_scorer(splits_dir: Path, split: str, data, *, relevance_files=(), cache
         sources[measure] = {"file": str(path), "given": True}
     if "rougeL" not in files:
         path = ensure_rouge_matrix(splits_dir, split, cache_dir=cache_dir, scheduler=scheduler,
-                                   workers=workers, echo=echo)
+                                   workers=workers, echo=echo, quiet=quiet)
         matrices["rougeL"] = open_matrix(path, len(captions), len(keys))
         sources["rougeL"] = {"file": str(path), "given": False}
     return NdcgScorer(matrices, rows, sources)

@@ -7,10 +7,10 @@ from pathlib import Path
 import yaml
 
 from ..errors import PrepError
-from ..settings import merge_settings
+from ..settings import BUNDLED_CONFIGS, merge_settings, resolve_config
 from .precision import PRECISIONS
 
-PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PACKAGE_CONFIGS = BUNDLED_CONFIGS
 ALIGNMENT_MODES = ("MrSw", "MwSr", "symm")
 TOKEN_DROP_RULES = ("reference", "special", "none")
 
@@ -71,20 +71,9 @@ DEFAULTS: dict = {
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A path to a YAML file, or a bundled config's name (`teran_small`, `teran_coco.yaml`)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
-    bundled = PACKAGE_CONFIGS / f"{stem}.yaml"
-    # Bundled TERAN configs are named teran_*; the others (detector_*) are train-detector's.
-    known = sorted(p.stem for p in PACKAGE_CONFIGS.glob("teran_*.yaml"))
-    if path.parent == Path(".") and bundled.is_file():
-        if stem not in known:
-            raise PrepError(f"{name_or_path}: a bundled config of another kind (for `prep "
-                            f"train-detector --config`), not a TERAN config; pass one of {known}")
-        return bundled
-    raise PrepError(f"{name_or_path}: no such config file; pass a YAML path or one of {known}")
+    """A path to a YAML file, or a bundled TERAN config's name (`teran_small`, `teran_coco.yaml`);
+    a bundled detector config (by name or path) is refused as the wrong kind."""
+    return resolve_config(name_or_path, "teran")
 
 
 def load_config(name_or_path: str | Path | dict) -> dict:

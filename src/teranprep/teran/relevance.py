@@ -125,8 +125,9 @@ def _lcs_dynamic(candidate: list[int], refs: TokenizedCaptions) -> np.ndarray:
     return previous[np.arange(n), refs.lengths[refs.by_length]]
 
 
-def rouge_l_rows(refs: TokenizedCaptions, rows, beta: float = ROUGE_BETA) -> np.ndarray:
-    """(len(rows), n_images) float32: ROUGE-L of each caption in `rows` against every image."""
+def rouge_l_rows(refs: TokenizedCaptions, rows, beta: float = ROUGE_BETA, done=None) -> np.ndarray:
+    """(len(rows), n_images) float32: ROUGE-L of each caption in `rows` against every image.
+    `done(n)`, when given, is called after each row with the rows finished so far."""
     rows = list(rows)
     out = np.empty((len(rows), refs.n_images), dtype=np.float32)
     match = np.zeros(max(refs.vocab_size, 1), dtype=np.uint64)
@@ -148,6 +149,8 @@ def rouge_l_rows(refs: TokenizedCaptions, rows, beta: float = ROUGE_BETA) -> np.
             # Same operations in the same order as the reference, so float64 results agree.
             f = ((1 + beta2) * p * r) / (r + beta2 * p)
         out[i] = np.where((p == 0) | (r == 0), 0.0, f)
+        if done is not None:
+            done(i + 1)
     return out
 
 

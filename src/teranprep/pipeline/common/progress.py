@@ -26,10 +26,11 @@ def duration(seconds: float) -> str:
 class ExtractProgress:
     """Counts per shard, so a retried shard that starts again from zero is not counted twice."""
 
-    def __init__(self, total: int, quiet: bool = False, unit: str = "img", label: str = "progress"):
+    def __init__(self, total: int, quiet: bool = False, unit: str = "img", label: str = "progress",
+                 counts: bool = True):
         self.ok = 0
         self.errors = 0
-        self.total, self.unit, self.label = total, unit, label
+        self.total, self.unit, self.label, self.counts = total, unit, label, counts
         self._per_shard: dict = {}
         terminal = sys.stderr.isatty()
         self.bar = tqdm(total=total, unit=unit, disable=quiet or not terminal,
@@ -46,11 +47,13 @@ class ExtractProgress:
         done = self.ok + self.errors
         rate = done / (now - self._start) if now > self._start else 0.0
         eta = duration((self.total - done) / rate) if rate > 0 and self.total >= done else "?"
-        print(f"{self.label}: {done}/{self.total} {self.unit} ({self.ok} ok, {self.errors} errors), "
+        counts = f" ({self.ok} ok, {self.errors} errors)" if self.counts else ""
+        print(f"{self.label}: {done}/{self.total} {self.unit}{counts}, "
               f"{rate:.2f} {self.unit}/s, ETA {eta}", file=sys.stderr, flush=True)
 
     def _show(self):
-        self.bar.set_postfix(ok=self.ok, errors=self.errors, refresh=False)
+        if self.counts:
+            self.bar.set_postfix(ok=self.ok, errors=self.errors, refresh=False)
 
     def shard_progress(self, payload: dict) -> None:
         """payload: {shard, done, errors} cumulative within that shard."""

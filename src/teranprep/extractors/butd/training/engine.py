@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from ....errors import PrepError
-from ....settings import merge_settings
+from ....settings import merge_settings, resolve_config
 from .ap import ImageDetections, ImageTruth, mean_average_precision
 from .losses import (RoiSettings, RpnSettings, attr_logits_for_labels, roi_losses, rpn_losses,
                      sample_rois)
@@ -67,7 +67,7 @@ class CocoSet:
 def load_detector_config(path: Path | None, overrides: dict | None = None) -> dict:
     cfg = DEFAULTS
     if path is not None:
-        path = Path(path)
+        path = resolve_config(path, "detector")  # a YAML file or a bundled detector config's name
         try:
             data = yaml.safe_load(path.read_text("utf-8")) or {}
         except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
