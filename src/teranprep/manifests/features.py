@@ -89,12 +89,22 @@ class FeatureStore:
             self._pid = os.getpid()
         reader = self._readers.get(shard)
         if reader is None:
-            path = self.root / shard
-            if self._remote:
-                from .remote import ensure_shard
-                path = ensure_shard(self.root, shard)  # whole, sha256-checked, LRU cache
-            reader = self._readers[shard] = ShardReader(path)
+            reader = self._readers[shard] = ShardReader(self.shard_path(shard))
         return reader
+
+    def shard_path(self, shard: str) -> Path:
+        """The local file of a shard (features at a URL: fetched whole into the cache first,
+        sha256-checked, least recently used shards evicted)."""
+        if self._remote:
+            from .remote import ensure_shard
+            return ensure_shard(self.root, shard)
+        return self.root / shard
+
+    @property
+    def location(self) -> str:
+        """The folder as users name it: its URL for features at a URL, else its path."""
+        from .remote import location
+        return location(self.root)
 
     def _locate(self, key: str) -> tuple[ShardReader, int]:
         try:
@@ -103,8 +113,8 @@ class FeatureStore:
             raise KeyError(f"{key!r} has no ok regions in {self.root}") from None
         reader = self._reader(shard)
         if reader.image_keys[row] != key:
-            raise PrepError(f"{self.root / shard}: row {row} holds {reader.image_keys[row]!r}, the "
-                            f"index says {key!r}; run `prep verify {self.root}`")
+            raise PrepError(f"{self.location}/{shard}: row {row} holds {reader.image_keys[row]!r}, the "
+                            f"index says {key!r}; run `prep verify {self.location}`")
         return reader, row
 
     def __getitem__(self, key: str) -> Regions:
