@@ -327,3 +327,29 @@ def test_a_bad_endpoint_or_missing_credentials_is_one_error_line(s3, tmp_path):
     line = _one_error_line(["train", str(tmp_path / "splits"), "--config", "teran_small", "--out",
                             s3.url("runs/x")], env)
     assert "local folder only" in line or "splits" in line
+
+
+def test_weights_at_a_url_are_fetched_checked_and_give_the_local_weights_features(s3, image_dir, tmp_path):
+    import torch
+    from teranprep.extractors.butd.config import get_config
+    from teranprep.manifests import sha256_file
+    from test_butd_checkpoints import random_state
+    write_images(image_dir, 3)
+    path = tmp_path / "bua-tiny.pth"
+    torch.save({"model": random_state(get_config("butd-tiny"))}, path)
+    s3.fs.put_file(str(path), f"{s3.name}/weights/bua-tiny.pth")
+    settings = dict(model="butd-tiny", batch_size=1, quiet=True, threads_per_worker=1, workers=0)
+    extract_regions(image_dir, tmp_path / "local", weights=str(path), **settings)
+    result = extract_regions(image_dir, tmp_path / "remote", weights=s3.url("weights/bua-tiny.pth"), **settings)
+    assert result.manifest["detector"]["weights_sha256"] == sha256_file(path)
+    assert_same_arrays(all_arrays(tmp_path / "remote"), all_arrays(tmp_path / "local"))
+    # a worker whose copy hashes differently from the planned sha256 refuses to run
+    from dataclasses import replace
+    from teranprep.pipeline.extract import ExtractTask, _with_local_weights
+    from teranprep.extractors.base import DetectorSpec
+    task = ExtractTask(index=0, out=str(tmp_path / "x"), params_fingerprint="p", weights_sha256="0" * 64,
+                       spec=DetectorSpec(model="butd-tiny", weights=s3.url("weights/bua-tiny.pth")))
+    with pytest.raises(PrepError, match="planned with 000000000000"):
+        _with_local_weights(task)
+    local = _with_local_weights(replace(task, weights_sha256=sha256_file(path)))
+    assert Path(local.spec.weights).read_bytes() == path.read_bytes()

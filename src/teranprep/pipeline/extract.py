@@ -57,6 +57,7 @@ class ExtractTask(ShardTask):
     given_mode: bool = False
     missing_given_boxes: str = "error"  # status of an image the given-box file has no entry for
     max_pixels: int = MAX_IMAGE_PIXELS  # larger images are error rows (--max-megapixels)
+    weights_sha256: str = ""  # weights at a URL: what the worker's own copy must hash to
 
     def __repr__(self):
         return f"shard {self.index:05d} ({len(self.entries)} images)"
@@ -100,12 +101,35 @@ def run_shard(task: ExtractTask) -> dict:
     """Extracts one shard and writes it; returns its stats (the engine writes them as the marker)."""
     import torch
     tune_malloc_for_tensors()
+    task = _with_local_weights(task)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(task.threads)
     try:
         return _run_shard(task)
     finally:  # in-process runs (--workers 0) must not leave the caller's torch changed
         torch.set_num_threads(threads_before)
+
+
+_weights_checked: dict = {}  # (local path, size, mtime) -> sha256, per worker process
+
+
+def _with_local_weights(task: ExtractTask) -> ExtractTask:
+    """Weights at a URL: this worker's copy (its own cache, fetched once), whose sha256 must be
+    the one the driver planned with; the task's spec then names that local file."""
+    from dataclasses import replace
+    url = remote.url_of(task.spec.weights) if task.spec is not None and task.spec.weights else None
+    if url is None:
+        return task
+    local = remote.fetch_input(url, "weights file")
+    st = local.stat()
+    key = (str(local), st.st_size, st.st_mtime_ns)
+    if key not in _weights_checked:
+        _weights_checked[key] = sha256_file(local)
+    if _weights_checked[key] != task.weights_sha256:
+        raise PrepError(f"{url}: sha256 {_weights_checked[key][:12]}.. on this worker, the run was "
+                        f"planned with {task.weights_sha256[:12]}..; the object changed during the run: "
+                        "re-run the command")
+    return replace(task, spec=replace(task.spec, weights=str(local)))
 
 
 def _run_shard(task: ExtractTask) -> dict:
@@ -364,6 +388,9 @@ def _extract_regions(images, out, opts: ExtractOptions, echo, warn, targets) -> 
     out = Path(out) if out_url is None else out
     # registry names (butd-vg-r101-k36) -> architecture + cached weights + their box policy
     model, weights, min_boxes, max_boxes = resolve_model(model, weights, random_weights, min_boxes, max_boxes)
+    weights_url = remote.url_of(weights) if weights is not None else None
+    if weights_url is not None:  # fetched here once for its sha256; each worker fetches it too, checked
+        weights = str(remote.fetch_input(weights_url, "weights file"))
     workers = check_workers(workers, scheduler, default=1)
     _validate(batch_size, shard_size, dtype, workers, retries, max_error_rate, min_boxes,
               max_boxes, conf_thresh, model, weights, random_weights, limit, precision)
@@ -394,7 +421,7 @@ def _extract_regions(images, out, opts: ExtractOptions, echo, warn, targets) -> 
                         f"recursive){extra}")
     weights_sha = sha256_file(Path(weights)) if weights else f"random-seed-{random_weights}"
     resolved_device = device_kind(run_device)
-    spec = DetectorSpec(model=model, weights=str(Path(weights).resolve()) if weights else None,
+    spec = DetectorSpec(model=model, weights=weights_url or (str(Path(weights).resolve()) if weights else None),
                         random_seed=random_weights, device=run_device, conf_thresh=conf_thresh,
                         min_boxes=min_boxes, max_boxes=max_boxes, precision=precision,
                         options=tuple(sorted(options.items())))
@@ -427,6 +454,7 @@ def _extract_regions(images, out, opts: ExtractOptions, echo, warn, targets) -> 
         part = [m.payload for m in members]
         return ExtractTask(index=index, out=str(out.resolve()), params_fingerprint=params_fp,
                            remote=out_url or "", storage=remote.storage_options_text(),
+                           weights_sha256=weights_sha if weights_url else "",
                            root=inputs.root, entries=tuple(part), spec=spec, dtype=dtype,
                            batch_size=batch_size, threads=threads,
                            given_boxes=_boxes_for(part, given_boxes), given_mode=given_boxes is not None,
