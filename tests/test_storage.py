@@ -150,12 +150,19 @@ def test_what_a_worker_dying_mid_upload_leaves_is_not_trusted(s3, image_dir, tmp
 def test_a_cluster_whose_workers_share_no_folder_writes_the_same_features(s3, image_dir, tmp_path):
     """A scheduler and two `dask worker`s, each started in a folder of its own with its own TMPDIR
     and cache; the workers get no storage options from their environment (only credentials), so
-    the endpoint reaches them inside the tasks. Inputs and outputs are URLs."""
+    the endpoint reaches them inside the tasks. Inputs, weights and outputs are URLs."""
+    import torch
+    from teranprep.extractors.butd.config import get_config
+    from test_butd_checkpoints import random_state
     keys = write_images(image_dir, 6)
     write_webdataset(image_dir, keys, tmp_path / "wds", per_tar=3)
     source = s3.upload(tmp_path / "wds", "wds") + "/{00000..00001}.tar"
+    weights = tmp_path / "bua-tiny.pth"
+    torch.save({"model": random_state(get_config("butd-tiny"))}, weights)
+    s3.fs.put_file(str(weights), f"{s3.name}/weights/bua-tiny.pth")
+    settings = dict(model="butd-tiny", batch_size=1, quiet=True, shard_size=2)
     extract_regions(str(tmp_path / "wds" / "{00000..00001}.tar"), tmp_path / "local", workers=0,
-                    shard_size=2, **FAST)
+                    weights=str(weights), threads_per_worker=1, **settings)
     dask = str(Path(sys.executable).parent / "dask")
     scheduler_file = tmp_path / "scheduler.json"
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("TERANPREP_")}
@@ -184,23 +191,25 @@ def test_a_cluster_whose_workers_share_no_folder_writes_the_same_features(s3, im
         with Client(address, timeout="30s") as client:
             client.wait_for_workers(2, timeout=120)
         out = s3.url("features")
-        result = extract_regions(source, out, scheduler=address, shard_size=2,
-                                 **{k: v for k, v in FAST.items() if k != "threads_per_worker"})
+        result = extract_regions(source, out, scheduler=address, weights=s3.url("weights/bua-tiny.pth"),
+                                 **settings)
         assert result.n_ok == 6 and result.shards_run == 3
     finally:
         for proc in procs:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert_same_arrays(all_arrays(out), all_arrays(tmp_path / "local"))
-    markers = [json.loads(v) for k, v in s3.objects("features").items() if k.startswith("shards/regions-")
-               and k.endswith(".json")]
+    markers = [k for k in s3.objects("features") if k.startswith("shards/regions-") and k.endswith(".json")]
     assert len(markers) == 3
     # every shard went from a worker's temp space to the bucket: none passed through the driver's
-    # disk, and the workers' temp folders are empty again
+    # disk, and the workers' temp folders hold none; the weights came to the workers by URL
     mirror = remote.RemoteFolder(out).mirror
     assert not list(mirror.rglob("*.h5"))
+    copies = []
     for home in homes:
         assert not [p for p in (home / "tmp").rglob("*") if p.is_file() and p.suffix == ".h5"]
+        copies += list((home / "cache").rglob("bua-tiny.pth"))
+    assert copies and all(c.read_bytes() == weights.read_bytes() for c in copies)
 
 
 def test_build_splits_train_eval_and_index_read_features_from_the_bucket(s3, tmp_path):
