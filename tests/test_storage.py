@@ -198,13 +198,15 @@ def test_a_cluster_whose_workers_share_no_folder_writes_the_same_features(s3, im
         for proc in procs:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    # no shard passed through the driver's disk (its cache holds the fetched weights only), and
+    # its mirror of the folder's small files is gone with the run
+    assert not list(Path(s3.env["TERANPREP_CACHE_DIR"]).rglob("*.h5"))
+    assert not (Path(s3.env["TERANPREP_CACHE_DIR"]) / "out").exists() or \
+        not list((Path(s3.env["TERANPREP_CACHE_DIR"]) / "out").iterdir())
     assert_same_arrays(all_arrays(out), all_arrays(tmp_path / "local"))
     markers = [k for k in s3.objects("features") if k.startswith("shards/regions-") and k.endswith(".json")]
     assert len(markers) == 3
-    # every shard went from a worker's temp space to the bucket: none passed through the driver's
-    # disk, and the workers' temp folders hold none; the weights came to the workers by URL
-    mirror = remote.RemoteFolder(out).mirror
-    assert not list(mirror.rglob("*.h5"))
+    # the workers' temp folders hold no shard afterwards; the weights came to the workers by URL
     copies = []
     for home in homes:
         assert not [p for p in (home / "tmp").rglob("*") if p.is_file() and p.suffix == ".h5"]
@@ -362,3 +364,21 @@ def test_weights_at_a_url_are_fetched_checked_and_give_the_local_weights_feature
         _with_local_weights(task)
     local = _with_local_weights(replace(task, weights_sha256=sha256_file(path)))
     assert Path(local.spec.weights).read_bytes() == path.read_bytes()
+
+
+def test_one_writer_per_folder_at_a_url_through_its_lock_object(s3, image_dir, tmp_path):
+    import socket
+    write_images(image_dir, 2)
+    out = s3.url("features")
+    lock = f"{s3.name}/features/.prep-lock.json"
+    for holder in ({"host": socket.gethostname(), "pid": os.getppid()},  # alive, on this host
+                   {"host": "another-machine", "pid": 1}):  # cannot be checked from here
+        s3.fs.pipe_file(lock, json.dumps(holder).encode())
+        with pytest.raises(PrepError, match="another run writes here"):
+            extract_regions(image_dir, out, workers=0, **FAST)
+        assert "manifest.json" not in s3.objects("features")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    s3.fs.pipe_file(lock, json.dumps({"host": socket.gethostname(), "pid": int(dead)}).encode())
+    result = extract_regions(image_dir, out, workers=0, **FAST)  # a killed run's lock is taken over
+    assert result.n_ok == 2 and not s3.fs.exists(lock)

@@ -442,6 +442,16 @@ def evict(root: Path, budget: int, keep: Path | None = None) -> list[Path]:
 
 # ---------------------------------------------------------------- an output folder at a URL
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process: alive
+        return True
+    return True
+
+
 class RemoteFolder:
     """A stage's output folder at `url`, worked on through a local mirror of its small files.
 
@@ -455,7 +465,8 @@ class RemoteFolder:
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")
-        self.mirror = cache_root() / "out" / _hash_key(self.url)
+        # one mirror per process: a dry run (or a refused second run) never touches a running one's
+        self.mirror = cache_root() / "out" / f"{_hash_key(self.url)}-{os.getpid()}"
         self.objects: dict = {}
         self.locked = False
 
@@ -464,8 +475,10 @@ class RemoteFolder:
         shards); `objects` lists every object under the URL (size, etag)."""
         import shutil
         self.objects = listing(self.url)
-        if self.mirror.exists():
-            shutil.rmtree(self.mirror)
+        for other in self.mirror.parent.glob(f"{_hash_key(self.url)}-*"):  # left by killed runs
+            pid = other.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+                shutil.rmtree(other, ignore_errors=True)
         self.mirror.mkdir(parents=True)
         for rel in sorted(self.objects):
             if rel != LOCK_NAME and names(rel):
@@ -499,23 +512,19 @@ class RemoteFolder:
         if holder.get("host") != socket.gethostname():
             return False
         pid = int(holder.get("pid") or 0)
-        if pid == os.getpid():
-            return True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, OSError):
-            return False
-        return False
+        return pid == os.getpid() or not _alive(pid)
 
     def unlock(self) -> None:
+        """The lock object removed (when this run wrote it) and the local mirror deleted: every
+        object it held is in the bucket."""
+        import shutil
         if self.locked:
             try:
                 remove(join(self.url, LOCK_NAME))
             except PrepError:
                 pass
             self.locked = False
+        shutil.rmtree(self.mirror, ignore_errors=True)
 
     def push(self, rel: str) -> None:
         """The mirror's `rel` to the URL (one object), or its object removed when the mirror has none."""

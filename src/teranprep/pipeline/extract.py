@@ -405,10 +405,10 @@ def _extract_regions(images, out, opts: ExtractOptions, echo, warn, targets) -> 
     target = None
     if out_url is not None:  # a folder at a URL: worked on through a local mirror of its small files
         target = remote.RemoteFolder(out_url)
+        targets.append(target)  # unlocked and its mirror removed at the end, however it ends
         out = target.pull()
         if not dry_run:
             target.lock()
-            targets.append(target)
             if overwrite:
                 target.clear()
     claim_output_dir(out, FEATURES, create=not dry_run)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ...errors import PrepError
 from ...interrupts import resumable
 from ...manifests import remote
 from ...manifests.atomic import atomic_write_json, canonical_json
@@ -99,12 +100,17 @@ def _run_remote_shard(task: ShardTask) -> dict:
     with tempfile.TemporaryDirectory(prefix="prep-shard-") as tmp:
         local = replace(task, workdir=tmp)
         stats = run_shard(local)
-        remote.put_file(local.h5_path, shard_url)
-        stored = remote.info(shard_url)
-        if stored["size"] != stats.get("bytes", stored["size"]):
-            raise RuntimeError(f"{shard_url}: {stored['size']} bytes stored, {stats['bytes']} written")
-        stats["object"] = {"url": shard_url, "etag": stored["etag"], "size": stored["size"]}
-        remote.put_bytes(marker_url, canonical_json(stats))
+        try:
+            remote.put_file(local.h5_path, shard_url)
+            stored = remote.info(shard_url)
+            if stored["size"] != stats.get("bytes", stored["size"]):
+                raise RuntimeError(f"{shard_url}: {stored['size']} bytes stored, {stats['bytes']} written")
+            stats["object"] = {"url": shard_url, "etag": stored["etag"], "size": stored["size"]}
+            remote.put_bytes(marker_url, canonical_json(stats))
+        except (PrepError, FileNotFoundError) as exc:
+            # a failed upload may be the network's passing fault: run_tasks tries the shard again
+            # (a PrepError would stop the stage at once); its last failure is the stage's one line
+            raise RuntimeError(str(exc)) from exc
     return stats
 
 
