@@ -282,6 +282,13 @@ def test_the_shard_cache_keeps_within_its_limit_and_reads_the_same_values(s3, ma
             assert np.array_equal(a[key].features, b[key].features) and np.array_equal(a[key].boxes, b[key].boxes)
             cached = list(Path(os.environ["TERANPREP_CACHE_DIR"]).glob("features/*/shards/*.h5"))
             assert len(cached) == 1  # the least recently used shard went
+    # the folder at the URL rewritten (other values, same names): a new process reads the new ones,
+    # never a cached shard of the old manifest
+    other, _ = make_features(keys, n_boxes=4, dim=64, shard_size=3, seed=1, name="other")
+    s3.upload(other, "features")
+    remote._localized.clear()
+    with FeatureStore(other) as a, FeatureStore(url) as b:
+        assert all(np.array_equal(a[k].features, b[k].features) for k in keys)
     # a shard object damaged in the bucket is refused on fetch, by the manifest's sha256
     for path in Path(os.environ["TERANPREP_CACHE_DIR"]).glob("features/*/shards/*.h5"):
         path.unlink()
@@ -335,9 +342,10 @@ def test_a_bad_endpoint_or_missing_credentials_is_one_error_line(s3, tmp_path):
     line = _one_error_line(["build-splits", s3.url("captions.csv"), "--features", s3.url("features"),
                             "--out", str(tmp_path / "splits")], env)
     assert "captions file not found" in line
-    line = _one_error_line(["train", str(tmp_path / "splits"), "--config", "teran_small", "--out",
-                            s3.url("runs/x")], env)
-    assert "local folder only" in line or "splits" in line
+    # splits/, runs/ and index/ are local folders: a URL there is refused before any work
+    line = _one_error_line(["build-splits", str(tmp_path / "c.csv"), "--features", s3.url("features"),
+                            "--out", s3.url("splits")], env)
+    assert line.startswith(f"error: {s3.url('splits')}: this stage writes to a local folder only")
 
 
 def test_weights_at_a_url_are_fetched_checked_and_give_the_local_weights_features(s3, image_dir, tmp_path):

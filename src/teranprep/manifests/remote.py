@@ -371,7 +371,9 @@ def localize_features(path) -> Path:
     except (OSError, ValueError):
         recorded = {}
     if recorded.get("manifest") != meta or not (mirror / "index.parquet").is_file():
+        import shutil
         (mirror / REMOTE_MARK).unlink(missing_ok=True)
+        shutil.rmtree(mirror / "shards", ignore_errors=True)  # cached shards of the old manifest
         get_file(join(url, "manifest.json"), mirror / "manifest.json")
         try:
             get_file(join(url, "index.parquet"), mirror / "index.parquet")
