@@ -346,10 +346,11 @@ def build_splits(captions: Path, *, features: Path, out: Path, format: str | Non
     captions_url = remote.url_of(captions)
     # a captions file at a URL is fetched into the cache (its sha256 is the lineage, its URL the path);
     # features at a URL are read through their local mirror (and recorded by URL)
-    captions = remote.fetch_input(captions_url, "captions file") if captions_url else Path(captions)
-    features, out = remote.localize_features(features), Path(out)
+    out = Path(out)
     from ..manifests.ownership import SPLITS, claim_output_dir
     claim_output_dir(out, SPLITS)  # before any work: never into features/ or a file
+    captions = remote.fetch_input(captions_url, "captions file") if captions_url else Path(captions)
+    features = remote.localize_features(features)
     say = echo or (lambda message: None)
     _validate(captions, features, restval, val, test, max_tokens, max_missing)
     if caption_rule not in CAPTION_RULES:
