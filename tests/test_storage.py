@@ -83,6 +83,10 @@ def test_tars_and_an_image_prefix_in_the_bucket_give_the_local_features(s3, imag
     before = s3.objects("features-tars")
     again = extract_regions(f"{tars_url}/{{00000..00001}}.tar", out, workers=0, shard_size=2, **FAST)
     assert again.shards_run == 0 and s3.objects("features-tars") == before
+    lines = []  # a dry run names the URL and each shard's state, and writes nothing
+    extract_regions(f"{tars_url}/{{00000..00001}}.tar", out, workers=0, shard_size=2, dry_run=True,
+                    echo=lines.append, **{k: v for k, v in FAST.items() if k != "quiet"})
+    assert f"in {out}/shards; 3 complete, 0 to run" in lines[0] and s3.objects("features-tars") == before
 
 
 def _cli(source, out, *extra):

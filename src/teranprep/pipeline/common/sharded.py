@@ -268,7 +268,7 @@ class ShardedStage:
 
     def report_lines(self) -> list[str]:
         lines = [f"dry run: {len(self.items)} {self.noun} -> {len(self.tasks)} shards of up to "
-                 f"{self.shard_size} {self.noun} in {self.out / SHARDS_DIR}; {len(self.done)} "
+                 f"{self.shard_size} {self.noun} in {remote.location(self.out)}/{SHARDS_DIR}; {len(self.done)} "
                  f"complete, {len(self.pending)} to run"]
         for r in self.report():
             if r["n"]:
