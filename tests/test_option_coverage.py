@@ -49,6 +49,21 @@ SYN = ("make-synthetic", "syn")
 SL = ("train-shortlist", "run", "--splits", "splits")
 
 CASES = {
+    # storage (URLs): the options of the commands that read or write them
+    ("extract-regions", "--storage-options"): R(EX + ("--storage-options", "nope"), "not JSON"),
+    ("verify", "--storage-options"): R(("verify", "features", "--storage-options", "[1]"), "must be a JSON object"),
+    ("build-splits", "--storage-options"): P("test_storage.py", "test_build_splits_train_eval_and_index_read_features_from_the_bucket"),
+    ("build-splits", "--cache-dir"): P("test_storage.py", "test_build_splits_train_eval_and_index_read_features_from_the_bucket"),
+    ("train", "--storage-options"): P("test_storage.py", "test_build_splits_train_eval_and_index_read_features_from_the_bucket"),
+    ("train", "--cache-dir"): P("test_storage.py", "test_build_splits_train_eval_and_index_read_features_from_the_bucket"),
+    ("eval", "--storage-options"): P("test_storage.py", "test_build_splits_train_eval_and_index_read_features_from_the_bucket"),
+    ("eval", "--cache-dir"): P("test_storage.py", "test_build_splits_train_eval_and_index_read_features_from_the_bucket"),
+    ("index", "--storage-options"): P("test_storage.py", "test_build_splits_train_eval_and_index_read_features_from_the_bucket"),
+    ("index", "--cache-dir"): P("test_storage.py", "test_build_splits_train_eval_and_index_read_features_from_the_bucket"),
+    ("build-splits", "--cache-gb"): R(("build-splits", "c.csv", "--features", "f", "--out", "o", "--cache-gb", "0"), "must be > 0"),
+    ("train", "--cache-gb"): R(("train", "splits", "--out", "o", "--cache-gb", "-1"), "must be > 0"),
+    ("eval", "--cache-gb"): R(EV + ("--cache-gb", "0"), "must be > 0"),
+    ("index", "--cache-gb"): R(IDX + ("--cache-gb", "0"), "must be > 0"),
     # extract-regions
     ("extract-regions", "--model"): R(EX + ("--model", "nope"), "unknown --model 'nope'"),
     ("extract-regions", "--weights"): R(("extract-regions", "images", "features", "--weights", "x.pth",

@@ -17,6 +17,9 @@ class PrepGroup(click.Group):
     def invoke(self, ctx):
         from .interrupts import Interrupted, install_signal_handlers, interrupted_message, restore_signal_handlers
         before = install_signal_handlers()
+        import os
+        from .manifests.remote import CACHE_DIR_ENV, CACHE_GB_ENV, STORAGE_ENV
+        environment = {name: os.environ.get(name) for name in (STORAGE_ENV, CACHE_DIR_ENV, CACHE_GB_ENV)}
         try:
             return super().invoke(ctx)
         except PrepError as exc:
@@ -39,6 +42,11 @@ class PrepGroup(click.Group):
             sys.exit(2)
         finally:
             restore_signal_handlers(before)  # called as a library (tests, notebooks): leave no trace
+            for name, value in environment.items():  # --storage-options / --cache-* of this command only
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
             from .manifests.ownership import release_output_locks
             release_output_locks()  # the kernel would drop them at exit; a library caller goes on
 
@@ -61,6 +69,52 @@ def quiet_option(command):
     """--quiet, meaning the same on every stage: errors (and warnings) and the final summary only."""
     return click.option("--quiet", is_flag=True,
                         help="Print only errors, warnings and the final summary line.")(command)
+
+
+def _set_storage(ctx, param, value):
+    if value is not None:
+        from .manifests.remote import parse_storage_options, set_storage_options
+        try:
+            set_storage_options(parse_storage_options(value))
+        except PrepError as exc:
+            raise click.BadParameter(str(exc).replace("--storage-options: ", ""), ctx, param) from None
+    return value
+
+
+def storage_option(command):
+    """--storage-options JSON: how to reach URLs (s3://, gs://, ...) this command reads or writes."""
+    return click.option(
+        "--storage-options", callback=_set_storage, expose_value=False, metavar="JSON",
+        help="fsspec options for URL inputs/outputs, e.g. '{\"endpoint_url\": \"http://host:9000\"}', "
+             "'{\"profile\": \"NAME\"}' or '{\"anon\": true}'. Credentials otherwise come from the "
+             "usual AWS_* variables and config files.")(command)
+
+
+def _set_cache_dir(ctx, param, value):
+    if value is not None:
+        from .manifests.remote import set_cache
+        set_cache(cache_dir=value)
+    return value
+
+
+def _set_cache_gb(ctx, param, value):
+    if value is not None:
+        if not value > 0:
+            raise click.BadParameter("must be > 0", ctx, param)
+        from .manifests.remote import set_cache
+        set_cache(cache_gb=value)
+    return value
+
+
+def cache_options(command):
+    """--cache-dir / --cache-gb: where features read from a URL are cached, and how much."""
+    command = click.option("--cache-gb", type=float, callback=_set_cache_gb, expose_value=False,
+                           help="Size limit of the shard cache for features at a URL (least recently "
+                                "used shards are evicted; default 20).")(command)
+    return click.option("--cache-dir", callback=_set_cache_dir, expose_value=False,
+                        type=click.Path(file_okay=False),
+                        help="Local cache for features read from a URL (default "
+                             "~/.cache/teranprep/remote, or $TERANPREP_CACHE_DIR).")(command)
 
 
 def stage_echo(quiet: bool):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import ShownDefault, main
+from ..cli import ShownDefault, main, storage_option
 from ..manifests.values import VERIFY_SAMPLE
 
 
@@ -79,6 +79,7 @@ def _default_precision():
 @click.option("--overwrite", is_flag=True, help="Delete previous outputs in OUT and start afresh.")
 @click.option("--dry-run", is_flag=True, help="Print the shard plan and exit.")
 @click.option("--quiet", is_flag=True, help="Print only errors, warnings and the final summary line.")
+@storage_option
 def extract_regions_cmd(images, out, weights, random_weights, quiet, given_boxes, box_source, backend,
                         d2_config, spatial, vinvl_selection, **options):
     """Detect regions in IMAGES and write HDF5 shards + index + manifest to OUT.
@@ -141,10 +142,13 @@ def extract_regions_cmd(images, out, weights, random_weights, quiet, given_boxes
 @click.option("--full", is_flag=True, help="Check the values (finite, boxes inside the image) of "
               f"every image, not a sample of {VERIFY_SAMPLE}.")
 @click.option("--quiet", is_flag=True, help="Print only the problems and the final line, no warnings.")
+@storage_option
 def verify_cmd(path, full, quiet):
     """Check an output directory: features/ (hashes, offsets, index), splits/ (lineage, schema,
     disjoint splits) or runs/NAME (checkpoints load, config and lineage match)."""
+    from ..manifests.remote import url_of
     from ..pipeline.verify import verify
+    path = url_of(path) or path  # click's Path type folds s3:// into s3:/
     report = verify(path, full=full)
     for line in ([] if quiet else report.warnings):
         click.echo(f"warning: {line}", err=True)

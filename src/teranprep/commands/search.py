@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import main, quiet_option, stage_echo
+from ..cli import main, quiet_option, stage_echo, storage_option, cache_options
 
 
 @main.command("index")
@@ -35,6 +35,8 @@ from ..cli import main, quiet_option, stage_echo
 @click.option("--overwrite", is_flag=True, help="Delete a previous index in --out and start afresh.")
 @click.option("--dry-run", is_flag=True, help="Print the shard plan (and why each shard would run); write nothing.")
 @quiet_option
+@storage_option
+@cache_options
 def index_cmd(run, features, out, splits, split, captions, head, dtype, shard_size, batch_size,
               workers, scheduler, device, threads, exact_max, overwrite, dry_run, quiet):
     """Encode every ok image of FEATURES through RUN's image encoder into a searchable index."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import main
+from ..cli import main, storage_option, cache_options
 
 
 @main.command("build-splits")
@@ -39,6 +39,8 @@ from ..cli import main
               help="Captions whose image has no ok features that are tolerated (listed in missing.csv).")
 @click.option("--overwrite", is_flag=True, help="Rebuild OUT even if it holds splits made with other parameters.")
 @click.option("--quiet", is_flag=True, help="Print only errors, warnings and the final summary line.")
+@storage_option
+@cache_options
 def build_splits_cmd(captions, features, out, format_, quiet, **options):
     """Tokenize CAPTIONS into train/val/test parquet files tied to FEATURES, written to OUT.
 

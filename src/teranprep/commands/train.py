@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import main, quiet_option, stage_echo
+from ..cli import main, quiet_option, stage_echo, storage_option, cache_options
 
 
 @main.command("train")
@@ -24,6 +24,8 @@ from ..cli import main, quiet_option, stage_echo
               help="Matrix-product precision (default: the config's training.precision, fp32); "
                    "bf16 uses autocast on CPU and CUDA. A resumed run keeps its own.")
 @quiet_option
+@storage_option
+@cache_options
 def train_cmd(splits, config, out, resume, features, device, stop_after, precision, quiet):
     """Train TERAN on SPLITS (train split; validation on val). Multi-GPU: run under torchrun."""
     from ..errors import PrepError
@@ -71,6 +73,8 @@ def train_cmd(splits, config, out, resume, features, device, stop_after, precisi
 @click.option("--drift/--no-drift", default=None,
               help="With bf16: also score in fp32 and report the drift (default on for bf16).")
 @quiet_option
+@storage_option
+@cache_options
 def eval_cmd(source, splits, split, protocol, features, out, device, batch_size, text_encoder,
              relevance_files, relevance_cache, no_ndcg, scheduler, workers, as_json, precision, drift,
              quiet):

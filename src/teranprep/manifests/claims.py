@@ -38,14 +38,16 @@ def refuse_false_claims(store) -> None:
     shards = store.manifest.get("shards") or []
     if not shards:
         return
-    path = Path(store.root) / shards[0]["path"]
+    where = getattr(store, "location", str(store.root))  # a URL for features at a URL
     try:
+        path = store.shard_path(shards[0]["path"]) if hasattr(store, "shard_path") else \
+            Path(store.root) / shards[0]["path"]
         reader = ShardReader(path)
     except (OSError, ValueError) as exc:
-        raise PrepError(f"{path}: cannot be opened as a regions shard ({exc}); run `prep verify "
-                        f"{store.root}`") from exc
+        raise PrepError(f"{where}/{shards[0]['path']}: cannot be opened as a regions shard ({exc}); "
+                        f"run `prep verify {where}`") from exc
     with reader:
         problems = shard_claim_problems(reader, store.manifest)
     if problems:
-        raise PrepError(f"{path}: {problems[0]} ({Path(store.root) / 'manifest.json'} edited or "
-                        f"damaged?); run `prep verify {store.root}` and re-run the stage that wrote it")
+        raise PrepError(f"{where}/{shards[0]['path']}: {problems[0]} ({where}/manifest.json edited or "
+                        f"damaged?); run `prep verify {where}` and re-run the stage that wrote it")

@@ -29,6 +29,8 @@ OPTIONAL_INDEX_COLUMNS = {"caption": "string", "metadata": "string"}
 def read_features_manifest(features_dir: Path) -> dict:
     from .outcome import refuse_failed
     from .ownership import read_stamped_json
+    from .remote import localize_features
+    features_dir = localize_features(features_dir)  # a URL: its local mirror (manifest + index)
     manifest = read_stamped_json(
         Path(features_dir) / MANIFEST_NAME, FEATURES_FORMAT, what="features manifest",
         missing="no features manifest; run `prep extract-regions` or `prep import-features` into "
@@ -55,7 +57,9 @@ class FeatureStore:
     """
 
     def __init__(self, features_dir: Path):
-        self.root = Path(features_dir)
+        from .remote import localize_features, mirror_url
+        self.root = localize_features(features_dir)  # a URL: a local mirror, shards fetched on use
+        self._remote = mirror_url(self.root) is not None
         self.manifest = read_features_manifest(self.root)
         index_path = self.root / INDEX_NAME
         try:
@@ -85,8 +89,22 @@ class FeatureStore:
             self._pid = os.getpid()
         reader = self._readers.get(shard)
         if reader is None:
-            reader = self._readers[shard] = ShardReader(self.root / shard)
+            reader = self._readers[shard] = ShardReader(self.shard_path(shard))
         return reader
+
+    def shard_path(self, shard: str) -> Path:
+        """The local file of a shard (features at a URL: fetched whole into the cache first,
+        sha256-checked, least recently used shards evicted)."""
+        if self._remote:
+            from .remote import ensure_shard
+            return ensure_shard(self.root, shard)
+        return self.root / shard
+
+    @property
+    def location(self) -> str:
+        """The folder as users name it: its URL for features at a URL, else its path."""
+        from .remote import location
+        return location(self.root)
 
     def _locate(self, key: str) -> tuple[ShardReader, int]:
         try:
@@ -95,8 +113,8 @@ class FeatureStore:
             raise KeyError(f"{key!r} has no ok regions in {self.root}") from None
         reader = self._reader(shard)
         if reader.image_keys[row] != key:
-            raise PrepError(f"{self.root / shard}: row {row} holds {reader.image_keys[row]!r}, the "
-                            f"index says {key!r}; run `prep verify {self.root}`")
+            raise PrepError(f"{self.location}/{shard}: row {row} holds {reader.image_keys[row]!r}, the "
+                            f"index says {key!r}; run `prep verify {self.location}`")
         return reader, row
 
     def __getitem__(self, key: str) -> Regions:
@@ -230,9 +248,12 @@ def status_counts(frame: pd.DataFrame) -> dict:
 
 
 def shard_entries(shard_stats: list[dict]) -> list[dict]:
-    """The manifest's shards list from per-shard stats dicts."""
+    """The manifest's shards list from per-shard stats dicts (a shard stored at a URL also
+    records its object's ETag)."""
     return [{"path": s["shard"], "n_images": s["n_images"], "n_boxes": s["n_boxes"],
-             "bytes": s["bytes"], "sha256": s["sha256"]} for s in shard_stats]
+             "bytes": s["bytes"], "sha256": s["sha256"],
+             **({"etag": s["object"]["etag"]} if s.get("object", {}).get("etag") else {})}
+            for s in shard_stats]
 
 
 def installed_version(package: str) -> str:
@@ -261,7 +282,8 @@ def installed_version(package: str) -> str:
 def manifest_sha256(features_dir: Path) -> str:
     """sha256 of features/manifest.json's bytes: what later stages record as lineage."""
     from .atomic import sha256_file
-    path = Path(features_dir) / MANIFEST_NAME
+    from .remote import localize_features
+    path = localize_features(features_dir) / MANIFEST_NAME
     if not path.is_file():
         raise PrepError(f"{path}: no features manifest; run `prep extract-regions` first")
     return sha256_file(path)
@@ -304,12 +326,13 @@ def prepare_output(out: Path, params_fp: str, overwrite: bool) -> None:
                         "--overwrite to start afresh")
 
 
-def completed_shard(h5_path: Path, params_fp: str, same_plan) -> dict | None:
-    """The stats of a shard completed with these parameters and `same_plan(stats)` true, else None."""
+def completed_shard(h5_path: Path, params_fp: str, same_plan, size: int | None = None) -> dict | None:
+    """The stats of a shard completed with these parameters and `same_plan(stats)` true, else None.
+    `size`: the shard's size when it is not at h5_path (an object at a URL; -1 when absent)."""
     h5_path = Path(h5_path)
     try:
         stats = json.loads(h5_path.with_suffix(".json").read_text("utf-8"))
-        size = h5_path.stat().st_size
+        size = h5_path.stat().st_size if size is None else size
     except (OSError, ValueError):
         return None
     if stats.get("params_fingerprint") != params_fp or size != stats.get("bytes") or not same_plan(stats):

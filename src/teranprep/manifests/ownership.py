@@ -108,8 +108,13 @@ def claim_output_dir(out: Path, fmt: str, *, create: bool = True, allow_inside=(
 
     Refuses (PrepError, nothing touched): `out` is a file; `out` holds another stage's output;
     `out` lies inside another stage's data folder (formats in `allow_inside` are allowed as
-    ancestors, e.g. an eval inside its run); `out` cannot be created or written.
+    ancestors, e.g. an eval inside its run); `out` cannot be created or written; `out` is a URL
+    (only extract-regions writes to one, through its local mirror: manifests/remote.py).
     """
+    from .remote import url_of
+    if url_of(out):
+        raise PrepError(f"{url_of(out)}: this stage writes to a local folder only (extract-regions "
+                        "writes features/ to a URL); pass a local path and copy the result up")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PrepError(f"{out}: is a file, not a folder; pass a folder path as the output")

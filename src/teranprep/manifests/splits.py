@@ -82,7 +82,12 @@ def read_split(splits_dir: Path, name: str, columns=None) -> pd.DataFrame:
 
 
 def relative_features_path(splits_dir: Path, features_dir: Path) -> str:
-    """The features path as recorded in splits/manifest.json: relative to splits/ when possible."""
+    """The features path as recorded in splits/manifest.json: relative to splits/ when possible;
+    features at a URL (or their local mirror) are recorded by their URL."""
+    from .remote import mirror_url, url_of
+    url = url_of(features_dir) or mirror_url(features_dir)
+    if url:
+        return url
     try:
         return Path(os.path.relpath(Path(features_dir).resolve(), Path(splits_dir).resolve())).as_posix()
     except ValueError:  # different drives
@@ -91,9 +96,12 @@ def relative_features_path(splits_dir: Path, features_dir: Path) -> str:
 
 def resolve_features_dir(splits_dir: Path, override: Path | None = None) -> Path:
     """Where the features of these splits are: `override` (--features) or the manifest's path."""
+    from .remote import localize_features, url_of
     if override is not None:
-        return Path(override)
+        return localize_features(override)
     manifest = read_splits_manifest(splits_dir)
+    if url_of(manifest["features"]["path"]):
+        return localize_features(manifest["features"]["path"])
     recorded = Path(manifest["features"]["path"])
     return recorded if recorded.is_absolute() else (Path(splits_dir) / recorded)
 

@@ -20,6 +20,7 @@ from ..devices import device_kind
 from ..extractors import (DEFAULT_MODEL, DEFAULT_PRECISION, MODELS, PRECISIONS, DetectorSpec, build_detector,
                           resolve_model)
 from ..manifests import fingerprint, sha256_file
+from ..manifests import remote
 from ..manifests.atomic import atomic_write_bytes
 from ..manifests.error_summary import format_error_summary, summarize_errors
 from ..manifests.outcome import mark_outcome
@@ -56,6 +57,7 @@ class ExtractTask(ShardTask):
     given_mode: bool = False
     missing_given_boxes: str = "error"  # status of an image the given-box file has no entry for
     max_pixels: int = MAX_IMAGE_PIXELS  # larger images are error rows (--max-megapixels)
+    weights_sha256: str = ""  # weights at a URL: what the worker's own copy must hash to
 
     def __repr__(self):
         return f"shard {self.index:05d} ({len(self.entries)} images)"
@@ -89,7 +91,7 @@ class ExtractResult(FeaturesResult):
         given = m.get("given_boxes") or {}
         if given.get("unmatched_keys"):
             lines.append(f"  --given-boxes: {given['unmatched_keys']} keys match no image, listed in "
-                         f"{self.out / given['unmatched_list']}")
+                         f"{self.out}/{given['unmatched_list']}")
         return "\n".join(lines)
 
 
@@ -99,12 +101,35 @@ def run_shard(task: ExtractTask) -> dict:
     """Extracts one shard and writes it; returns its stats (the engine writes them as the marker)."""
     import torch
     tune_malloc_for_tensors()
+    task = _with_local_weights(task)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(task.threads)
     try:
         return _run_shard(task)
     finally:  # in-process runs (--workers 0) must not leave the caller's torch changed
         torch.set_num_threads(threads_before)
+
+
+_weights_checked: dict = {}  # (local path, size, mtime) -> sha256, per worker process
+
+
+def _with_local_weights(task: ExtractTask) -> ExtractTask:
+    """Weights at a URL: this worker's copy (its own cache, fetched once), whose sha256 must be
+    the one the driver planned with; the task's spec then names that local file."""
+    from dataclasses import replace
+    url = remote.url_of(task.spec.weights) if task.spec is not None and task.spec.weights else None
+    if url is None:
+        return task
+    local = remote.fetch_input(url, "weights file")
+    st = local.stat()
+    key = (str(local), st.st_size, st.st_mtime_ns)
+    if key not in _weights_checked:
+        _weights_checked[key] = sha256_file(local)
+    if _weights_checked[key] != task.weights_sha256:
+        raise PrepError(f"{url}: sha256 {_weights_checked[key][:12]}.. on this worker, the run was "
+                        f"planned with {task.weights_sha256[:12]}..; the object changed during the run: "
+                        "re-run the command")
+    return replace(task, spec=replace(task.spec, weights=str(local)))
 
 
 def _run_shard(task: ExtractTask) -> dict:
@@ -321,10 +346,16 @@ def extract_regions(images: Path, out: Path, options: ExtractOptions | None = No
     if options is not None and settings:
         raise TypeError("extract_regions: pass an ExtractOptions or keyword settings, not both")
     options = options if options is not None else ExtractOptions(**settings)
-    return _extract_regions(Path(images), Path(out), options, echo, warn)
+    targets: list = []  # an OUT at a URL: its RemoteFolder, whose lock object goes at the end
+    try:
+        return _extract_regions(remote.url_of(images) or Path(images), remote.url_of(out) or Path(out),
+                                options, echo, warn, targets)
+    finally:
+        for target in targets:
+            target.unlock()
 
 
-def _extract_regions(images: Path, out: Path, opts: ExtractOptions, echo, warn) -> ExtractResult:
+def _extract_regions(images, out, opts: ExtractOptions, echo, warn, targets) -> ExtractResult:
     model = opts.model
     weights = opts.weights
     random_weights = opts.random_weights
@@ -353,9 +384,13 @@ def _extract_regions(images: Path, out: Path, opts: ExtractOptions, echo, warn) 
     max_pixels = MAX_IMAGE_PIXELS if opts.max_megapixels is None else int(opts.max_megapixels * 1e6)
     t_start = time.perf_counter()
     warn = warn or echo
-    out = Path(out)
+    out_url = remote.url_of(out)
+    out = Path(out) if out_url is None else out
     # registry names (butd-vg-r101-k36) -> architecture + cached weights + their box policy
     model, weights, min_boxes, max_boxes = resolve_model(model, weights, random_weights, min_boxes, max_boxes)
+    weights_url = remote.url_of(weights) if weights is not None else None
+    if weights_url is not None:  # fetched here once for its sha256; each worker fetches it too, checked
+        weights = str(remote.fetch_input(weights_url, "weights file"))
     workers = check_workers(workers, scheduler, default=1)
     _validate(batch_size, shard_size, dtype, workers, retries, max_error_rate, min_boxes,
               max_boxes, conf_thresh, model, weights, random_weights, limit, precision)
@@ -367,6 +402,15 @@ def _extract_regions(images: Path, out: Path, opts: ExtractOptions, echo, warn) 
         raise PrepError("--missing-given-boxes must be error or skipped")
     # before any input is read: this machine's CUDA, or what the scheduler's workers report
     run_device = stage_device(device, scheduler)
+    target = None
+    if out_url is not None:  # a folder at a URL: worked on through a local mirror of its small files
+        target = remote.RemoteFolder(out_url)
+        targets.append(target)  # unlocked and its mirror removed at the end, however it ends
+        out = target.pull()
+        if not dry_run:
+            target.lock()
+            if overwrite:
+                target.clear()
     claim_output_dir(out, FEATURES, create=not dry_run)
     inputs = discover_inputs(images, limit)  # a folder, tar shards or a list file
     entries, passed_over = inputs.entries, inputs.passed_over
@@ -377,7 +421,7 @@ def _extract_regions(images: Path, out: Path, opts: ExtractOptions, echo, warn) 
                         f"recursive){extra}")
     weights_sha = sha256_file(Path(weights)) if weights else f"random-seed-{random_weights}"
     resolved_device = device_kind(run_device)
-    spec = DetectorSpec(model=model, weights=str(Path(weights).resolve()) if weights else None,
+    spec = DetectorSpec(model=model, weights=weights_url or (str(Path(weights).resolve()) if weights else None),
                         random_seed=random_weights, device=run_device, conf_thresh=conf_thresh,
                         min_boxes=min_boxes, max_boxes=max_boxes, precision=precision,
                         options=tuple(sorted(options.items())))
@@ -409,6 +453,8 @@ def _extract_regions(images: Path, out: Path, opts: ExtractOptions, echo, warn) 
     def make_task(index, members):
         part = [m.payload for m in members]
         return ExtractTask(index=index, out=str(out.resolve()), params_fingerprint=params_fp,
+                           remote=out_url or "", storage=remote.storage_options_text(),
+                           weights_sha256=weights_sha if weights_url else "",
                            root=inputs.root, entries=tuple(part), spec=spec, dtype=dtype,
                            batch_size=batch_size, threads=threads,
                            given_boxes=_boxes_for(part, given_boxes), given_mode=given_boxes is not None,
@@ -416,7 +462,7 @@ def _extract_regions(images: Path, out: Path, opts: ExtractOptions, echo, warn) 
 
     stage = ShardedStage("extract-regions", out, items, shard_size, params_fp, make_task,
                          recorded_items, listing=listing_sha256(entries),
-                         recheck=content_changed if opts.verify_inputs else None)
+                         recheck=content_changed if opts.verify_inputs else None, remote=target)
     if dry_run:
         for line in stage.report_lines():
             echo(line)
@@ -435,8 +481,9 @@ def _extract_regions(images: Path, out: Path, opts: ExtractOptions, echo, warn) 
     shards_run = 0
     if manifest is None:
         manifest, shards_run = _run_pending(stage, inputs, params, opts, workers, scheduler, retries, quiet,
-                                            random_weights is not None, device, passed_over, unmatched)
-    result = _result(out, manifest, shards_run, time.perf_counter() - t_start)
+                                            random_weights is not None, device, passed_over, unmatched,
+                                            out_url)
+    result = _result(out_url or out, manifest, shards_run, time.perf_counter() - t_start)
     n = result.n_images
     failure = None
     if n and result.n_error / n > max_error_rate:
@@ -444,15 +491,18 @@ def _extract_regions(images: Path, out: Path, opts: ExtractOptions, echo, warn) 
         failure = (f"{result.n_error} of {n} images failed ({100 * result.n_error / n:.1f}% > "
                    f"--max-error-rate {100 * max_error_rate:g}%)")
     mark_outcome(out / MANIFEST_NAME, failure)  # downstream stages refuse a failed folder
+    if target is not None:  # the index, then the manifest: last, as on disk
+        for name in (INDEX_NAME, UNMATCHED_GIVEN_BOXES, MANIFEST_NAME):
+            target.push(name)
     if failure:
-        raise PrepError(f"{out / INDEX_NAME}: {failure}: "
+        raise PrepError(f"{remote.location(out)}/{INDEX_NAME}: {failure}: "
                         f"{format_error_summary(manifest.get('errors_by_reason', {})) or 'no reasons recorded'}; "
                         "completed shards are kept; fix or remove those images, or raise --max-error-rate")
     return result
 
 
 def _run_pending(stage, inputs, params, opts, workers, scheduler, retries, quiet, random_weights, device,
-                 passed_over, unmatched):
+                 passed_over, unmatched, out_url=None):
     from .common.progress import ExtractProgress
     out = stage.out
     total_images = sum(len(t.entries) for t in stage.pending)
@@ -470,7 +520,7 @@ def _run_pending(stage, inputs, params, opts, workers, scheduler, retries, quiet
         (out / UNMATCHED_GIVEN_BOXES).unlink(missing_ok=True)
     manifest = _write_outputs(out, inputs, stage.ordered_stats(), params, opts, stage.params_fingerprint,
                               stage.listing, run_s, total_images, random_weights, device, passed_over,
-                              unmatched)
+                              unmatched, out_url)
     return manifest, len(stage.pending)
 
 
@@ -492,7 +542,7 @@ def _boxes_for(entries, given_boxes):
 
 
 def _write_outputs(out, inputs, stats, params, options, params_fp, listing, run_s, images_run,
-                   random_weights, device, passed_over, unmatched):
+                   random_weights, device, passed_over, unmatched, out_url=None):
     rows = [row for s in stats for row in s["rows"]]
     detector = stats[0]["detector"]
     compute = {k: round(sum(s["timings"].get(k, 0.0) for s in stats), 3)
@@ -503,6 +553,8 @@ def _write_outputs(out, inputs, stats, params, options, params_fp, listing, run_
                         "threads_per_task": sorted({s.get("threads", 0) for s in stats})}
     failed = [r for r in rows if r["status"] == "error"]
     extra["errors_by_reason"] = summarize_errors([r["image_key"] for r in failed], [r["error"] for r in failed])
+    if out_url:  # where the folder lives, and how it was reached (secrets left out)
+        extra["storage"] = {"url": out_url, "storage_options": remote.redacted()}
     if params.get("given_boxes_sha256"):
         extra["given_boxes"] = {"unmatched_keys": len(unmatched),
                                 "unmatched_list": UNMATCHED_GIVEN_BOXES if unmatched else None}

@@ -295,9 +295,13 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
     items = [PlannedItem(k, [located[k][0], shard_sha.get(located[k][0], ""), int(located[k][1])])
              for k in keys]
 
+    from ..manifests.remote import url_of, mirror_url
+    # features at a URL go to the workers by URL: each reads them through its own cache
+    features_location = url_of(features) or mirror_url(features) or str(Path(features).resolve())
+
     def make_task(index, members):
         return IndexTask(index=index, out=str(out.resolve()), params_fingerprint=params_fp,
-                         checkpoint=str(ckpt_file.resolve()), features=str(Path(features).resolve()),
+                         checkpoint=str(ckpt_file.resolve()), features=features_location,
                          keys=tuple(m.key for m in members), sources=tuple(tuple(m.signature) for m in members),
                          dtype=dtype, batch_size=batch_size, max_regions=max_regions, threads=threads,
                          device=run_device)

@@ -342,9 +342,15 @@ def build_splits(captions: Path, *, features: Path, out: Path, format: str | Non
     than `max_missing` captions have no ok features (they are listed in out/missing.csv).
     """
     t_start = time.perf_counter()
-    captions, features, out = Path(captions), Path(features), Path(out)
+    from ..manifests import remote
+    captions_url = remote.url_of(captions)
+    # a captions file at a URL is fetched into the cache (its sha256 is the lineage, its URL the path);
+    # features at a URL are read through their local mirror (and recorded by URL)
+    out = Path(out)
     from ..manifests.ownership import SPLITS, claim_output_dir
     claim_output_dir(out, SPLITS)  # before any work: never into features/ or a file
+    captions = remote.fetch_input(captions_url, "captions file") if captions_url else Path(captions)
+    features = remote.localize_features(features)
     say = echo or (lambda message: None)
     _validate(captions, features, restval, val, test, max_tokens, max_missing)
     if caption_rule not in CAPTION_RULES:
@@ -502,7 +508,7 @@ def build_splits(captions: Path, *, features: Path, out: Path, format: str | Non
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "parameters": params, "parameters_fingerprint": params_fp,
         "inputs": inputs,
-        "captions": {"path": str(captions.resolve()), "format": fmt, "rows": n_rows, "kept": kept,
+        "captions": {"path": captions_url or str(captions.resolve()), "format": fmt, "rows": n_rows, "kept": kept,
                      "split_source": "file" if source_has_splits else "seeded"},
         "features": {"path": relative_features_path(out, features),
                      "manifest_sha256": inputs["features_manifest_sha256"]},

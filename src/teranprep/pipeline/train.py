@@ -44,12 +44,18 @@ class TrainResult:
         return f"{self.run_dir}: {self.step} steps, best validation rsum {best}"
 
 
+def _features_location(features_dir) -> str:
+    """Features at a URL (or their local mirror) are named by URL; a local folder by its path."""
+    from ..manifests.remote import mirror_url, url_of
+    return url_of(features_dir) or mirror_url(features_dir) or str(Path(features_dir).resolve())
+
+
 def lineage_of(splits_dir: Path, features_dir: Path) -> dict:
     from ..manifests.features import manifest_sha256
     from ..manifests.splits import caption_rule_of, read_splits_manifest
     return {"splits": str(Path(splits_dir).resolve()),
             "splits_manifest_sha256": sha256_file(Path(splits_dir) / "manifest.json"),
-            "features": str(Path(features_dir).resolve()),
+            "features": _features_location(features_dir),
             "features_manifest_sha256": manifest_sha256(features_dir),
             # search normalises queries by the rule these captions were (tokenizers/text.py)
             "caption_rule": caption_rule_of(read_splits_manifest(splits_dir))}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..manifests import sha256_file
+from ..manifests import remote, sha256_file
 from ..manifests.features import FEATURES_FORMAT, INDEX_COLUMNS, INDEX_NAME, MANIFEST_NAME, SHARDS_DIR
 from ..manifests.claims import shard_claim_problems
 from ..manifests.shards import ShardReader
@@ -43,7 +43,10 @@ def verify(path: Path, *, full: bool = False) -> VerifyReport:
     """Checks features/ or splits/ (by their manifest's format, see VERIFIERS), a training run
     (runs/NAME: config.yaml + checkpoints) or a runs/ folder of them. The values of region
     shards (finite, boxes inside their image) are checked on a sample of images, or on every
-    image with `full`."""
+    image with `full`. A URL (s3://...) is checked the same way on a temporary copy of its
+    objects, and each shard object's size and ETag against the manifest."""
+    if remote.url_of(path):
+        return verify_remote(remote.url_of(path), full=full)
     path = Path(path)
     report = VerifyReport(path, full=full)
     manifest_path = path / MANIFEST_NAME
@@ -72,6 +75,43 @@ def verify(path: Path, *, full: bool = False) -> VerifyReport:
                                       f"({manifest.get('failure', 'no reason recorded')}); later "
                                       "stages refuse it until a re-run passes")
     checker(path, manifest, report)
+    return report
+
+
+def verify_remote(url: str, *, full: bool = False) -> VerifyReport:
+    """A folder at a URL: every object (but the writer's lock) fetched into a temporary folder and
+    verified as on disk (sizes, sha256, structure, index), problems named by their URL; then the
+    listed size and ETag of each shard object against the manifest's record."""
+    import tempfile
+    url = url.rstrip("/")
+    report = VerifyReport(url, full=full)
+    objects = remote.listing(url)
+    if MANIFEST_NAME not in objects:
+        report.problem(remote.join(url, MANIFEST_NAME), "missing: the stage never finished here (re-run it)")
+        return report
+    with tempfile.TemporaryDirectory(prefix="prep-verify-") as tmp:
+        for rel in sorted(objects):
+            if rel != remote.LOCK_NAME:
+                try:
+                    remote.get_file(remote.join(url, rel), Path(tmp) / rel)
+                except FileNotFoundError:  # removed while we listed: verify reports it missing
+                    continue
+        inner = verify(Path(tmp), full=full)
+        try:
+            manifest = json.loads((Path(tmp) / MANIFEST_NAME).read_text("utf-8"))
+        except (OSError, ValueError):
+            manifest = {}
+    relabel = lambda text: text.replace(str(Path(tmp)), url)  # noqa: E731
+    report.problems = [relabel(p) for p in inner.problems]
+    report.warnings = [relabel(w) for w in inner.warnings]
+    report.checked = list(inner.checked)
+    for entry in manifest.get("shards", []) if isinstance(manifest, dict) else []:
+        stored = objects.get(entry.get("path", ""))
+        if stored is None:
+            continue  # reported missing above
+        if entry.get("etag") and stored["etag"] and stored["etag"] != entry["etag"]:
+            report.problem(remote.join(url, entry["path"]), f"object ETag {stored['etag']} differs from "
+                           f"the manifest's {entry['etag']} (replaced after the run)")
     return report
 
 
@@ -132,8 +172,8 @@ def _check_image_hashes(root: Path, manifest: dict, report: VerifyReport) -> Non
     a folder input: an image rewritten in place with its size and mtime kept is reported."""
     from ..manifests.values import VERIFY_SAMPLE, sample_positions
     source = manifest.get("input") or {}
-    if source.get("kind") != "folder" or not source.get("root"):
-        return  # tar members and list files are not re-read here
+    if source.get("kind") != "folder" or not source.get("root") or remote.is_url(source["root"]):
+        return  # tar members, list files and images at a URL are not re-read here
     try:
         index = pd.read_parquet(root / INDEX_NAME, columns=["image_key", "status", "file_sha256"])
     except Exception:  # noqa: BLE001 - _check_index already reported an unreadable index

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ...errors import PrepError
 from ...interrupts import resumable
-from ...manifests.atomic import atomic_write_json
+from ...manifests import remote
+from ...manifests.atomic import atomic_write_json, canonical_json
 from ...manifests.features import SHARDS_DIR, completed_shard, current_manifest
 from ...manifests.shards import remove_stale_temps, shard_name
 from .distribute import run_tasks
@@ -47,10 +49,15 @@ class ShardTask:
     index: int
     out: str
     params_fingerprint: str
+    # a folder at a URL (manifests/remote.py): `out` is then the driver's local mirror, which a
+    # worker never touches; it writes under its own `workdir` (a temp folder) and uploads
+    remote: str = ""
+    storage: str = ""  # the driver's storage options (JSON), for workers on other machines
+    workdir: str = ""
 
     @property
     def h5_path(self) -> Path:
-        return Path(self.out) / SHARDS_DIR / shard_name(self.index)
+        return Path(self.workdir or self.out) / SHARDS_DIR / shard_name(self.index)
 
     @property
     def stats_path(self) -> Path:
@@ -63,6 +70,10 @@ class ShardTask:
 def run_shard(task: ShardTask) -> dict:
     """Runs one shard task (in a worker or in-process): removes what a killed writer of this
     shard left, computes the shard, then writes the completion marker, last."""
+    if task.storage:
+        remote.set_storage_options(task.storage)
+    if task.remote and not task.workdir:
+        return _run_remote_shard(task)
     for stale in task.h5_path.parent.glob(f".{task.h5_path.stem}.*"):
         stale.unlink(missing_ok=True)
     task.stats_path.unlink(missing_ok=True)  # a marker of another plan must not survive a rewrite
@@ -72,6 +83,34 @@ def run_shard(task: ShardTask) -> dict:
                            f"planned {task.params_fingerprint}")
     stats["params_fingerprint"] = task.params_fingerprint
     atomic_write_json(task.stats_path, stats)
+    return stats
+
+
+def _run_remote_shard(task: ShardTask) -> dict:
+    """The shard of a folder at a URL: the marker object removed first (a rewrite must not keep
+    an old one), the shard computed in this worker's temp space, uploaded as one object, then its
+    marker uploaded (with the object's size and ETag). A worker that dies before the marker leaves
+    no marker, so the shard re-runs; a marker is written only after its shard object is whole."""
+    import tempfile
+    from dataclasses import replace
+    name = shard_name(task.index)
+    shard_url = remote.join(task.remote, SHARDS_DIR, name)
+    marker_url = shard_url[:-len(".h5")] + ".json"
+    remote.remove(marker_url)
+    with tempfile.TemporaryDirectory(prefix="prep-shard-") as tmp:
+        local = replace(task, workdir=tmp)
+        stats = run_shard(local)
+        try:
+            remote.put_file(local.h5_path, shard_url)
+            stored = remote.info(shard_url)
+            if stored["size"] != stats.get("bytes", stored["size"]):
+                raise RuntimeError(f"{shard_url}: {stored['size']} bytes stored, {stats['bytes']} written")
+            stats["object"] = {"url": shard_url, "etag": stored["etag"], "size": stored["size"]}
+            remote.put_bytes(marker_url, canonical_json(stats))
+        except (PrepError, FileNotFoundError) as exc:
+            # a failed upload may be the network's passing fault: run_tasks tries the shard again
+            # (a PrepError would stop the stage at once); its last failure is the stage's one line
+            raise RuntimeError(str(exc)) from exc
     return stats
 
 
@@ -164,6 +203,9 @@ class ShardedStage:
     # recheck(task, stats) -> how many of a complete shard's items changed in content although
     # their signatures did not (extract's --verify-inputs: sha256 of the bytes); those shards run
     recheck: Callable | None = None
+    # the folder at a URL (manifests.remote.RemoteFolder, pulled): `out` is its local mirror,
+    # which holds the markers and plan but no shard; shard sizes come from the object listing
+    remote: Any = None
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -182,8 +224,11 @@ class ShardedStage:
 
     def completed(self, task) -> dict | None:
         planned = [[item.key, item.signature] for item in self.members[task.index]]
+        size = None
+        if self.remote is not None:
+            size = self.remote.sizes(SHARDS_DIR).get(task.h5_path.name, -1)
         return completed_shard(task.h5_path, self.params_fingerprint,
-                               lambda stats: _jsonish(self.recorded(stats)) == _jsonish(planned))
+                               lambda stats: _jsonish(self.recorded(stats)) == _jsonish(planned), size=size)
 
     def current_manifest(self) -> dict | None:
         """The folder's manifest when nothing is pending and it was assembled from this listing."""
@@ -223,7 +268,7 @@ class ShardedStage:
 
     def report_lines(self) -> list[str]:
         lines = [f"dry run: {len(self.items)} {self.noun} -> {len(self.tasks)} shards of up to "
-                 f"{self.shard_size} {self.noun} in {self.out / SHARDS_DIR}; {len(self.done)} "
+                 f"{self.shard_size} {self.noun} in {remote.location(self.out)}/{SHARDS_DIR}; {len(self.done)} "
                  f"complete, {len(self.pending)} to run"]
         for r in self.report():
             if r["n"]:
@@ -247,6 +292,11 @@ class ShardedStage:
         for path in shards_dir.glob("regions-*"):
             if path.name != PLAN_NAME and path.stem not in planned:
                 path.unlink(missing_ok=True)
+        if self.remote is not None:
+            self.remote.push(f"{SHARDS_DIR}/{PLAN_NAME}")
+            for name in sorted(self.remote.sizes(SHARDS_DIR)):
+                if name.startswith("regions-") and Path(name).stem not in planned:
+                    self.remote.remove(f"{SHARDS_DIR}/{name}")
 
     def run(self, *, workers: int = 0, scheduler: str | None = None, retries: int = 2,
             on_result=None, on_progress=None) -> dict:
@@ -256,7 +306,14 @@ class ShardedStage:
 
         def kept():  # read off the disk: a worker may have finished a shard the driver has not heard of
             complete = sum(self.completed(t) is not None for t in self.tasks)
-            return (f"{complete} of {len(self.tasks)} shards complete in {self.out} (kept; the "
+            where = remote.location(self.out)  # a folder at a URL: its URL, not the local mirror
+            if self.remote is not None:
+                try:
+                    self.remote.objects = remote.listing(self.remote.url)
+                    complete = sum(f"{t.stats_path.name}" in self.remote.sizes(SHARDS_DIR) for t in self.tasks)
+                except Exception:  # noqa: BLE001 - an interrupt's message must not fail
+                    pass
+            return (f"{complete} of {len(self.tasks)} shards complete in {where} (kept; the "
                     "index and manifest are written when every shard is)")
 
         with resumable(kept):
