@@ -1,8 +1,8 @@
 """Benchmark: does the two-stage search keep exhaustive TERAN's top-10 as the gallery grows?
 
     python benchmarks/bench_shortlist_scale.py [--sizes 1000,10000,100000] [--queries 400]
-        [--train-images 2000] [--concepts 100] [--head-dim 256] [--head-epochs 30]
-        [--workdir DIR] [--keep]
+        [--train-images 1000] [--concepts 100] [--head-dim 256] [--head-epochs 30] [--head-batch 64]
+        [--workdir DIR] [--reuse]
 
 Planted-signal data in the style of tests/teran_fixtures.planted_dataset, made large: each image
 has 3 regions, noisy copies (sigma 0.1) of 3 distinct concepts' 16-d prototypes (out of
@@ -163,7 +163,7 @@ def main():
     p.add_argument("--sizes", default="1000,10000,100000")
     p.add_argument("--queries", type=int, default=400)
     p.add_argument("--timed", type=int, default=60, help="queries timed per size and N")
-    p.add_argument("--train-images", type=int, default=2000)
+    p.add_argument("--train-images", type=int, default=1000)
     p.add_argument("--concepts", type=int, default=100)
     p.add_argument("--teran-epochs", type=int, default=6)
     p.add_argument("--teran-batch", type=int, default=16)
@@ -172,6 +172,7 @@ def main():
     p.add_argument("--only-train", action="store_true", help="stop after training TERAN (to tune it)")
     p.add_argument("--head-dim", type=int, default=256)
     p.add_argument("--head-epochs", type=int, default=30)
+    p.add_argument("--head-batch", type=int, default=64, help="train-shortlist --batch-size (in-batch negatives)")
     p.add_argument("--workdir", default="/tmp/bench_shortlist_scale")
     p.add_argument("--reuse", action="store_true", help="keep the data and the TERAN run of an earlier run")
     a = p.parse_args()
@@ -207,9 +208,9 @@ def main():
     if a.only_train:
         return
     t = time.perf_counter()
-    head = work / f"head-{a.head_dim}-{a.head_epochs}"
+    head = work / f"head-{a.head_dim}-{a.head_epochs}-{a.head_batch}"
     result = train_shortlist(run, splits=splits, out=head, dim=a.head_dim, epochs=a.head_epochs,
-                             overwrite=True, echo=lambda *_: None)
+                             batch_size=a.head_batch, overwrite=True, echo=lambda *_: None)
     print(f"shortlist head trained ({time.perf_counter() - t:.0f} s); its own report on 500 gallery "
           f"images: " + json.dumps(result.recall["trained"]), flush=True)
     rng = np.random.default_rng(1)
