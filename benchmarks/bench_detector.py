@@ -14,13 +14,21 @@ extract-regions stage.
               the fixed costs (cluster start-up, worker imports, model build, index and manifest)
               cancelled; the whole run's (wall - build) / images and the fixed cost are printed too
   --gpu       images/s on CUDA in fp32 and bf16 (CANNOT be measured on a machine without CUDA)
+  --merge     on (default), off or both: block 1's conv1 + shortcut as one conv (the default
+              inference path) or as two; "both" runs off and on alternately, --repeats times, in
+              one run, so their ratio is taken at the same load
+  per part    the ROI head's and the backbone's own floors (their FLOPs over the same conv rate):
+              which part is off its floor
   --models    butd-r101,vinvl-x152c4: the detector-alone rows for each (the stage rows: BUTD only).
               VinVL's floor uses the same dense conv rate, though most of its FLOPs are 32-group
               convs, which oneDNN runs below that rate: its ratio mixes both effects.
 
 Random weights (calibrated, so activations are realistic in scale): speed does not depend on them.
 Usage: python benchmarks/bench_detector.py [--images 4] [--precisions fp32,bf16] [--skip-stage] [--gpu]
-       [--models butd-r101,vinvl-x152c4]
+       [--models butd-r101,vinvl-x152c4] [--merge on|off|both] [--repeats 1]
+The first lines name the CPU model, its bf16 hardware (AMX / AVX512-BF16 / none, from
+/proc/cpuinfo's flags) and the load average; bf16 on "none" is converted to fp32 arithmetic by
+oneDNN, so its floor is that CPU's (slow) bf16 conv rate, measured like the others.
 """
 
 from __future__ import annotations
@@ -88,13 +96,14 @@ def count_flops(cfg, image_hw=(600, 1000), proposals=300):
     return counts
 
 
-def _detector_alone(precision, n, threads, device, queue, model="butd-r101"):
+def _detector_alone(precision, n, threads, device, queue, model="butd-r101", options=()):
     from teranprep.extractors import build_detector
     from teranprep.extractors.base import DetectorSpec
     torch.set_num_threads(threads)
     images = test_images(n)
     t = time.perf_counter()
-    det = build_detector(DetectorSpec(model=model, random_seed=0, device=device, precision=precision))
+    det = build_detector(DetectorSpec(model=model, random_seed=0, device=device, precision=precision,
+                                      options=tuple(options)))
     build = time.perf_counter() - t
     if device != "cpu":
         det.detect(images[:1])  # CUDA: kernel selection and allocator warm-up are not the model
@@ -107,11 +116,11 @@ def _detector_alone(precision, n, threads, device, queue, model="butd-r101"):
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20})
 
 
-def detector_alone(precision, n, threads, device="cpu", model="butd-r101"):
+def detector_alone(precision, n, threads, device="cpu", model="butd-r101", options=()):
     """Runs in a fresh spawned process, so its peak RSS is the detector's own."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_detector_alone, args=(precision, n, threads, device, queue, model))
+    proc = ctx.Process(target=_detector_alone, args=(precision, n, threads, device, queue, model, options))
     proc.start()
     result = queue.get()
     proc.join()
@@ -133,7 +142,7 @@ def stage(images_dir, out, precision, **options):
 
 def main():
     from teranprep.extractors.butd.config import get_config
-    from teranprep.extractors.precision import conv_rate
+    from teranprep.extractors.precision import conv_rate, cpu_description
     from teranprep.pipeline.common.distribute import machine_cores
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=4)
@@ -142,6 +151,8 @@ def main():
     p.add_argument("--skip-cpu", action="store_true")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--models", default="butd-r101", help="comma-separated: butd-r101, vinvl-x152c4")
+    p.add_argument("--merge", choices=("on", "off", "both"), default="on")
+    p.add_argument("--repeats", type=int, default=1, help="detector-alone rows per setting (interleaved)")
     args = p.parse_args()
     from teranprep.extractors.vinvl.config import get_config as vinvl_config
     models = args.models.split(",")
@@ -150,8 +161,9 @@ def main():
     n = args.images
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {cores} cores, "
           f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
-    model_flops = {m: sum(count_flops(vinvl_config(m) if m.startswith("vinvl") else get_config(m)).values())
-                   for m in models}
+    print(f"CPU: {cpu_description()}")
+    part_flops = {m: count_flops(vinvl_config(m) if m.startswith("vinvl") else get_config(m)) for m in models}
+    model_flops = {m: sum(f.values()) for m, f in part_flops.items()}
     flops = model_flops.get("butd-r101") or sum(count_flops(get_config("butd-r101")).values())
     if not args.skip_cpu:
         torch.set_num_threads(cores)
@@ -162,16 +174,23 @@ def main():
               + ", ".join(f"{m} {f / 1e12:.2f} TFLOP/image" for m, f in model_flops.items()))
         alone = {}
         print(f"\n{'setting':34s}{'s/image':>9s}{'floor':>8s}{'ratio':>7s}  notes")
+        merges = {"on": (True,), "off": (False,), "both": (False, True)}[args.merge]
         for m in models:
             for pr in precisions:
                 floor = model_flops[m] / rates[pr]
-                r = detector_alone(pr, n, cores, model=m)
-                if m == "butd-r101":
-                    alone[pr] = r
-                parts = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r["parts"].items())
-                print(f"{m + ' ' + pr + ' alone':34s}{r['s_per_image']:9.2f}{floor:8.2f}"
-                      f"{r['s_per_image'] / floor:7.2f}  {parts}; peak RSS {r['peak_rss_gb']:.2f} GB; "
-                      f"build {r['build_s']:.0f} s", flush=True)
+                for _ in range(args.repeats):
+                    for merge in merges:
+                        r = detector_alone(pr, n, cores, model=m, options=(("merge_shortcuts", merge),))
+                        if m == "butd-r101":  # the stage rows compare with the last (merged when both)
+                            alone[pr] = r
+                        parts = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r["parts"].items())
+                        roi = r["parts"]["roi_head_s"] / (part_flops[m]["roi_head"] / rates[pr])
+                        back = r["parts"]["backbone_s"] / (part_flops[m]["backbone"] / rates[pr])
+                        name = f"{m} {pr} alone" + ("" if args.merge == "on" else f" merge {'on' if merge else 'off'}")
+                        print(f"{name:34s}{r['s_per_image']:9.2f}{floor:8.2f}"
+                              f"{r['s_per_image'] / floor:7.2f}  {parts}; ratio to own floor: ROI head "
+                              f"{roi:.2f}, backbone {back:.2f}; peak RSS {r['peak_rss_gb']:.2f} GB; "
+                              f"build {r['build_s']:.0f} s; load {os.getloadavg()[0]:.1f}", flush=True)
         if not args.skip_stage and "butd-r101" in models:
             from PIL import Image
             root = Path(tempfile.mkdtemp(prefix="bench-detector-"))

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_eval.py [--images 1000 --captions 5000 --regions 36 --words 12 --dim 1024]
         [--precisions fp32 bf16]
+    python benchmarks/bench_eval.py --coco5k [--score-blocks 1] [--precisions fp32 bf16]
 
 Random unit vectors stand in for encoded regions and words. The floor is the FLOPs of the
 region-word similarities alone, 2*Ni*Nc*R*W*d, divided by the GEMM rate this machine reaches on a
@@ -20,6 +21,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -67,6 +69,92 @@ def measure(a) -> dict:
             "inputs_mb": (regions.numel() + words.numel()) * regions.element_size() / 2**20}
 
 
+def coco_lengths(n: int, seed: int = 2) -> torch.Tensor:
+    """Token counts of n COCO-like captions as TERAN's text side sees them ([CLS] .. [SEP]): an
+    ASSUMED distribution, 10 + Poisson(3.5) (mean ~13.5) with 0.3% long captions of 25..50
+    tokens, so a block's padded width is set by its longest caption as on real data."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = 10 + torch.poisson(torch.full((n,), 3.5), generator=g).long()
+    long = torch.rand(n, generator=g) < 0.003
+    lengths[long] = torch.randint(25, 51, (int(long.sum()),), generator=g)
+    return lengths
+
+
+def measure_coco5k(a) -> dict:
+    """The 5K protocol's memory and time as `prep eval` spends them after encoding: every image's
+    regions held; captions in blocks of CAPTION_ENCODE_BLOCKS x caption_block, each padded to its
+    own longest caption and scored against all images, then dropped; then the metrics, the saved
+    top-k rankings and NDCG@25 over a captions x images float32 relevance file (the ROUGE-L cache's
+    layout; its build is bench_relevance.py's). Scoring every block would take hours on 2 cores,
+    so --score-blocks blocks are scored for real against the first --score-images images and
+    timed, the rest are allocated like them and filled with random scores; the scoring time is
+    extrapolated linearly (the work per image and per caption token is the same)."""
+    import numpy as np
+    from teranprep.pipeline.evaluate import CAPTION_ENCODE_BLOCKS
+    from teranprep.pipeline.relevance import NdcgScorer
+    from teranprep.teran.metrics import retrieval_metrics, i2t_ranks, t2i_ranks, top_k_rows
+    dtype = compute_dtype(a.child)
+    proc = psutil.Process()
+    rss0 = proc.memory_info().rss
+    ni, nc = a.images, a.captions
+    regions = unit(ni, a.regions + 1, a.dim, seed=0).to(dtype)
+    region_lengths = torch.full((ni,), a.regions + 1)
+    lengths = coco_lengths(nc)
+    caption_image = np.repeat(np.arange(ni), nc // ni)
+    step = CAPTION_ENCODE_BLOCKS * a.caption_block
+    scores = np.empty((ni, nc), dtype=np.float32)
+    rng = np.random.default_rng(0)
+    scored, score_s, blocks = 0, 0.0, 0
+    t_all = time.perf_counter()
+    for c0 in range(0, nc, step):
+        wl = lengths[c0:c0 + step]
+        words = unit(len(wl), int(wl.max()), a.dim, seed=3 + c0).to(dtype)  # what encode_captions returns
+        if blocks < a.score_blocks:
+            t0 = time.perf_counter()
+            k = a.score_images
+            scores[:k, c0:c0 + len(wl)] = score_matrix(regions[:k], region_lengths[:k], words, wl, mode="MrSw",
+                                                       drop_tokens="none", image_block=a.image_block,
+                                                       caption_block=a.caption_block, precision=a.child)
+            score_s += time.perf_counter() - t0
+            scores[k:, c0:c0 + len(wl)] = rng.standard_normal((ni - k, len(wl)), dtype=np.float32)
+            scored += len(wl)
+        else:
+            scores[:, c0:c0 + len(wl)] = rng.standard_normal((ni, len(wl)), dtype=np.float32)
+        blocks += 1
+        del words
+    loop_s = time.perf_counter() - t_all
+    scoring_rss = proc.memory_info().rss
+    # the relevance cache file: float32 captions x images, opened as eval opens it
+    path = Path(a.workdir) / f"relevance-{nc}x{ni}.f32"
+    if not path.is_file() or path.stat().st_size != 4 * nc * ni:
+        with open(path, "wb") as f:
+            for r0 in range(0, nc, 1000):
+                f.write(rng.random((min(1000, nc - r0), ni), dtype=np.float32).tobytes())
+    matrix = np.memmap(path, dtype=np.float32, mode="r", shape=(nc, ni))
+    t0 = time.perf_counter()
+    metrics = retrieval_metrics(scores, caption_image)
+    ranks = (i2t_ranks(scores, caption_image), t2i_ranks(scores, caption_image))
+    tops = (top_k_rows(scores, 10), top_k_rows(scores.T, 10))
+    metrics_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ndcg = NdcgScorer({"rougeL": matrix}, np.arange(nc), {}).fold(np.arange(ni), np.arange(nc), scores)
+    ndcg_s = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    flops = 2.0 * ni * sum(int(l) for l in lengths) * a.regions * a.dim
+    rate = gemm_rate(a.image_block * a.regions, a.dim, a.caption_block * 14, dtype=dtype)
+    return {"precision": a.child, "scored_captions": scored, "score_s": score_s,
+            "score_s_all": score_s * nc / max(scored, 1) * ni / a.score_images,
+            "score_images": a.score_images, "loop_s": loop_s,
+            "metrics_s": metrics_s, "ndcg_s": ndcg_s, "rate": rate, "floor_s": flops / rate,
+            "peak_rss_mb": peak / 2 ** 20, "start_rss_mb": rss0 / 2 ** 20,
+            "after_scoring_rss_mb": scoring_rss / 2 ** 20,
+            "regions_mb": regions.numel() * regions.element_size() / 2 ** 20,
+            "all_words_padded_mb": nc * int(lengths.max()) * a.dim * regions.element_size() / 2 ** 20,
+            "max_len": int(lengths.max()), "mean_len": float(lengths.float().mean()),
+            "rsum": metrics["rsum"], "ndcg": ndcg, "n_ranks": int(len(ranks[0]) + len(ranks[1])),
+            "top_shape": [list(t.shape) for t in tops]}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=1000)
@@ -77,10 +165,44 @@ def main():
     p.add_argument("--image-block", type=int, default=100)
     p.add_argument("--caption-block", type=int, default=500)
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--coco5k", action="store_true",
+                   help="the COCO 5K protocol's shape (5,000 x 25,000, COCO-like caption lengths): "
+                        "eval's caption blocks, metrics, rankings and NDCG, time and peak RSS")
+    p.add_argument("--score-blocks", type=int, default=1, help="--coco5k: caption blocks scored for real")
+    p.add_argument("--score-images", type=int, default=500,
+                   help="--coco5k: images the scored blocks are scored against (time x 5000 / this)")
+    p.add_argument("--workdir", default="/tmp/bench_eval")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.coco5k and not a.child:
+        a.images, a.captions = 5000, 25000
     if a.child:
-        print(json.dumps(measure(a)))
+        print(json.dumps(measure_coco5k(a) if a.coco5k else measure(a)))
+        return
+    if a.coco5k:
+        import os
+        Path(a.workdir).mkdir(parents=True, exist_ok=True)
+        from teranprep.extractors.precision import cpu_description
+        print(f"CPU {cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+        for precision in a.precisions:
+            load0 = os.getloadavg()[0]
+            argv = [sys.executable, __file__, "--child", precision] + [
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
+                if k not in ("precisions", "child", "coco5k")] + ["--coco5k"]
+            done = subprocess.run(argv, check=True, capture_output=True, text=True)
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            print(json.dumps(r))
+            total = r["score_s_all"] + r["metrics_s"] + r["ndcg_s"]
+            print(f"{precision}: 5,000 x 25,000 (caption tokens mean {r['mean_len']:.1f}, max {r['max_len']}): "
+                  f"scoring {r['score_s']:.1f} s for {r['score_images']} images x {r['scored_captions']} captions -> "
+                  f"{r['score_s_all']:.0f} s "
+                  f"for all (GEMM floor {r['floor_s']:.0f} s at {r['rate'] / 1e9:.0f} GF/s); metrics + "
+                  f"rankings {r['metrics_s']:.1f} s; NDCG {r['ndcg_s']:.1f} s; total {total:.0f} s "
+                  f"({total / 60:.1f} min) without encoding; peak RSS {r['peak_rss_mb']:.0f} MB "
+                  f"(start {r['start_rss_mb']:.0f}); regions {r['regions_mb']:.0f} MB; all words padded "
+                  f"at once would be {r['all_words_padded_mb']:.0f} MB; load {load0:.1f}-{os.getloadavg()[0]:.1f}",
+                  flush=True)
         return
     rows = []
     for precision in a.precisions:

@@ -147,3 +147,86 @@ def test_fused_inference_block_matches_conv_norm_relu_add(dtype, tol):
         torch.testing.assert_close(fused.float(), plain.float(), rtol=tol, atol=tol)
         torch.testing.assert_close(fused.float(), exp, rtol=tol * 5, atol=tol * 5)
     assert block.conv2._packed is not None  # the reordered weight was made and kept
+
+
+def _random_frozen_block(cin, b, cout, stride, stride_in_1x1, seed=0):
+    from teranprep.extractors.butd.model import Bottleneck
+    torch.manual_seed(seed)
+    block = Bottleneck(cin, b, cout, stride=stride, dilation=1, stride_in_1x1=stride_in_1x1, eps=1e-5).eval()
+    for m in block.modules():
+        if isinstance(m, ConvNorm):
+            m.weight.data.normal_(0, 0.2)
+            m.norm.weight.data.uniform_(0.5, 1.5)
+            m.norm.bias.data.normal_()
+            m.norm.running_mean.data.normal_()
+            m.norm.running_var.data.uniform_(0.5, 2.0)
+            m.fold_norm()
+    return block
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_merged_conv1_shortcut_equals_the_two_convs_it_replaces(dtype, tol, stride):
+    """Block 1's conv1 and projection shortcut (same input, same stride) run as one conv whose
+    output is split: conv1's channels first (ReLU on them only), the shortcut's after. Compared
+    with the two separate convs in fp32 and bf16, fused (inference) and op by op (gradients on);
+    equal to float reassociation, not to the bit (the GEMM's blocking differs)."""
+    import copy
+    block = _random_frozen_block(32, 16, 64, stride, stride_in_1x1=True)
+    block.to(dtype=dtype, memory_format=torch.channels_last)
+    separate = copy.deepcopy(block)
+    assert block.merge_conv1_shortcut() and block.conv1_shortcut.weight.shape == (16 + 64, 32, 1, 1)
+    assert not block.merge_conv1_shortcut()  # once only
+    # conv1 and shortcut keep their names; their weights are views of the merged one (no copy)
+    assert block.conv1.weight.data_ptr() == block.conv1_shortcut.weight.data_ptr()
+    xs = [torch.randn(n, 32, 14, 14).to(dtype).contiguous(memory_format=torch.channels_last) for n in (3, 1)]
+    for x in xs:
+        with torch.inference_mode():
+            both = block.conv1_shortcut(x)
+            c1, sc = separate.conv1(x), separate.shortcut(x)  # conv1 without its ReLU here
+            merged, expected = block(x), separate(x)
+        assert both.shape[1] == 16 + 64
+        torch.testing.assert_close(both[:, :16].float(), c1.float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(both[:, 16:].float(), sc.float(), rtol=tol, atol=tol)
+        assert merged.dtype == dtype and merged.shape == expected.shape
+        torch.testing.assert_close(merged.float(), expected.float(), rtol=tol, atol=tol)
+        with torch.enable_grad():
+            plain = block(x)  # the merged conv op by op
+        torch.testing.assert_close(plain.float(), expected.float(), rtol=tol, atol=tol)
+        assert (expected.float() != 0).float().mean() > 0.2  # the ReLUs left something to compare
+
+
+def test_only_blocks_whose_conv1_and_shortcut_share_the_stride_merge():
+    from teranprep.extractors.butd.model import Bottleneck
+    assert not _random_frozen_block(32, 16, 64, 2, stride_in_1x1=False).merge_conv1_shortcut()  # 3x3 strides
+    assert _random_frozen_block(32, 16, 64, 1, stride_in_1x1=False).merge_conv1_shortcut()
+    identity = Bottleneck(64, 16, 64, stride=1, dilation=1, stride_in_1x1=True, eps=1e-5).eval()
+    assert identity.shortcut is None and not identity.merge_conv1_shortcut()
+    unfolded = Bottleneck(32, 16, 64, stride=1, dilation=1, stride_in_1x1=True, eps=1e-5).eval()
+    assert not unfolded.merge_conv1_shortcut()  # the norms must be folded first (biases)
+    # BUTD (stride in the 1x1): every stage's first block; VinVL (stride in the 3x3): res2's only
+    from teranprep.extractors.vinvl.config import get_config as vinvl_config
+    from teranprep.extractors.vinvl.model import VinvlModel
+    butd = ButdModel(get_config("butd-tiny")).for_inference("fp32", merge_shortcuts=True)
+    vinvl = VinvlModel(vinvl_config("vinvl-tiny")).for_inference("fp32", merge_shortcuts=True)
+    def merged(model):
+        return sorted(n for n, b in model.named_modules() if getattr(b, "conv1_shortcut", None) is not None)
+    assert not merged(ButdModel(get_config("butd-tiny")).for_inference("fp32"))  # off by default
+    assert merged(butd) == ["backbone.res2.0", "backbone.res3.0", "backbone.res4.0", "roi_heads.res5.0"]
+    assert merged(vinvl) == ["backbone.res2.0"]
+
+
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("bf16", 5e-2)])
+def test_detector_with_merged_blocks_matches_unmerged_on_the_same_boxes(precision, tol):
+    """The whole butd-tiny detector, merged (option merge_shortcuts) and not (the default), on
+    given boxes: the same features and class scores up to rounding (its own selection could flip
+    near-ties)."""
+    im = image(3)
+    boxes = np.array([[0, 0, 60, 50], [20, 10, 110, 80], [40, 30, 100, 89]], np.float32)
+    merged = ButdDetector(DetectorSpec(model="butd-tiny", random_seed=0, precision=precision,
+                                       options=(("merge_shortcuts", True),)))
+    assert merged.model.roi_heads.res5[0].conv1_shortcut is not None
+    a = merged.detect([im], [boxes])[0]
+    b = ButdDetector(DetectorSpec(model="butd-tiny", random_seed=0, precision=precision)).detect([im], [boxes])[0]
+    np.testing.assert_allclose(a.features, b.features, rtol=tol, atol=tol * np.abs(b.features).max())
+    np.testing.assert_allclose(a.class_scores, b.class_scores, rtol=tol, atol=tol)

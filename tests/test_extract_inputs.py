@@ -208,6 +208,23 @@ def test_the_bf16_hint_is_measured_once_per_cpu_cached_and_never_a_slowdown(tmp_
         assert (hint is None) if says is None else (says in hint), (ratio, hint)
 
 
+def test_bf16_slowdown_warning_follows_the_measured_ratio_and_cpu_flags_name_the_bf16_hardware(tmp_path, monkeypatch):
+    import json
+    import torch
+    from teranprep.extractors.precision import (_cpu_name, bf16_hardware, bf16_slowdown_warning,
+                                                hint_cache_path)
+    monkeypatch.setenv("TERANPREP_HINT_CACHE", str(tmp_path / "hint.json"))
+    key = f"{_cpu_name()} | torch {torch.__version__} | 1 threads"
+    for ratio, says in ((0.2, "5.0x SLOWER"), (0.99, "1.0x SLOWER"), (1.0, None), (4.0, None)):
+        hint_cache_path().write_text(json.dumps({key: ratio}))
+        warning = bf16_slowdown_warning(1)
+        assert (warning is None) if says is None else (says in warning), (ratio, warning)
+    assert bf16_hardware({"avx512f", "amx_bf16", "amx_tile", "avx512_bf16"}) == "AMX"
+    assert bf16_hardware({"avx512f", "avx512_bf16"}) == "AVX512-BF16"
+    assert bf16_hardware({"avx512f", "avx512_vnni"}) == "none"  # Ice Lake
+    assert bf16_hardware(set()) == "none"
+
+
 def test_features_of_older_inference_arithmetic_are_not_resumed(image_dir, tmp_path, monkeypatch):
     """A folder begun by code that rounded differently (another butd.detector.INFERENCE) is
     refused on resume, not completed with features of a second kind."""

@@ -89,3 +89,24 @@ def test_fold_protocol_on_a_hand_made_case():
 def test_fold_protocol_refuses_partial_folds():
     with pytest.raises(ValueError):
         fold_metrics(np.zeros((7, 7)), np.arange(7), fold_size=5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 2048])
+def test_chunked_ranks_and_top_k_equal_the_whole_matrix_computation(chunk):
+    """i2t_ranks / t2i_ranks / top_k_rows work `chunk` rows or columns at a time (bounded
+    temporaries at COCO 5K); the results must be those of one pass over the matrix, ties included."""
+    from teranprep.teran.metrics import top_k_rows
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, (7, 17)).astype(np.float32)  # many ties
+    caption_image = rng.integers(0, 7, 17)
+    caption_image[:7] = np.arange(7)  # every image owns a caption
+    own = caption_image[None, :] == np.arange(7)[:, None]
+    best_own = np.where(own, scores, -np.inf).max(axis=1)
+    want_i2t = [int(((scores[i] >= best_own[i]) & ~own[i]).sum()) for i in range(7)]
+    want_t2i = [int(sum(scores[j, c] >= scores[caption_image[c], c] for j in range(7) if j != caption_image[c]))
+                for c in range(17)]
+    assert i2t_ranks(scores, caption_image, chunk=chunk).tolist() == want_i2t
+    assert t2i_ranks(scores, caption_image, chunk=chunk).tolist() == want_t2i
+    for m, k in ((scores, 5), (scores.T, 5), (scores, 40)):
+        want = [sorted(range(m.shape[1]), key=lambda j: (-m[i, j], j))[:k] for i in range(m.shape[0])]
+        assert top_k_rows(m, k, chunk=chunk).tolist() == want

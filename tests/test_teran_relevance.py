@@ -107,6 +107,14 @@ def test_ndcg_of_ranked_lists_against_a_direct_loop():
     top = np.argsort(-scores.T, axis=1, kind="stable")[:, :25]
     np.testing.assert_allclose(ndcg_many(relevance, top), loops["t2i"], rtol=1e-12)
     got = fold_ndcg(relevance.astype(np.float32), scores, chunk=7)
+    import teranprep.teran.relevance as relevance_module
+    for values in (50, 1):  # the default chunks (as many rows as fit NDCG_CHUNK_VALUES), made small
+        relevance_module.NDCG_CHUNK_VALUES, before = values, relevance_module.NDCG_CHUNK_VALUES
+        try:
+            again = fold_ndcg(relevance.astype(np.float32), scores)
+            assert again == {d: pytest.approx(v, rel=1e-12) for d, v in got.items()}
+        finally:
+            relevance_module.NDCG_CHUNK_VALUES = before
     assert loops["i2t"][3] == 0
     assert got["i2t"] == pytest.approx(np.mean([v for v in loops["i2t"] if v != 0]), rel=1e-6)
     assert got["t2i"] == pytest.approx(np.mean(loops["t2i"]), rel=1e-6)

@@ -135,7 +135,7 @@ def _smallest_rank_margin(scores, caption_image):
 
 
 @pytest.mark.threads
-def test_eval_protocols_match_a_pair_by_pair_computation(tmp_path, dataset):
+def test_eval_protocols_match_a_pair_by_pair_computation(tmp_path, dataset, monkeypatch):
     import numpy as np
     from teranprep.pipeline.evaluate import evaluate
     from teranprep.teran.checkpoint import load_model
@@ -174,6 +174,18 @@ def test_eval_protocols_match_a_pair_by_pair_computation(tmp_path, dataset):
     saved = np.load(run / "eval-test-all" / "rankings.npz")
     assert saved["i2t_rank"].tolist() == i2t
     assert saved["t2i_rank"][np.argsort(saved["caption_index"])].tolist() == t2i
+    # captions encoded and scored 3 at a time (eval's caption blocks; 8 test captions: 3 blocks)
+    import teranprep.pipeline.evaluate as evaluate_module
+    monkeypatch.setattr(evaluate_module, "CAPTION_ENCODE_BLOCKS", 1)
+    streamed = evaluate(run, splits, protocol="all", image_block=3, caption_block=3,
+                        out=tmp_path / "streamed", echo=quiet)
+    for d in ("i2t", "t2i"):
+        assert {k: streamed[d][k] for k in want[d]} == pytest.approx(want[d], rel=1e-12)
+        assert streamed[d]["ndcg_rougeL"] == pytest.approx(whole[d]["ndcg_rougeL"], rel=1e-9)
+    again = np.load(tmp_path / "streamed" / "rankings.npz")
+    assert again["i2t_rank"].tolist() == i2t and again["i2t_top"].tolist() == saved["i2t_top"].tolist()
+    assert again["t2i_top"].tolist() == saved["t2i_top"].tolist()
+    monkeypatch.undo()
     folds = evaluate(run, splits, protocol="1k", fold_size=2, echo=quiet)
     by_fold = []
     for f in range(2):

@@ -73,6 +73,9 @@ def test_features_manifest_records_the_cpu_capability_and_threads(tmp_path):
     assert manifest["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     from teranprep.pipeline.common.distribute import default_threads
     assert manifest["devices"]["threads_per_task"] == [default_threads(0, 1, None)]  # one shard, all cores
+    from teranprep.extractors.precision import bf16_hardware, cpu_description
+    assert manifest["devices"]["cpus"] == [cpu_description()]  # the worker's CPU model and bf16 hardware
+    assert cpu_description().endswith(f"(bf16: {bf16_hardware()})")
     before = (tmp_path / "f" / "manifest.json").read_bytes()
     again = CliRunner().invoke(main, args)  # a re-run completes and rewrites nothing
     assert again.exit_code == 0 and (tmp_path / "f" / "manifest.json").read_bytes() == before

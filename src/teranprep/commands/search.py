@@ -83,7 +83,8 @@ def train_shortlist_cmd(run, splits, features, out, dim, epochs, batch_size, lr,
               help="Results to return (1..1000).")
 @click.option("--shortlist", type=click.IntRange(min=1),
               help="Re-rank the top N (>= 1; at most the indexed images are used) of the FAISS "
-                   "shortlist  [default: 200]")
+                   "shortlist; the default grows above 10,000 indexed images (x (n / 10k)^0.4, "
+                   "500 from ~100k) to keep exhaustive search's top 10  [default: 200]")
 @click.option("--exhaustive", is_flag=True, help="Score every image with the alignment (eval's path).")
 @click.option("--image", "image_key", help="Image -> text: rank the indexed captions for this image key.")
 @click.option("--tokenizer", help="Tokenizer dir or 'minilm' (default: the run's text encoder).")

@@ -46,6 +46,34 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_hardware(flags: set[str] | None = None) -> str:
+    """Which bf16 matrix hardware this CPU has: "AMX" (amx_bf16: Sapphire Rapids and later),
+    "AVX512-BF16" (avx512_bf16: bf16 dot products, e.g. AMD Zen 4, Cooper Lake) or "none"
+    (oneDNN then converts bf16 to fp32 around fp32 arithmetic: no faster, often slower)."""
+    flags = cpu_flags() if flags is None else flags
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    return "none"
+
+
+def cpu_description() -> str:
+    """The CPU model and its bf16 hardware, e.g. 'Intel(R) Xeon(R) Processor @ 2.80GHz (bf16: none)'."""
+    return f"{_cpu_name()} (bf16: {bf16_hardware()})"
+
+
 def hint_cache_path() -> "Path":
     import os
     from pathlib import Path
@@ -53,10 +81,10 @@ def hint_cache_path() -> "Path":
     return Path(base) if base else Path.home() / ".cache" / "teranprep" / "bf16-speedup.json"
 
 
-def bf16_speedup_hint(threads: int) -> str | None:
-    """One line: how much faster the ROI-head kernel runs in bf16 than fp32 on this CPU, for the
-    fp32 default to point at the faster option; None when bf16 is not clearly faster. Measured
-    once per CPU model, torch version and thread count (~0.2 s) and cached in hint_cache_path()."""
+def bf16_speedup(threads: int) -> float:
+    """bf16 / fp32 rate of the ROI-head kernel on this CPU at `threads` threads. Measured once per
+    CPU model, torch version and thread count (~0.2 s; on a CPU without bf16 hardware ~1 s) and
+    cached in hint_cache_path()."""
     import json
     path = hint_cache_path()
     key = f"{_cpu_name()} | torch {torch.__version__} | {threads} threads"
@@ -79,7 +107,25 @@ def bf16_speedup_hint(threads: int) -> str | None:
             atomic_write_json(path, {**cache, key: round(float(ratio), 3)})
         except OSError:
             pass  # a read-only home: measure again next time
+    return float(ratio)
+
+
+def bf16_speedup_hint(threads: int) -> str | None:
+    """One line: how much faster the ROI-head kernel runs in bf16 than fp32 on this CPU, for the
+    fp32 default to point at the faster option; None when bf16 is not clearly faster."""
+    ratio = bf16_speedup(threads)
     if ratio < MIN_HINT_SPEEDUP:
         return None
     return (f"note: --precision bf16 would run the detector's main kernel {ratio:.1f}x faster on this "
             "CPU (features drift slightly; see docs/ARCHITECTURE.md 'Precision')")
+
+
+def bf16_slowdown_warning(threads: int) -> str | None:
+    """For --precision bf16 on a CPU where it is slower than fp32 (no AMX / AVX512-BF16: oneDNN
+    converts bf16 to fp32 around fp32 arithmetic; 5x slower on an Ice Lake Xeon, 2026-12-07):
+    one warning line with the measured ratio; None when bf16 is not slower here."""
+    ratio = bf16_speedup(threads)
+    if ratio >= 1.0:
+        return None
+    return (f"WARNING: --precision bf16 runs the detector's main kernel {1 / ratio:.1f}x SLOWER than "
+            f"fp32 on this CPU ({cpu_description()}); fp32 is faster here")

@@ -16,6 +16,9 @@ from ..manifests.ownership import releases_locks
 
 PROTOCOLS = ("all", "1k", "5k")
 TOP_K_SAVED = 10
+# eval encodes and scores this many caption blocks (of --caption-block) at a time: the words of
+# 2,000 captions by default, whatever the split's size
+CAPTION_ENCODE_BLOCKS = 4
 NDCG_LABELS = {"ndcg_rougeL": "NDCG@25(ROUGE-L)", "ndcg_spice": "NDCG@25(SPICE)"}
 
 
@@ -47,8 +50,8 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
         raise PrepError("--drift compares bf16 scores with fp32 ones; it needs --precision bf16")
     drift = precision != "fp32" if drift is None else drift
     from ..teran.data import load_split, open_features
-    from ..teran.metrics import i2t_ranks, retrieval_metrics, t2i_ranks
-    from ..teran.scoring import encode_split, model_score_matrix
+    from ..teran.metrics import i2t_ranks, retrieval_metrics, t2i_ranks, top_k_rows
+    from ..teran.scoring import encode_captions, encode_images, model_score_matrix
 
     if protocol not in PROTOCOLS:
         raise PrepError(f"--protocol {protocol!r}: choose one of {PROTOCOLS}")
@@ -86,13 +89,33 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
                              cache_dir=relevance_cache, scheduler=scheduler, workers=workers, echo=echo,
                              quiet=quiet)
     max_regions = ckpt["config"]["training"]["max_regions"]
-    encoded = encode_split(model, data, store, batch_size=batch_size, device=dev, max_regions=max_regions,
-                           precision=precision)
-    reference = (encode_split(model, data, store, batch_size=batch_size, device=dev,
-                              max_regions=max_regions, precision="fp32") if drift else None)
+    # Every image's regions are held; the captions are encoded and scored a block at a time
+    # (score_blocks): a split's words padded to its longest caption were the largest tensor of
+    # an eval (COCO 5K in fp32: 25,000 x ~50 tokens x 1024 = 5 GB).
+    precisions = [precision] + (["fp32"] if drift else [])
+    encoded_images = {p: encode_images(model, data.image_keys, store, batch_size=batch_size, device=dev,
+                                       max_regions=max_regions, precision=p) for p in precisions}
+    input_ids = list(data.captions["input_ids"])
     drift_stats = DriftStats() if drift else None
     from ..teran.metrics import fold_slices
     from ..teran.scoring import EncodedSplit
+
+    def score_blocks(images, caps, p):
+        """(images x caps) scores: captions encoded CAPTION_ENCODE_BLOCKS x caption_block at a
+        time and scored against every image of the group, then dropped."""
+        regions, rlens = encoded_images[p]
+        out = np.empty((len(images), len(caps)), dtype=np.float32)
+        step = CAPTION_ENCODE_BLOCKS * caption_block
+        for c0 in range(0, len(caps), step):
+            part = caps[c0:c0 + step]
+            words, wlens = encode_captions(model, [input_ids[i] for i in part], batch_size=batch_size,
+                                           device=dev, precision=p)
+            sub = EncodedSplit(regions[images], rlens[images], words, wlens)
+            out[:, c0:c0 + len(part)] = model_score_matrix(model, sub, image_block=image_block,
+                                                           caption_block=caption_block, device=dev,
+                                                           precision=p)
+            del words, sub
+        return out
 
     # 1K scores only the diagonal fold blocks (as the reference), "all"/"5k" the whole matrix.
     groups = (fold_slices(len(data.image_keys), fold_size) if protocol == "1k"
@@ -101,21 +124,14 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
                               "caption_index": []}
     for images in groups:
         caps = np.flatnonzero(np.isin(data.caption_image, images))
-        sub = EncodedSplit(encoded.regions[images], encoded.region_lengths[images],
-                           encoded.words[caps], encoded.word_lengths[caps])
-        scores = model_score_matrix(model, sub, image_block=image_block,
-                                    caption_block=caption_block, device=dev, precision=precision)
+        scores = score_blocks(images, caps, precision)
         require_finite_scores(scores, what=f"{checkpoint_path(source)} on {splits_dir}/{split}.parquet",
                               hint=f"its weights or the features hold NaN/inf (check with `prep verify "
                                    f"{Path(source)}` and `prep verify {store.root} --full`); nothing "
                                    "was written")
         owner = data.caption_image[caps] - images[0]
         if drift_stats is not None:
-            ref = EncodedSplit(reference.regions[images], reference.region_lengths[images],
-                               reference.words[caps], reference.word_lengths[caps])
-            drift_stats.add(model_score_matrix(model, ref, image_block=image_block,
-                                               caption_block=caption_block, device=dev,
-                                               precision="fp32"), scores, owner)
+            drift_stats.add(score_blocks(images, caps, "fp32"), scores, owner)
         per_fold.append(retrieval_metrics(scores, owner))
         if scorer is not None:
             for direction, values in scorer.fold(images, caps, scores).items():
@@ -124,8 +140,8 @@ def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: s
         rankings["i2t_rank"].append(i2t_ranks(scores, owner))
         rankings["t2i_rank"].append(t2i_ranks(scores, owner))
         # Top-k as split-wide indices (images into image_keys, captions into the split's rows).
-        rankings["i2t_top"].append(caps[np.argsort(-scores, axis=1, kind="stable")[:, :k]])
-        rankings["t2i_top"].append(images[np.argsort(-scores.T, axis=1, kind="stable")[:, :min(k, len(images))]])
+        rankings["i2t_top"].append(caps[top_k_rows(scores, k)])
+        rankings["t2i_top"].append(images[top_k_rows(scores.T, min(k, len(images)))])
         rankings["caption_index"].append(caps)
         del scores
     if protocol == "1k":

@@ -207,7 +207,7 @@ def _run_shard(task: ExtractTask) -> dict:
         "n_images": writer.n_images, "n_boxes": writer.n_boxes,
         "bytes": task.h5_path.stat().st_size, "sha256": sha256_file(task.h5_path),
         "params_fingerprint": task.params_fingerprint, "device": str(getattr(detector, "device", "")),
-        "threads": _threads_now(), "cpu_capability": _cpu_capability(),
+        "threads": _threads_now(), "cpu_capability": _cpu_capability(), "cpu": _cpu_description(),
         "detector": {"name": detector.name, "weights_sha256": detector.weights_sha256,
                      "feature_dim": detector.feature_dim, "columns": list(detector.columns)},
         "timings": timings, "rows": rows,
@@ -218,6 +218,11 @@ def _run_shard(task: ExtractTask) -> dict:
 def _threads_now() -> int:
     import torch
     return int(torch.get_num_threads())  # what this worker runs at, as the manifest records it
+
+
+def _cpu_description() -> str:
+    from ..extractors.precision import cpu_description
+    return cpu_description()  # this worker's CPU model and bf16 hardware (AMX / AVX512-BF16 / none)
 
 
 def _cpu_capability() -> str:
@@ -477,6 +482,11 @@ def _extract_regions(images, out, opts: ExtractOptions, echo, warn, targets) -> 
         hint = bf16_speedup_hint(threads)
         if hint:
             echo(hint)
+    if precision == "bf16" and stage.pending and resolved_device == "cpu" and model in ("butd-r101", "vinvl-x152c4"):
+        from ..extractors.precision import bf16_slowdown_warning
+        slow = bf16_slowdown_warning(threads)
+        if slow:
+            warn(slow)
     manifest = stage.current_manifest()
     shards_run = 0
     if manifest is None:
@@ -550,7 +560,8 @@ def _write_outputs(out, inputs, stats, params, options, params_fp, listing, run_
     extra = {"warning": RANDOM_WEIGHTS_WARNING} if random_weights else {}
     extra["options"] = options.recorded()  # as the command built them (not fingerprinted)
     extra["devices"] = {"requested": device, "used": sorted({s.get("device", "") for s in stats}),
-                        "threads_per_task": sorted({s.get("threads", 0) for s in stats})}
+                        "threads_per_task": sorted({s.get("threads", 0) for s in stats}),
+                        "cpus": sorted({s["cpu"] for s in stats if s.get("cpu")})}
     failed = [r for r in rows if r["status"] == "error"]
     extra["errors_by_reason"] = summarize_errors([r["image_key"] for r in failed], [r["error"] for r in failed])
     if out_url:  # where the folder lives, and how it was reached (secrets left out)

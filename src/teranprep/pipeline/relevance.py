@@ -171,6 +171,10 @@ def _read_json(path: Path):
         return None
 
 
+def _is_range(index: np.ndarray) -> bool:
+    return len(index) > 0 and int(index[-1]) - int(index[0]) == len(index) - 1 and bool(np.all(np.diff(index) == 1))
+
+
 class NdcgScorer:
     """NDCG@25 of the rankings of an eval, for each relevance measure it has a matrix of."""
 
@@ -180,8 +184,14 @@ class NdcgScorer:
     def fold(self, images: np.ndarray, caps: np.ndarray, scores: np.ndarray) -> dict:
         """{"i2t": {ndcg_M: ...}, "t2i": {...}} for one scored block (images x caps)."""
         out = {"i2t": {}, "t2i": {}}
+        rows = self.rows[caps]
         for measure, matrix in self.matrices.items():
-            relevance = np.asarray(matrix[self.rows[caps]][:, images], dtype=np.float32)
+            if _is_range(rows) and _is_range(images):
+                # the whole split (protocols all / 5k): a view of the file, read chunk by chunk
+                # by fold_ndcg, instead of two copies of a captions x images matrix (1 GB at 5K)
+                relevance = matrix[rows[0]:rows[-1] + 1, images[0]:images[-1] + 1]
+            else:
+                relevance = np.asarray(matrix[rows][:, images], dtype=np.float32)
             result = fold_ndcg(relevance, scores)
             for direction in out:
                 out[direction][f"ndcg_{measure}"] = result[direction]

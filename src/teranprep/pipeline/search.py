@@ -28,6 +28,22 @@ MAX_QUERY_CHARS = 500
 MAX_QUERY_TOKENS = 64
 DEFAULT_SHORTLIST = 200
 MAX_K = 1000
+# The default N grows with the collection above SHORTLIST_GROWS_FROM images: the share of
+# exhaustive TERAN's top-10 a fixed N keeps falls as the gallery grows (planted-signal data,
+# benchmarks/README.md 2026-12-07: N = 200 kept 99.8% of 1k, 97.6% of 10k, 91.9% of 100k; N = 500
+# kept 97.0% of 100k). N = 200 x (n / 10k)^0.4, at most MAX_DEFAULT_SHORTLIST (500 from ~100k:
+# the largest N measured; the re-rank's cost grows with N).
+SHORTLIST_GROWS_FROM = 10_000
+SHORTLIST_GROWTH = 0.4
+MAX_DEFAULT_SHORTLIST = 500
+
+
+def default_shortlist(n_images: int) -> int:
+    """The shortlist N a query re-ranks when none is given, for an index of n_images."""
+    if n_images <= SHORTLIST_GROWS_FROM:
+        return DEFAULT_SHORTLIST
+    grown = DEFAULT_SHORTLIST * (n_images / SHORTLIST_GROWS_FROM) ** SHORTLIST_GROWTH
+    return int(min(MAX_DEFAULT_SHORTLIST, round(grown)))
 
 
 @dataclass
@@ -184,7 +200,7 @@ class Searcher:
             used = None
             timings["rerank"] = (time.perf_counter() - t1) * 1e3
         else:
-            used = min(int(shortlist or DEFAULT_SHORTLIST), n)
+            used = min(int(shortlist or default_shortlist(n)), n)
             if used < 1:
                 raise PrepError(f"--shortlist {shortlist}: must be >= 1")
             _, found = self.faiss.search(self.query_vector(words, lengths), used)

@@ -39,25 +39,44 @@ def encode_split(model, split: SplitData, store, *, batch_size: int = 64, device
 
     `precision` bf16 runs the encoders under bf16 autocast and keeps the (fp32-normalised) token
     vectors in bf16, which is what score_matrix multiplies; `dtype` overrides the kept dtype."""
+    regions, rlens = encode_images(model, split.image_keys, store, batch_size=batch_size, device=device,
+                                   max_regions=max_regions, num_workers=num_workers, dtype=dtype,
+                                   precision=precision)
+    words, wlens = encode_captions(model, split.captions["input_ids"], batch_size=batch_size, device=device,
+                                   num_workers=num_workers, dtype=dtype, precision=precision)
+    return EncodedSplit(regions, rlens, words, wlens)
+
+
+@torch.no_grad()
+def encode_images(model, keys, store, *, batch_size: int = 64, device="cpu", max_regions: int | None = None,
+                  num_workers: int = 0, dtype=None, precision: str = "fp32"):
+    """-> (regions (Ni, R, E) padded, lengths (Ni,)) of `keys`, as encode_split holds them."""
     model.eval()
     dtype = compute_dtype(precision) if dtype is None else dtype
     regs, rlens = [], []
-    for batch in make_loader(ImageDataset(split.image_keys, store, max_regions), batch_size=batch_size,
+    for batch in make_loader(ImageDataset(list(keys), store, max_regions), batch_size=batch_size,
                              num_workers=num_workers):
         with autocast(device, precision):
             out = model.encode_images(batch["features"].to(device), batch["boxes"].to(device),
                                       batch["sizes"].to(device), batch["region_lengths"].to(device))
         regs.append(out.to(dtype).cpu())
         rlens.append(batch["region_lengths"])
+    return _pad_cat(regs, rlens, dtype), torch.cat(rlens)
+
+
+@torch.no_grad()
+def encode_captions(model, input_ids, *, batch_size: int = 64, device="cpu", num_workers: int = 0,
+                    dtype=None, precision: str = "fp32"):
+    """-> (words (Nc, W, E) padded to the longest of these captions, lengths (Nc,))."""
+    model.eval()
+    dtype = compute_dtype(precision) if dtype is None else dtype
     words, wlens = [], []
-    for batch in make_loader(CaptionDataset(split.captions["input_ids"]), batch_size=batch_size,
-                             num_workers=num_workers):
+    for batch in make_loader(CaptionDataset(input_ids), batch_size=batch_size, num_workers=num_workers):
         with autocast(device, precision):
             out = model.encode_captions(batch["input_ids"].to(device), batch["word_lengths"].to(device))
         words.append(out.to(dtype).cpu())
         wlens.append(batch["word_lengths"])
-    return EncodedSplit(_pad_cat(regs, rlens, dtype), torch.cat(rlens),
-                        _pad_cat(words, wlens, dtype), torch.cat(wlens))
+    return _pad_cat(words, wlens, dtype), torch.cat(wlens)
 
 
 @torch.no_grad()

@@ -98,7 +98,8 @@ class ButdDetector:
         self.cfg = cfg
         self.device = torch.device(spec.device)
         self.precision = spec.precision
-        self.model = model.to(self.device).for_inference(spec.precision, channels_last=True)
+        self.model = model.to(self.device).for_inference(
+            spec.precision, channels_last=True, merge_shortcuts=spec.option("merge_shortcuts", False))
         self.feature_dim = self.cfg.feature_dim
         self.columns = ("class_ids", "class_scores") + (
             ("attr_ids", "attr_scores") if self.cfg.num_attrs > 0 else ())

@@ -103,10 +103,56 @@ class Bottleneck(nn.Module):
         self.conv2 = ConvNorm(bottleneck, bottleneck, 3, stride=s3, padding=dilation,
                               dilation=dilation, eps=eps, groups=groups)
         self.conv3 = ConvNorm(bottleneck, cout, 1, eps=eps)
+        self.conv1_shortcut = None  # merge_conv1_shortcut(): conv1 and the shortcut as one conv
 
     def forward(self, x):
+        if self.conv1_shortcut is not None:
+            b = self.conv1.out_channels
+            both = self.conv1_shortcut(x)  # (N, b + cout, H, W): conv1's channels, then the shortcut's
+            # The halves stay strided views (no copy: oneDNN reads a strided channels-last tensor
+            # as it is); the ReLU of conv1's half runs in place.
+            out = both[:, :b]
+            out = F.relu(out) if torch.is_grad_enabled() else F.relu_(out)
+            return self.conv3(self.conv2(out, relu=True), relu=True, residual=both[:, b:])
         out = self.conv2(self.conv1(x, relu=True), relu=True)
         return self.conv3(out, relu=True, residual=self.shortcut(x) if self.shortcut is not None else x)
+
+    def mergeable(self) -> bool:
+        """conv1 and the projection shortcut read the same input with the same stride (BUTD's
+        stride-in-1x1 blocks, and every network's first res2 block): one conv can do both."""
+        c1, sc = self.conv1, self.shortcut
+        return (sc is not None and self.conv1_shortcut is None
+                and all(c.kernel_size == (1, 1) and c.padding == (0, 0) and c.dilation == (1, 1)
+                        and c.groups == 1 for c in (c1, sc))
+                and c1.stride == sc.stride
+                and isinstance(c1.norm, nn.Identity) and isinstance(sc.norm, nn.Identity)
+                and c1.weight.dtype == sc.weight.dtype)
+
+    @torch.no_grad()
+    def merge_conv1_shortcut(self) -> bool:
+        """For inference, after fold_norm: conv1 and the shortcut become one conv with their
+        weights stacked (conv1's output channels first), whose output is split; the input is read
+        once and oneDNN runs one larger GEMM. conv1 and shortcut keep their names, their weights
+        now views into the merged one (no second copy). Each output channel is the same dot
+        product as before; only the kernel's blocking (so float reassociation) may differ.
+        -> whether the block was merged."""
+        if not self.mergeable():
+            return False
+        c1, sc = self.conv1, self.shortcut
+        b, cout = c1.out_channels, sc.out_channels
+        layout = torch.channels_last if _channels_last(c1.weight) or _channels_last(sc.weight) \
+            else torch.contiguous_format
+        merged = ConvNorm(c1.in_channels, b + cout, 1, stride=c1.stride).to(c1.weight.device)
+        merged.norm = nn.Identity()
+        weight = torch.cat([c1.weight, sc.weight]).contiguous(memory_format=layout)
+        merged.weight = nn.Parameter(weight, requires_grad=False)
+        merged.bias = nn.Parameter(torch.cat([c1.bias, sc.bias]), requires_grad=False)
+        c1.weight, sc.weight = (nn.Parameter(weight[:b], requires_grad=False),
+                                nn.Parameter(weight[b:], requires_grad=False))
+        c1.bias, sc.bias = (nn.Parameter(merged.bias[:b], requires_grad=False),
+                            nn.Parameter(merged.bias[b:], requires_grad=False))
+        self.conv1_shortcut = merged
+        return True
 
 
 def make_stage(cfg: ButdConfig, stage: int, blocks: int, cin: int, first_stride: int, dilation: int = 1):
@@ -342,12 +388,17 @@ class ButdModel(nn.Module):
     def head_outputs_of(self, features: torch.Tensor, deltas: bool = True) -> HeadOutputs:
         return HeadOutputs(features, *(None if t is None else t.float() for t in self.predict(features, deltas)))
 
-    def for_inference(self, precision: str = "fp32", channels_last: bool = True) -> "ButdModel":
+    def for_inference(self, precision: str = "fp32", channels_last: bool = True,
+                      merge_shortcuts: bool = False) -> "ButdModel":
         """In place, for detection only (no training afterwards): frozen norms folded into the
         convs (then bias, ReLU and residual adds run fused with them on CPU), the conv trunks (backbone, RPN 3x3 conv, res5) cast to the precision
         and channels-last; the RPN logit/delta convs, predictors and anchors stay fp32, so
         proposals, class scores and NMS are computed from fp32 arithmetic. Casting in place
-        leaves no fp32 copy of the trunk's weights behind."""
+        leaves no fp32 copy of the trunk's weights behind. `merge_shortcuts`: every block whose
+        conv1 and projection shortcut share input and stride runs them as one conv
+        (Bottleneck.merge_conv1_shortcut); off by default, because it measured slower on the
+        CPUs it could be timed on (benchmarks/README.md, 2026-12-07: the split halves are strided
+        and oneDNN copies them); DetectorSpec option ("merge_shortcuts", True) turns it on."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.eval().requires_grad_(False)
@@ -359,4 +410,8 @@ class ButdModel(nn.Module):
             trunk.to(dtype=PRECISIONS[precision])
             if channels_last:
                 trunk.to(memory_format=torch.channels_last)
+        if merge_shortcuts:
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    m.merge_conv1_shortcut()
         return self

@@ -97,7 +97,8 @@ class VinvlDetector(ButdDetector):
         self.cfg = cfg
         self.device = torch.device(spec.device)
         self.precision = spec.precision
-        self.model = model.to(self.device).for_inference(spec.precision, channels_last=True)
+        self.model = model.to(self.device).for_inference(
+            spec.precision, channels_last=True, merge_shortcuts=spec.option("merge_shortcuts", False))
         self.spatial = bool(spec.option("spatial", False))
         self.feature_dim = cfg.feature_dim + (SPATIAL_DIM if self.spatial else 0)
         self.columns = ("class_ids", "class_scores", "attr_ids", "attr_scores")
