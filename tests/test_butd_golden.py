@@ -28,9 +28,12 @@ POLICIES = {"10-100": (10, 100), "36": (36, 36)}
 # on AMD EPYC (AVX512-BF16, no AMX), 2026-12-04, `pytest -s tests/test_butd_golden.py -k bf16`:
 # per image, 62-83% of the reference boxes have a bf16 box at IoU >= 0.9 (these random weights
 # give near-tied class scores, so bf16 rounding changes which proposals are kept; counts stay in
-# the policy), and on those boxes the feature cosine is min 0.99995, mean 0.99999. The bounds
-# leave room for other CPUs' bf16 dot products (AMX) while a wrong layer (cosine ~0) still fails.
-BF16_MIN_COSINE, BF16_MEAN_COSINE, BF16_MATCHED_SHARE = 0.999, 0.9999, 0.5
+# the policy), and on those boxes the feature cosine is min 0.99995, mean 0.99999. On an Ice Lake
+# Xeon (no bf16 hardware: oneDNN's conversion path), 2026-12-07, policy 36: 39-42% matched, cosine
+# min 0.99996, mean 0.99999; the share is which near-tied proposals survive, and differs by CPU.
+# The bounds leave room for other CPUs' bf16 dot products while a wrong layer (cosine ~0) or a
+# broken proposal stage (no box within IoU 0.9 of the reference's) still fails.
+BF16_MIN_COSINE, BF16_MEAN_COSINE, BF16_MATCHED_SHARE = 0.999, 0.9999, 0.25
 
 
 def _anchors(base, ratios, scales):
@@ -148,8 +151,12 @@ def matched_cosines(own, ref, min_iou=0.9):
 @pytest.mark.fullsize
 def test_bf16_extraction_drifts_from_the_reference_within_the_documented_bound(golden_checkpoint,
                                                                               tmp_path_factory):
+    from teranprep.extractors.precision import bf16_hardware
+    # Without bf16 hardware (e.g. an Ice Lake Xeon) oneDNN converts bf16 to fp32 arithmetic: the
+    # same rounding of inputs, 2-3x slower than fp32 here, so one policy keeps the suite's budget.
+    policies = list(POLICIES) if bf16_hardware() != "none" else ["36"]
     seen = []
-    for policy in POLICIES:
+    for policy in policies:
         regions = extract(tmp_path_factory, golden_checkpoint, policy, "bf16")
         for key, own in regions.items():
             ref = golden(policy, key)
