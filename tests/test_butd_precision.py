@@ -123,13 +123,7 @@ def test_fused_inference_block_matches_conv_norm_relu_add(dtype, tol):
     from teranprep.extractors.butd.model import Bottleneck
     torch.manual_seed(0)
     block = Bottleneck(32, 16, 64, stride=1, dilation=2, stride_in_1x1=True, eps=1e-5).eval()
-    for m in block.modules():
-        if isinstance(m, ConvNorm):
-            m.weight.data.normal_(0, 0.2)
-            m.norm.weight.data.uniform_(0.5, 1.5)
-            m.norm.bias.data.normal_()
-            m.norm.running_mean.data.normal_()
-            m.norm.running_var.data.uniform_(0.5, 2.0)
+    _randomize_conv_norms(block)
     xs = [torch.randn(n, 32, 14, 14) for n in (3, 1, 5)]
     with torch.no_grad():
         expected = [block(x) for x in xs]  # unfolded norms: the plain path
@@ -153,6 +147,15 @@ def _random_frozen_block(cin, b, cout, stride, stride_in_1x1, seed=0):
     from teranprep.extractors.butd.model import Bottleneck
     torch.manual_seed(seed)
     block = Bottleneck(cin, b, cout, stride=stride, dilation=1, stride_in_1x1=stride_in_1x1, eps=1e-5).eval()
+    _randomize_conv_norms(block)
+    for m in block.modules():
+        if isinstance(m, ConvNorm):
+            m.fold_norm()
+    return block
+
+
+def _randomize_conv_norms(block):
+    """Random conv weights and frozen-norm statistics in every ConvNorm of `block`."""
     for m in block.modules():
         if isinstance(m, ConvNorm):
             m.weight.data.normal_(0, 0.2)
@@ -160,8 +163,6 @@ def _random_frozen_block(cin, b, cout, stride, stride_in_1x1, seed=0):
             m.norm.bias.data.normal_()
             m.norm.running_mean.data.normal_()
             m.norm.running_var.data.uniform_(0.5, 2.0)
-            m.fold_norm()
-    return block
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
