@@ -338,6 +338,17 @@ def test_browser_shows_the_api_errors_text(server, browser):
         assert _results(browser) == []
 
 
+def _search_and_open_alignment(browser, port, query):
+    """Loads the page with `query` in its address (k=5), waits for the 5 results and opens the
+    first one's alignment view; returns (the WebDriverWait, the view's measured boxes)."""
+    from urllib.parse import quote
+    from selenium.webdriver.support.ui import WebDriverWait
+    wait = WebDriverWait(browser, 30)
+    browser.get(f"http://127.0.0.1:{port}/?q={quote(query)}&k=5")
+    wait.until(lambda b: len(_results(b)) == 5)
+    return wait, _alignment_view(browser, wait)
+
+
 def _alignment_view(browser, wait):
     """The shown image's width, the word boxes and the word labels, as laid out by the browser:
     [left, top, right, bottom] in page pixels."""
@@ -358,15 +369,11 @@ def test_browser_alignment_view_is_readable_and_its_labels_never_overlap(server,
     """A 100 px image is shown 480 px wide; a query whose words outnumber the image's 3 regions
     puts several labels on one box, and the browser's own layout of them must not intersect."""
     from urllib.parse import quote
-    from selenium.webdriver.support.ui import WebDriverWait
     port = server["port"]
     key, ids = split_captions(server["splits"])[0]
     words = [f"w{i}" for i in ids[1:-2]] * 3  # 9 words over 3 regions
     query = " ".join(words) + "."
-    wait = WebDriverWait(browser, 30)
-    browser.get(f"http://127.0.0.1:{port}/?q={quote(query)}&k=5")
-    wait.until(lambda b: len(_results(b)) == 5)
-    view = _alignment_view(browser, wait)
+    wait, view = _search_and_open_alignment(browser, port, query)
     left, top, right, bottom = view["image"]
     assert abs((right - left) - 480) < 0.5 and abs((bottom - top) - 480) < 0.5  # 100 x 100 scaled up
     status, align = _api(port, f"/api/alignment?key={quote(view['key'])}&q={quote(query)}")
@@ -388,15 +395,11 @@ def test_browser_alignment_view_is_readable_and_its_labels_never_overlap(server,
 def test_browser_large_image_is_shown_640_wide_with_its_indexed_captions(captioned_server, browser):
     from urllib.parse import quote
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
     port = captioned_server["port"]
     assert _api(port, "/api/info")[1]["captions"] is True
     key, ids = split_captions(captioned_server["splits"])[0]
     query = " ".join(f"w{i}" for i in ids[1:-2]) + "."
-    wait = WebDriverWait(browser, 30)
-    browser.get(f"http://127.0.0.1:{port}/?q={quote(query)}&k=5")
-    wait.until(lambda b: len(_results(b)) == 5)
-    view = _alignment_view(browser, wait)
+    wait, view = _search_and_open_alignment(browser, port, query)
     left, top, right, bottom = view["image"]
     assert abs((right - left) - 640) < 0.5 and abs((bottom - top) - 640) < 0.5  # 1000 x 1000 scaled down
     wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#captions li")) == 5)
