@@ -69,6 +69,13 @@ class Bucket:
                 self.fs.put_file(str(path), f"{self.name}/{prefix}/{path.relative_to(local).as_posix()}")
         return self.url(prefix)
 
+    def names(self, prefix: str) -> list:
+        """Relative names under the prefix, listed only: safe while a run is replacing objects
+        (reading each one, as objects() does, can meet a key deleted between list and get)."""
+        self.fs.invalidate_cache()
+        base = f"{self.name}/{prefix}".rstrip("/") + "/"
+        return [p[len(base):] for p in sorted(self.fs.find(base)) if not p.endswith(".prep-lock.json")]
+
     def objects(self, prefix: str) -> dict:
         """{relative name: bytes} of every object under the prefix (the lock object left out)."""
         self.fs.invalidate_cache()

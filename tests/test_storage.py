@@ -105,15 +105,15 @@ def test_driver_killed_mid_run_then_resumed_leaves_the_objects_of_an_uninterrupt
     proc = subprocess.Popen(_cli(source, out, "--workers", "1"), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not [n for n in s3.objects("killed") if n.startswith("shards/regions-")
+    while time.time() < deadline and not [n for n in s3.names("killed") if n.startswith("shards/regions-")
                                           and n.endswith(".json")]:
         time.sleep(0.1)
     time.sleep(random.Random(5).uniform(0.0, 1.0))  # somewhere inside the next shards
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its dask worker, mid-upload or not
     proc.wait()
-    markers = [n for n in s3.objects("killed") if n.endswith(".json") and n.startswith("shards/regions-")]
+    markers = [n for n in s3.names("killed") if n.endswith(".json") and n.startswith("shards/regions-")]
     assert 1 <= len(markers) < 5, "the kill should land after the first shard and before the end"
-    assert "manifest.json" not in s3.objects("killed")
+    assert "manifest.json" not in s3.names("killed")
     done = subprocess.run(_cli(source, out, "--workers", "1"), env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
@@ -219,7 +219,11 @@ def test_a_cluster_whose_workers_share_no_folder_writes_the_same_features(s3, im
     assert copies and all(c.read_bytes() == weights.read_bytes() for c in copies)
 
 
-def test_build_splits_train_eval_and_index_read_features_from_the_bucket(s3, tmp_path):
+def test_build_splits_train_eval_index_and_search_read_and_write_the_bucket(s3, tmp_path):
+    """Three runs of the same stages: all on disk; features and captions read from the bucket;
+    and every folder (splits/, the run, its eval, index/) written to the bucket too. Same splits,
+    metrics, index arrays and search answers; the bucket's lineage names URLs, never a cache."""
+    import h5py
     import yaml
     from teran_fixtures import make_tiny_bert, planted_dataset, tiny_config, write_tiny_tokenizer
     splits_local, features, _ = planted_dataset(tmp_path / "data", n_train=24, n_test=8)
@@ -230,6 +234,7 @@ def test_build_splits_train_eval_and_index_read_features_from_the_bucket(s3, tmp
                          "caption": [" ".join(f"w{i}" for i in ids[1:-2]) for ids in captions["input_ids"]]})
     rows = rows.drop_duplicates().reset_index(drop=True)
     s3.fs.pipe_file(f"{s3.name}/captions.csv", rows.to_csv(index=False).encode())
+    rows.to_csv(tmp_path / "captions.csv", index=False)
     tok = write_tiny_tokenizer(tmp_path / "tok")
     bert = make_tiny_bert(tmp_path / "bert", vocab_size=40, hidden=16, layers=1)
     config = tmp_path / "config.yaml"
@@ -243,37 +248,107 @@ def test_build_splits_train_eval_and_index_read_features_from_the_bucket(s3, tmp
         assert result.exit_code == 0, result.output
         return result.output
 
-    outputs = {}
+    folders, answers = {}, {}
     for where, feats, caps in (("local", features, tmp_path / "captions.csv"),
-                               ("s3", features_url, s3.url("captions.csv"))):
-        if where == "local":
-            rows.to_csv(caps, index=False)
-        root = tmp_path / where
-        prep("build-splits", caps, "--features", feats, "--out", root / "splits", "--tokenizer", tok,
+                               ("reads", features_url, s3.url("captions.csv")),
+                               ("bucket", features_url, s3.url("captions.csv"))):
+        root = s3.url("out") if where == "bucket" else str(tmp_path / where)
+        splits, run, index = f"{root}/splits", f"{root}/run", f"{root}/index"
+        prep("build-splits", caps, "--features", feats, "--out", splits, "--tokenizer", tok,
              "--max-tokens", 16, "--val", 4, "--test", 4, *options, *cache)
-        prep("train", root / "splits", "--config", config, "--out", root / "run", "--stop-after", 3,
+        prep("train", splits, "--config", config, "--out", run, "--stop-after", 3,
              "--device", "cpu", *options, *cache)
-        prep("eval", root / "run", "--splits", root / "splits", "--out", root / "eval", "--device", "cpu",
-             *options, *cache)
-        prep("index", root / "run", "--features", feats, "--out", root / "index", *options, *cache)
-        outputs[where] = root
-    s3_splits = json.loads((outputs["s3"] / "splits" / "manifest.json").read_text())
-    assert s3_splits["features"]["path"] == features_url  # lineage names the URL, not the cache
-    assert s3_splits["captions"]["path"] == s3.url("captions.csv")
-    for name in ("train", "val", "test"):
-        a = pd.read_parquet(outputs["local"] / "splits" / f"{name}.parquet")
-        b = pd.read_parquet(outputs["s3"] / "splits" / f"{name}.parquet")
-        assert a.equals(b), name
-    metrics = [json.loads((outputs[w] / "eval" / "metrics.json").read_text()) for w in ("local", "s3")]
-    for name in ("i2t", "t2i", "rsum", "n_images", "n_captions"):
-        assert metrics[0][name] == metrics[1][name], name
-    import h5py  # the index's embeddings (its attributes name each run's own checkpoint sha256)
-    with h5py.File(outputs["local"] / "index" / "shards/regions-00000.h5") as a, \
-            h5py.File(outputs["s3"] / "index" / "shards/regions-00000.h5") as b:
-        assert sorted(a) == sorted(b) and "features" in a
-        for name in a:
-            assert np.array_equal(a[name][()], b[name][()]), name
+        prep("eval", run, "--splits", splits, "--device", "cpu", *options, *cache)  # into RUN/eval-test-all
+        prep("index", run, "--features", feats, "--out", index, *options, *cache)
+        answers[where] = json.loads(prep("search", index, "w3 w5 w7", "-k", 5, "--json", *options, *cache))
+        if where == "bucket":
+            for folder in (splits, run, index):
+                prep("verify", folder, *options)
+            local = tmp_path / "bucket"
+            for folder in ("splits", "run", "index"):
+                s3.fs.get(f"{s3.name}/out/{folder}/", str(local / folder), recursive=True)
+            root = local
+        folders[where] = Path(root)
+    assert not any(name.endswith(remote.LOCK_NAME) for name in s3.names("out"))  # every lock given back
+    assert not any(remote.REMOTE_MARK in name or ".teranprep-lock" in name for name in s3.names("out"))
+    for where in ("reads", "bucket"):
+        manifest = json.loads((folders[where] / "splits" / "manifest.json").read_text())
+        assert manifest["features"]["path"] == features_url  # lineage names the URL, not the cache
+        assert manifest["captions"]["path"] == s3.url("captions.csv")
+    index_lineage = json.loads((folders["bucket"] / "index" / "manifest.json").read_text())["lineage"]
+    assert index_lineage["checkpoint"].startswith(s3.url("out/run/"))
+    assert index_lineage["features"] == features_url
+    assert str(tmp_path) not in json.dumps(index_lineage)  # no cache or mirror path recorded
+    for where in ("reads", "bucket"):
+        for name in ("train", "val", "test"):
+            a = pd.read_parquet(folders["local"] / "splits" / f"{name}.parquet")
+            b = pd.read_parquet(folders[where] / "splits" / f"{name}.parquet")
+            assert a.equals(b), (where, name)
+        metrics = [json.loads((folders[w] / "run" / "eval-test-all" / "metrics.json").read_text())
+                   for w in ("local", where)]
+        for name in ("i2t", "t2i", "rsum", "n_images", "n_captions"):
+            assert metrics[0][name] == metrics[1][name], (where, name)
+        # the index's embeddings (its attributes name each run's own checkpoint sha256)
+        with h5py.File(folders["local"] / "index" / "shards/regions-00000.h5") as a, \
+                h5py.File(folders[where] / "index" / "shards/regions-00000.h5") as b:
+            assert sorted(a) == sorted(b) and "features" in a
+            for name in a:
+                assert np.array_equal(a[name][()], b[name][()]), name
+        ranked = [[(h["key"], h["score"]) for h in answers[w]["results"]] for w in ("local", where)]
+        assert len(ranked[0]) == 5 and ranked[0] == ranked[1], where
     assert list((tmp_path / "reader-cache").glob("features/*/shards/*.h5"))  # shards came through the cache
+
+
+def test_a_run_at_a_url_interrupted_by_sigint_uploads_its_checkpoint_and_resumes(s3, tmp_path, make_features):
+    """Ctrl-C of `prep train --out s3://...`: one line saying what was kept and how to resume, the
+    checkpoint the stage kept is in the bucket, the lock object is gone, and --resume continues
+    from it (splits read from the bucket too)."""
+    import yaml
+    from teran_fixtures import make_tiny_bert, random_dataset, tiny_config
+    from teranprep.pipeline.train import load_checkpoint
+    splits, features = random_dataset(tmp_path, make_features)
+    s3.upload(features, "features")
+    manifest = json.loads((splits / "manifest.json").read_text())
+    manifest["features"]["path"] = s3.url("features")  # the uploaded splits name the uploaded features
+    (splits / "manifest.json").write_text(json.dumps(manifest))
+    splits_url = s3.upload(splits, "splits")
+    bert = make_tiny_bert(tmp_path / "bert")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(bert, epochs=400, val_every=100000, checkpoint_every=0)))
+    env = {**os.environ, **s3.env, "OMP_NUM_THREADS": "1"}
+    run = s3.url("run")
+    cmd = [sys.executable, "-m", "teranprep", "train", splits_url, "--config", str(config), "--out", run]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    mirrors = Path(s3.env["TERANPREP_CACHE_DIR"]) / "out"
+
+    def steps_logged():  # the run's local mirror (the stage writes there, then uploads)
+        return any(p.read_text().count('"train"') >= 3 for p in mirrors.glob("*/metrics.jsonl"))
+
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not steps_logged():
+        time.sleep(0.2)
+    assert steps_logged(), "training never started"
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stdout + stderr
+    lines = [x for x in stderr.splitlines() if x.strip() and not x.startswith("WARNING:")]
+    assert len(lines) == 1 and "resume with: prep train" in lines[0], stderr
+    assert f"{run}/checkpoint_last.pt" in lines[0] and str(mirrors) not in lines[0]  # the URL, not the mirror
+    names = s3.names("run")
+    assert "checkpoint_last.pt" in names and remote.LOCK_NAME not in names, names
+    assert not list(mirrors.glob("*")), "the private mirror is removed once uploaded"
+    kept = tmp_path / "kept.pt"
+    s3.fs.get_file(f"{s3.name}/run/checkpoint_last.pt", str(kept))
+    step = int(load_checkpoint(kept)["step"])
+    assert step >= 3
+    resumed = subprocess.run([sys.executable, "-m", "teranprep", "train", splits_url, "--out", run,
+                              "--resume", "--stop-after", str(step + 2)], env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    s3.fs.get_file(f"{s3.name}/run/checkpoint_last.pt", str(kept))
+    assert int(load_checkpoint(kept)["step"]) == step + 2
 
 
 def test_the_shard_cache_keeps_within_its_limit_and_reads_the_same_values(s3, make_features, tmp_path, monkeypatch):
@@ -347,10 +422,12 @@ def test_a_bad_endpoint_or_missing_credentials_is_one_error_line(s3, tmp_path):
     line = _one_error_line(["build-splits", s3.url("captions.csv"), "--features", s3.url("features"),
                             "--out", str(tmp_path / "splits")], env)
     assert "captions file not found" in line
-    # splits/, runs/ and index/ are local folders: a URL there is refused before any work
+    # a stage writing to a URL that fails: one line, and the lock object given back
+    (tmp_path / "c.csv").write_text("image,caption\na.jpg,a cat\n")
     line = _one_error_line(["build-splits", str(tmp_path / "c.csv"), "--features", s3.url("features"),
                             "--out", s3.url("splits")], env)
-    assert line.startswith(f"error: {s3.url('splits')}: this stage writes to a local folder only")
+    assert "no features manifest at this URL" in line
+    assert remote.LOCK_NAME not in s3.names("splits")
 
 
 def test_weights_at_a_url_are_fetched_checked_and_give_the_local_weights_features(s3, image_dir, tmp_path):
@@ -395,3 +472,64 @@ def test_one_writer_per_folder_at_a_url_through_its_lock_object(s3, image_dir, t
     s3.fs.pipe_file(lock, json.dumps({"host": socket.gethostname(), "pid": int(dead)}).encode())
     result = extract_regions(image_dir, out, workers=0, **FAST)  # a killed run's lock is taken over
     assert result.n_ok == 2 and not s3.fs.exists(lock)
+
+
+def test_another_fsspec_backend_memory_urls_give_the_local_features_and_splits(image_dir, tmp_path, monkeypatch):
+    """Nothing in the URL code is S3's: fsspec's in-memory filesystem (memory://), a backend with
+    no ETags and no endpoint, carries images in, features and splits out, and verify, through the
+    same stages (in this process: memory:// lives in it)."""
+    import fsspec
+    monkeypatch.setenv("TERANPREP_CACHE_DIR", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("memory")
+    root = f"/prep-{tmp_path.name}"
+    try:
+        keys = write_images(image_dir, 4)
+        for path in sorted(image_dir.rglob("*")):
+            if path.is_file():
+                fs.pipe_file(f"{root}/images/{path.relative_to(image_dir).as_posix()}", path.read_bytes())
+        extract_regions(image_dir, tmp_path / "local", workers=0, shard_size=3, **FAST)
+        result = extract_regions(f"memory://{root}/images/", f"memory://{root}/features", workers=0,
+                                 shard_size=3, **FAST)
+        assert result.n_ok == 4
+        assert_same_arrays(all_arrays(f"memory://{root}/features"), all_arrays(tmp_path / "local"))
+        assert verify(f"memory://{root}/features").ok
+        captions = pd.DataFrame({"image": sorted(keys) * 2, "caption": [f"a photo number {i}" for i in range(8)]})
+        fs.pipe_file(f"{root}/captions.csv", captions.to_csv(index=False).encode())
+        captions.to_csv(tmp_path / "captions.csv", index=False)
+        runner = CliRunner()
+        for caps, feats, out in ((tmp_path / "captions.csv", tmp_path / "local", tmp_path / "splits"),
+                                 (f"memory://{root}/captions.csv", f"memory://{root}/features",
+                                  f"memory://{root}/splits")):
+            done = runner.invoke(main, ["build-splits", str(caps), "--features", str(feats), "--out", str(out),
+                                        "--val", "1", "--test", "1", "--quiet"])
+            assert done.exit_code == 0, done.output
+        assert fs.exists(f"{root}/splits/manifest.json") and not fs.exists(f"{root}/splits/{remote.LOCK_NAME}")
+        for name in ("train", "val", "test"):
+            a = pd.read_parquet(tmp_path / "splits" / f"{name}.parquet")
+            b = pd.read_parquet(__import__("io").BytesIO(fs.cat_file(f"{root}/splits/{name}.parquet")))
+            assert a.equals(b), name
+        assert verify(f"memory://{root}/splits").ok
+        for feats, out in ((tmp_path / "local", tmp_path / "export"),
+                           (f"memory://{root}/features", f"memory://{root}/export")):
+            done = runner.invoke(main, ["export-features", str(feats), "--to", "butd-tsv", str(out),
+                                        "--quiet"])
+            assert done.exit_code == 0, done.output
+        tsv = [p.relative_to(tmp_path / "export").as_posix() for p in (tmp_path / "export").rglob("*.tsv")]
+        assert tsv and all(fs.cat_file(f"{root}/export/{name}") == (tmp_path / "export" / name).read_bytes()
+                           for name in tsv)
+        record = [p for p in fs.find(f"{root}/export") if p.endswith(".json") and "teranprep" not in p]
+        assert record and json.loads(fs.cat_file(record[0]))["features"] == remote.url_of(f"memory://{root}/features")
+        fs.rm_file(f"{root}/splits/test.parquet")
+        assert not verify(f"memory://{root}/splits").ok  # a missing object is caught here too
+    finally:
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+
+
+def test_a_stage_that_writes_only_locally_refuses_a_url_out_in_one_line(s3, tmp_path):
+    result = CliRunner().invoke(main, ["make-synthetic", s3.url("synthetic")])
+    assert result.exit_code == 2
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert lines == [f"error: {s3.url('synthetic')}: this stage writes to a local folder only; pass a "
+                     "local path and copy the result up"]
+    assert s3.names("synthetic") == []

@@ -18,12 +18,12 @@ class PrepGroup(click.Group):
         from .interrupts import Interrupted, install_signal_handlers, interrupted_message, restore_signal_handlers
         before = install_signal_handlers()
         import os
-        from .manifests.remote import CACHE_DIR_ENV, CACHE_GB_ENV, STORAGE_ENV
+        from .manifests.remote import CACHE_DIR_ENV, CACHE_GB_ENV, STORAGE_ENV, relabel
         environment = {name: os.environ.get(name) for name in (STORAGE_ENV, CACHE_DIR_ENV, CACHE_GB_ENV)}
         try:
             return super().invoke(ctx)
         except PrepError as exc:
-            click.echo(f"error: {' '.join(str(exc).split())}", err=True)  # always one line
+            click.echo(relabel(f"error: {' '.join(str(exc).split())}"), err=True)  # always one line
             sys.exit(2)
         except click.UsageError as exc:
             # A bad option value (--batch-size 0, -k 5000, ...) is refused at parse time, before
@@ -33,12 +33,12 @@ class PrepGroup(click.Group):
             sys.exit(2)
         except (Interrupted, KeyboardInterrupt) as exc:
             line, code = interrupted_message(exc)
-            click.echo(line, err=True)
+            click.echo(relabel(line), err=True)
             sys.exit(code)
         except OSError as exc:
             # A full disk, a read-only mount, a permission or a path that is a file: the user's
             # file system, named in one line (the stage has already kept what it completed).
-            click.echo(f"error: {os_error_line(exc)}", err=True)
+            click.echo(relabel(f"error: {os_error_line(exc)}"), err=True)
             sys.exit(2)
         finally:
             restore_signal_handlers(before)  # called as a library (tests, notebooks): leave no trace
@@ -119,7 +119,19 @@ def cache_options(command):
 
 def stage_echo(quiet: bool):
     """The `echo` a stage gets: click.echo, or nothing with --quiet."""
-    return (lambda *args, **kwargs: None) if quiet else click.echo
+    if quiet:
+        return lambda *args, **kwargs: None
+    from .manifests.remote import relabel
+
+    def echo(message=None, *args, **kwargs):  # a folder at a URL is named by its URL, not its mirror
+        return click.echo(relabel(message) if isinstance(message, str) else message, *args, **kwargs)
+    return echo
+
+
+def say(text: str) -> None:
+    """A command's summary line on stdout, folders at URLs named by their URLs."""
+    from .manifests.remote import relabel
+    click.echo(relabel(text))
 
 
 # Each stage's commands live in commands/<module>.py and attach themselves to `main` on import.

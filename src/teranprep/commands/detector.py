@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import main, quiet_option, stage_echo
+from ..cli import main, quiet_option, stage_echo, say
 
 
 @main.group("weights")
@@ -66,7 +66,7 @@ def train_detector_cmd(annotations, images, config, out, epochs, init_weights, o
     with resumable(lambda: _detector_kept(out)):
         result = train_detector(annotations, images, config=config, out=out, overrides=overrides,
                                 overwrite=overwrite, echo=stage_echo(quiet))
-    click.echo(result.summary())
+    say(result.summary())
 
 
 def _detector_kept(out: Path) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import ShownDefault, main, storage_option
+from ..cli import ShownDefault, main, storage_option, say
 from ..manifests.values import VERIFY_SAMPLE
 
 
@@ -134,7 +134,7 @@ def extract_regions_cmd(images, out, weights, random_weights, quiet, given_boxes
     result = extract_regions(images, out, settings, echo=click.echo,
                              warn=lambda line: click.echo(line, err=True))
     if not options["dry_run"]:
-        click.echo(result.summary())
+        say(result.summary())
 
 
 @main.command("verify")

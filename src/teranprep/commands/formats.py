@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import main
+from ..cli import cache_options, main, say, storage_option
 
 _IMPORT = ("butd-tsv", "lxmert-tsv", "bua-npz", "teran", "scan-precomp", "vinvl-tsv")
 _EXPORT = ("scan-precomp", "teran", "butd-tsv", "vinvl-tsv", "lmdb")
@@ -32,12 +32,14 @@ _EXPORT = ("scan-precomp", "teran", "butd-tsv", "vinvl-tsv", "lmdb")
 @click.option("--overwrite", is_flag=True, help="Delete previous outputs in OUT and start afresh.")
 @click.option("--dry-run", is_flag=True, help="Print the shard plan (and why each shard would run); write nothing.")
 @click.option("--quiet", is_flag=True, help="Print only errors, warnings and the final summary line.")
+@storage_option
+@cache_options
 def import_features_cmd(format_, src, out, splits, **options):
     """Convert FORMAT features in SRC into a features/ directory OUT (HDF5 shards + index + manifest)."""
     from ..pipeline.formats import import_features
     result = import_features(format_, src, out, splits=tuple(splits), echo=click.echo, **options)
     if not options["dry_run"]:
-        click.echo(result.summary())
+        say(result.summary())
 
 
 @main.command("export-features")
@@ -52,8 +54,10 @@ def import_features_cmd(format_, src, out, splits, **options):
 @click.option("--label-map", type=click.Path(path_type=Path),
               help="vinvl-tsv: VinVL's VG-SGG-dicts-vgoi6-clipped.json, for class names in predictions.tsv.")
 @click.option("--quiet", is_flag=True, help="Print only errors, warnings and the final summary line.")
+@storage_option
+@cache_options
 def export_features_cmd(features, to, out, **options):
     """Write the features in FEATURES as files SCAN, TERAN, Caffe-TSV, Oscar/ALADIN (vinvl-tsv) or
     MMF (lmdb) readers load."""
     from ..pipeline.formats import export_features
-    click.echo(export_features(features, to, out, **options).summary())
+    say(export_features(features, to, out, **options).summary())

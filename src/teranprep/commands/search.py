@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import main, quiet_option, stage_echo, storage_option, cache_options
+from ..cli import main, quiet_option, stage_echo, storage_option, cache_options, say
 
 
 @main.command("index")
@@ -46,7 +46,7 @@ def index_cmd(run, features, out, splits, split, captions, head, dtype, shard_si
                          scheduler=scheduler, device=device, threads=threads, exact_max=exact_max,
                          overwrite=overwrite, dry_run=dry_run, echo=stage_echo(quiet), quiet=quiet)
     if not dry_run:
-        click.echo(result.summary())
+        say(result.summary())
 
 
 @main.command("train-shortlist")
@@ -64,6 +64,8 @@ def index_cmd(run, features, out, splits, split, captions, head, dtype, shard_si
 @click.option("--seed", default=0, show_default=True, help="Seed of the head's initialisation and batch order.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous head in --out.")
 @quiet_option
+@storage_option
+@cache_options
 def train_shortlist_cmd(run, splits, features, out, dim, epochs, batch_size, lr, max_images, seed,
                         overwrite, quiet):
     """Distil RUN's alignment scores into a small global-vector head (ALADIN's ListNet)."""
@@ -71,7 +73,7 @@ def train_shortlist_cmd(run, splits, features, out, dim, epochs, batch_size, lr,
     result = train_shortlist(run, splits=splits, features=features, out=out, dim=dim, epochs=epochs,
                              batch_size=batch_size, lr=lr, max_images=max_images, seed=seed,
                              overwrite=overwrite, echo=stage_echo(quiet))
-    click.echo(result.summary())
+    say(result.summary())
 
 
 @main.command("search")
@@ -89,6 +91,8 @@ def train_shortlist_cmd(run, splits, features, out, dim, epochs, batch_size, lr,
 @click.option("--image", "image_key", help="Image -> text: rank the indexed captions for this image key.")
 @click.option("--tokenizer", help="Tokenizer dir or 'minilm' (default: the run's text encoder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@storage_option
+@cache_options
 def search_cmd(index, query, k, shortlist, exhaustive, image_key, tokenizer, as_json):
     """Text -> image search for QUERY, or image -> text with --image KEY."""
     from ..errors import PrepError
@@ -127,6 +131,8 @@ def search_cmd(index, query, k, shortlist, exhaustive, image_key, tokenizer, as_
 @click.option("--images", type=click.Path(path_type=Path),
               help="Image root served to the page (default: the features' input root, if it exists).")
 @click.option("--tokenizer", help="Tokenizer dir or 'minilm' (default: the run's text encoder).")
+@storage_option
+@cache_options
 def serve_cmd(index, host, port, images, tokenizer):
     """A web page and JSON API over INDEX (FastAPI on uvicorn)."""
     from ..web.app import serve

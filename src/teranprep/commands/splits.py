@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import main, storage_option, cache_options
+from ..cli import main, storage_option, cache_options, say
 
 
 @main.command("build-splits")
@@ -50,4 +50,4 @@ def build_splits_cmd(captions, features, out, format_, quiet, **options):
     result = build_splits(captions, features=features, out=out, format=format_,
                           echo=None if quiet else click.echo, **options)
     if not quiet:
-        click.echo(result.summary())
+        say(result.summary())

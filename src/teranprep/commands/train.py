@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import main, quiet_option, stage_echo, storage_option, cache_options
+from ..cli import main, quiet_option, stage_echo, storage_option, cache_options, say
 
 
 @main.command("train")
@@ -38,7 +38,7 @@ def train_cmd(splits, config, out, resume, features, device, stop_after, precisi
     from ..pipeline.train import train
     result = train(splits, config, out, resume=resume, features=features, device=device,
                    stop_after=stop_after, precision=precision, echo=stage_echo(quiet))
-    click.echo(result.summary())
+    say(result.summary())
 
 
 @main.command("eval")
@@ -108,6 +108,8 @@ def eval_cmd(source, splits, split, protocol, features, out, device, batch_size,
 @click.option("--tokenizer", help="Tokenizer dir or 'minilm' (default: the run's text encoder).")
 @click.option("--text-encoder", type=click.Path(path_type=Path),
               help="Original TERAN checkpoints: the text encoder's model directory (config.json).")
+@storage_option
+@cache_options
 def show_alignment_cmd(source, image_key, caption, out, splits, features, images, tokenizer, text_encoder):
     """Draw IMAGE_KEY with, for each word of CAPTION, the region it aligns to best."""
     from ..pipeline.alignment import show_alignment

@@ -119,7 +119,8 @@ class IndexStore:
     """
 
     def __init__(self, index_dir: Path):
-        self.root = Path(index_dir)
+        from .remote import localize_folder
+        self.root = localize_folder(index_dir, "index")  # an index at a URL: its cached copy
         self.manifest = read_index_manifest(self.root)
         path = self.root / INDEX_NAME
         try:

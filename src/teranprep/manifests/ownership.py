@@ -113,8 +113,8 @@ def claim_output_dir(out: Path, fmt: str, *, create: bool = True, allow_inside=(
     """
     from .remote import url_of
     if url_of(out):
-        raise PrepError(f"{url_of(out)}: this stage writes to a local folder only (extract-regions "
-                        "writes features/ to a URL); pass a local path and copy the result up")
+        raise PrepError(f"{url_of(out)}: this stage writes to a local folder only; pass a local "
+                        "path and copy the result up")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PrepError(f"{out}: is a file, not a folder; pass a folder path as the output")

@@ -381,6 +381,7 @@ def localize_features(path) -> Path:
             (mirror / "index.parquet").unlink(missing_ok=True)
         (mirror / REMOTE_MARK).write_text(json.dumps({"url": url, "manifest": meta}), "utf-8")
     _localized[(url, str(mirror))] = time.monotonic()
+    _mirror_names[str(mirror)] = url
     return mirror
 
 
@@ -486,6 +487,7 @@ class RemoteFolder:
             if rel != LOCK_NAME and names(rel):
                 get_file(join(self.url, rel), self.mirror / rel)
         (self.mirror / REMOTE_MARK).write_text(json.dumps({"url": self.url}), "utf-8")
+        _mirror_names[str(self.mirror)] = self.url
         return self.mirror
 
     def sizes(self, prefix: str) -> dict:
@@ -545,3 +547,163 @@ class RemoteFolder:
             if rel != LOCK_NAME:
                 remove(join(self.url, rel))
         self.objects = {k: v for k, v in self.objects.items() if k == LOCK_NAME}
+
+    # ------------------------------------------------ a whole-folder stage (splits, runs, index)
+
+    def snapshot(self) -> dict:
+        """{relative name: (size, mtime_ns)} of the mirror's files that belong in the bucket (not
+        the mirror mark, the local lock file or a temp file of an unfinished write)."""
+        from .atomic import TMP_MARK
+        from .ownership import LOCK_NAME as LOCAL_LOCK
+        found = {}
+        for path in self.mirror.rglob("*"):
+            if not path.is_file() or path.name in (REMOTE_MARK, LOCAL_LOCK, LOCK_NAME) or TMP_MARK in path.name:
+                continue
+            st = path.stat()
+            found[path.relative_to(self.mirror).as_posix()] = (st.st_size, st.st_mtime_ns)
+        return found
+
+    def upload_changes(self, before: dict) -> int:
+        """Makes the folder at the URL what the mirror is now, changing only what changed since
+        `before` (a snapshot taken after pull). A manifest that changes is removed first and put
+        back last, so a reader never takes a new manifest with old files, or the reverse."""
+        now = self.snapshot()
+        changed = sorted(rel for rel, stat in now.items() if before.get(rel) != stat)
+        gone = sorted(rel for rel in before if rel not in now)
+
+        def is_manifest(rel):
+            return basename(rel) == "manifest.json"
+        for rel in [r for r in changed + gone if is_manifest(r)]:
+            self.remove(rel)
+        for rel in [r for r in changed if not is_manifest(r)]:
+            self.push(rel)
+        for rel in [r for r in gone if not is_manifest(r)]:
+            self.remove(rel)
+        for rel in sorted((r for r in changed if is_manifest(r)), key=lambda r: -r.count("/")):
+            self.push(rel)  # the innermost first, the folder's own manifest last
+        return len(changed) + len(gone)
+
+
+@contextlib.contextmanager
+def output_folder(out, *, create: bool = True):
+    """The folder a whole-folder stage (build-splits, train, eval, index, import-features, ...)
+    writes: a local path unchanged; a URL as a private local mirror of every object under it,
+    locked (one writer per folder) and uploaded when the stage ends, however it ends (done, error,
+    Ctrl-C: what the stage kept on disk is what the bucket keeps). `create` False (a dry run):
+    no lock and no upload."""
+    url = url_of(out)
+    if url is None:
+        yield out
+        return
+    target = RemoteFolder(url)
+    try:
+        mirror = target.pull(names=lambda rel: True)
+        before = target.snapshot()
+        if create:
+            target.lock()
+        try:
+            yield mirror
+        finally:
+            if target.locked:
+                target.upload_changes(before)
+    finally:
+        target.unlock()
+
+
+def localize_folder(path, what: str = "folder") -> Path:
+    """A folder to read (splits/, a run, an index): a local path unchanged; a URL as a local copy
+    of every object under it in the cache, objects fetched again when their size or ETag changed
+    (one listing per call). The copy carries the URL (REMOTE_MARK), so lineage names the URL."""
+    url = url_of(path)
+    if url is None:
+        return Path(path)
+    url = url.rstrip("/")
+    objects = {rel: meta for rel, meta in listing(url).items() if rel != LOCK_NAME}
+    if not objects and exists(url):  # one object (a checkpoint file given as a run): that file
+        return fetch_input(url, what)
+    if not objects:
+        raise PrepError(f"{url}: no {what} at this URL (no object under it); check the URL, or "
+                        "write the folder there first")
+    mirror = cache_root() / "folders" / _hash_key(url)
+    try:
+        known = json.loads((mirror / REMOTE_MARK).read_text("utf-8")).get("objects", {})
+    except (OSError, ValueError, AttributeError):
+        known = {}
+    (mirror / REMOTE_MARK).unlink(missing_ok=True)  # incomplete until every object is here
+    for rel, meta in sorted(objects.items()):
+        if known.get(rel) != meta or not (mirror / rel).is_file():
+            get_file(join(url, rel), mirror / rel)
+    for rel in known:
+        if rel not in objects:
+            (mirror / rel).unlink(missing_ok=True)
+    (mirror / REMOTE_MARK).write_text(json.dumps({"url": url, "objects": objects}), "utf-8")
+    _mirror_names[str(mirror)] = url
+    return mirror
+
+
+def local_file(path, what: str = "file") -> Path:
+    """A file to read: a local path unchanged; a URL fetched into the cache (fetch_input)."""
+    url = url_of(path)
+    return Path(path) if url is None else fetch_input(url, what)
+
+
+def lineage_location(path) -> str:
+    """What lineage records for a file or folder: its URL when it is at one, or inside a local
+    mirror of one (URL + the relative name); else its absolute local path."""
+    url = url_of(path)
+    if url is not None:
+        return url
+    local = Path(os.path.abspath(path))
+    for folder in (local, *local.parents):
+        found = mirror_url(folder)
+        if found:
+            rel = local.relative_to(folder).as_posix()
+            return found if rel == "." else join(found, rel)
+    return str(Path(path).resolve())
+
+
+def with_remote_folders(*, inputs=(), outputs=None):
+    """Decorates a whole-folder stage: each argument named in `inputs` that is a URL becomes its
+    local copy (localize_folder); each one named in `outputs` ({name: default}) becomes the
+    mirror of output_folder, uploaded when the stage returns or raises. `default(arguments)` gives
+    the URL an output that was left None takes (eval's RUN/eval-..., when RUN is a URL). A
+    `dry_run` argument that is true reads the folder but neither locks nor uploads it."""
+    import functools
+    import inspect
+    outputs = dict(outputs or {})
+
+    def wrap(stage):
+        signature = inspect.signature(stage)
+
+        @functools.wraps(stage)
+        def run(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            given = bound.arguments
+            if not any(url_of(given.get(n)) for n in (*inputs, *outputs)) and not any(
+                    default is not None and default(given) for default in outputs.values()):
+                return stage(*args, **kwargs)
+            for name, default in outputs.items():
+                if given.get(name) is None and default is not None:
+                    given[name] = default(given)
+            with contextlib.ExitStack() as stack:
+                for name in outputs:
+                    if url_of(given.get(name)):
+                        given[name] = stack.enter_context(
+                            output_folder(given[name], create=not given.get("dry_run")))
+                for name in inputs:
+                    if url_of(given.get(name)):
+                        given[name] = localize_folder(given[name], name.replace("_", " "))
+                return stage(*bound.args, **bound.kwargs)
+        return run
+    return wrap
+
+
+_mirror_names: dict = {}  # local mirror or cached copy (str) -> the URL it stands for, this process
+
+
+def relabel(text: str) -> str:
+    """A message with every local mirror or cached copy of a URL folder this process made
+    replaced by that URL: the user named the URL and should read it back."""
+    for local, url in sorted(_mirror_names.items(), key=lambda item: -len(item[0])):
+        text = text.replace(local, url)
+    return text

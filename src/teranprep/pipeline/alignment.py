@@ -32,7 +32,8 @@ def show_alignment(source: Path, image_key: str, caption: str, out: Path, *, spl
             lineage = ckpt.get("lineage") or {}
             if not lineage.get("splits"):
                 raise PrepError(f"{source}: no training splits recorded; pass --splits or --features")
-            splits = Path(lineage["splits"])
+            from ..manifests.remote import localize_folder
+            splits = localize_folder(lineage["splits"], "splits")  # a path, or splits at a URL
         features = check_lineage(Path(splits))
     store = FeatureStore(features)
     if image_key not in store:

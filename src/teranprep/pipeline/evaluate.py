@@ -13,6 +13,7 @@ from ..manifests.lineage_warnings import emit, features_warnings, merge, recorde
 from ..manifests.values import require_finite_scores
 from ..teran.checkpoint import checkpoint_path, load_model
 from ..manifests.ownership import releases_locks
+from ..manifests.remote import join, url_of, with_remote_folders
 
 PROTOCOLS = ("all", "1k", "5k")
 TOP_K_SAVED = 10
@@ -27,6 +28,17 @@ def default_eval_dir(source: Path, split: str, protocol: str, precision: str = "
     return base / (f"eval-{split}-{protocol}" + ("" if precision == "fp32" else f"-{precision}"))
 
 
+def _default_eval_url(arguments) -> str | None:
+    """eval of a run at a URL writes RUN_URL/eval-SPLIT-PROTOCOL/ by default, as on disk."""
+    url = url_of(arguments.get("source"))
+    if url is None or url.endswith(".pt"):
+        return None
+    return join(url, default_eval_dir(Path("run"), arguments.get("split", "test"),
+                                      arguments.get("protocol", "all"),
+                                      arguments.get("precision", "fp32")).name)
+
+
+@with_remote_folders(inputs=("source", "splits_dir"), outputs={"out": _default_eval_url})
 @releases_locks
 def evaluate(source: Path, splits_dir: Path, *, split: str = "test", protocol: str = "all",
              features: Path | None = None, out: Path | None = None, device: str = "auto",

@@ -28,6 +28,7 @@ from ..manifests.shards import Regions
 from ..manifests.splits import run_caption_rule
 from .common.sharded import PlannedItem, ShardedStage, ShardTask
 from ..manifests.ownership import releases_locks
+from ..manifests.remote import lineage_location, with_remote_folders
 
 RANDOM_FEATURES_WARNING = ("the indexed features came from a detector with random weights: "
                            "search results over them are meaningless")
@@ -226,6 +227,7 @@ def _plan_keys(features_manifest_dir: Path, splits: Path | None, split: str | No
     return sorted(keys)
 
 
+@with_remote_folders(inputs=("run", "splits"), outputs={"out": None})
 @releases_locks
 def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = None,
                 split: str | None = None, captions: Path | None = None,
@@ -372,10 +374,11 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
         "shortlist": {"path": SHORTLIST_NAME, "faiss": {**plan, "dim": int(vectors.shape[1]),
                                                          "n": int(len(vectors))},
                       "head": {**head_info, "path": HEAD_NAME}},
-        "lineage": {"checkpoint": str(ckpt_file.resolve()), "checkpoint_sha256": ckpt_sha,
-                    "features": str(Path(features).resolve()), "features_manifest_sha256": feat_sha,
+        "lineage": {"checkpoint": lineage_location(ckpt_file), "checkpoint_sha256": ckpt_sha,
+                    "features": lineage_location(features),
+                    "features_manifest_sha256": feat_sha,
                     "features_input_root": features_manifest.get("input", {}).get("root", ""),
-                    "splits": str(Path(splits).resolve()) if splits else None, "split": split,
+                    "splits": lineage_location(splits) if splits else None, "split": split,
                     "trained_on": ckpt.get("lineage")},
         "captions": caption_info,
         "timings": {"encode_s": round(encode_s, 3), "wall_s": round(time.perf_counter() - t0, 3)},
@@ -414,5 +417,5 @@ def _index_captions(model, splits: Path, split: str | None, path: Path, dtype: s
             words += [enc[b, :int(n)].copy() for b, n in enumerate(batch["word_lengths"].tolist())]
     write_captions(path, words=words, caption_ids=frame["caption_id"].to_numpy(),
                    image_keys=frame["image_key"].tolist(), raw=frame["raw"].astype(str).tolist(), dtype=dtype)
-    return {"path": CAPTIONS_NAME, "splits": str(Path(splits).resolve()), "split": split or "all",
+    return {"path": CAPTIONS_NAME, "splits": lineage_location(splits), "split": split or "all",
             "n_captions": int(len(frame))}

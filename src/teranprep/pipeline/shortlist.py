@@ -20,6 +20,7 @@ from ..errors import PrepError
 from ..manifests.atomic import atomic_write_bytes, canonical_json, commit_temp, sha256_file, temp_path_for
 from ..manifests.fingerprint import fingerprint
 from ..manifests.ownership import releases_locks
+from ..manifests.remote import lineage_location, localize_folder, with_remote_folders
 
 SHORTLIST_FORMAT = "teranprep.shortlist"
 RECALL_SIZES = (10, 20, 50, 100, 500, 1000)  # the issue asks 50..1000; 10, 20 tell on small sets
@@ -108,6 +109,7 @@ def distill(head, model, encoded, caption_image: np.ndarray, *, epochs: int, bat
     return losses
 
 
+@with_remote_folders(inputs=("run", "splits"), outputs={"out": None})
 @releases_locks
 def train_shortlist(run: Path, *, splits: Path | None = None, features: Path | None = None,
                     out: Path | None = None, dim: int = 256, hidden: int = 512, epochs: int = 30,
@@ -126,10 +128,10 @@ def train_shortlist(run: Path, *, splits: Path | None = None, features: Path | N
     ckpt_file = checkpoint_path(run)
     model, ckpt = load_model(ckpt_file, "cpu")
     if splits is None:
-        recorded = (ckpt.get("lineage") or {}).get("splits")
-        if not recorded:
+        trained_on = (ckpt.get("lineage") or {}).get("splits")
+        if not trained_on:
             raise PrepError(f"{ckpt_file}: no training splits recorded; pass --splits")
-        splits = Path(recorded)
+        splits = localize_folder(trained_on, "splits")  # a path, or the URL of splits at one
     out = Path(out) if out is not None else (Path(run) if Path(run).is_dir() else ckpt_file.parent) / "shortlist"
     params = {"checkpoint_sha256": sha256_file(ckpt_file),
               "splits_manifest_sha256": sha256_file(Path(splits) / "manifest.json"),
@@ -180,8 +182,8 @@ def train_shortlist(run: Path, *, splits: Path | None = None, features: Path | N
     manifest = {"format": SHORTLIST_FORMAT, "format_version": 1, "stage": "train-shortlist",
                 "parameters": params, "parameters_fingerprint": params_fp,
                 "head": {**head.describe(), "path": "head.pt", "sha256": sha256_file(out / "head.pt")},
-                "lineage": {"checkpoint": str(ckpt_file.resolve()), "checkpoint_sha256": params["checkpoint_sha256"],
-                            "splits": str(Path(splits).resolve()),
+                "lineage": {"checkpoint": lineage_location(ckpt_file), "checkpoint_sha256": params["checkpoint_sha256"],
+                            "splits": lineage_location(splits),
                             "splits_manifest_sha256": params["splits_manifest_sha256"]},
                 "losses": [round(v, 6) for v in losses],
                 "recall": {name: {str(n): v for n, v in rec.items()} for name, rec in recall.items()},

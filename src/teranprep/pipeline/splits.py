@@ -27,6 +27,7 @@ from ..tokenizers.captions import CaptionTokenizer
 from ..tokenizers.text import CAPTION_RULES, DEFAULT_CAPTION_RULE, is_valid_utf8, normalize_caption, printable
 from ..tokenizers.wordpiece import load_wordpiece
 from ..manifests.ownership import releases_locks
+from ..manifests.remote import with_remote_folders
 
 FORMATS = ("karpathy", "csv", "jsonl", "features-index")
 RESTVAL_MODES = ("train", "drop", "val")
@@ -328,6 +329,7 @@ def _normalization_hint(missing_rows, ok_keys) -> str:
             f"normalization (NFC vs NFD), e.g. {ascii(key)} vs {ascii(found)}")
 
 
+@with_remote_folders(outputs={"out": None})
 @releases_locks
 def build_splits(captions: Path, *, features: Path, out: Path, format: str | None = None,
                  image_key_template: str | None = None, image_column: str = "image",

@@ -26,6 +26,7 @@ from ..manifests.values import require_finite_scores, tensors_nonfinite
 from ..teran.checkpoint import BEST, CHECKPOINT_FORMAT, LAST
 from ..teran.config import dump_config, load_config
 from ..manifests.ownership import releases_locks
+from ..manifests.remote import with_remote_folders
 
 CHECKPOINT_VERSION = 1
 
@@ -46,14 +47,15 @@ class TrainResult:
 
 def _features_location(features_dir) -> str:
     """Features at a URL (or their local mirror) are named by URL; a local folder by its path."""
-    from ..manifests.remote import mirror_url, url_of
-    return url_of(features_dir) or mirror_url(features_dir) or str(Path(features_dir).resolve())
+    from ..manifests.remote import lineage_location, mirror_url, url_of
+    return url_of(features_dir) or mirror_url(features_dir) or lineage_location(features_dir)
 
 
 def lineage_of(splits_dir: Path, features_dir: Path) -> dict:
     from ..manifests.features import manifest_sha256
     from ..manifests.splits import caption_rule_of, read_splits_manifest
-    return {"splits": str(Path(splits_dir).resolve()),
+    from ..manifests.remote import lineage_location
+    return {"splits": lineage_location(splits_dir),
             "splits_manifest_sha256": sha256_file(Path(splits_dir) / "manifest.json"),
             "features": _features_location(features_dir),
             "features_manifest_sha256": manifest_sha256(features_dir),
@@ -213,6 +215,7 @@ def validate(model, split, store, config: dict, device) -> dict:
     return retrieval_metrics(scores, split.caption_image)
 
 
+@with_remote_folders(inputs=("splits_dir",), outputs={"out": None})
 @releases_locks
 def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features: Path | None = None,
           device: str = "auto", stop_after: int | None = None, precision: str | None = None,
@@ -238,6 +241,10 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    from ..manifests.remote import mirror_url
+    if world > 1 and mirror_url(out):
+        raise PrepError(f"{mirror_url(out)}: a run under torchrun writes to a local (or shared) "
+                        "folder only; train into one and copy the run up")
     dev = _resolve_device(device, local_rank)
     distributed = world > 1
     if distributed and not dist.is_initialized():

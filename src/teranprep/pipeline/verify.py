@@ -86,7 +86,7 @@ def verify_remote(url: str, *, full: bool = False) -> VerifyReport:
     url = url.rstrip("/")
     report = VerifyReport(url, full=full)
     objects = remote.listing(url)
-    if MANIFEST_NAME not in objects:
+    if MANIFEST_NAME not in objects and RUN_CONFIG not in objects:  # a run: config + checkpoints
         report.problem(remote.join(url, MANIFEST_NAME), "missing: the stage never finished here (re-run it)")
         return report
     with tempfile.TemporaryDirectory(prefix="prep-verify-") as tmp:
@@ -405,8 +405,24 @@ def verify_run(root: Path, report: VerifyReport) -> None:
         lineage = lineage or ckpt.get("lineage")
         report.checked.append(str(path.relative_to(report.root)) if path.is_relative_to(report.root)
                               else str(path))
-    splits_manifest = Path((lineage or {}).get("splits", "")) / "manifest.json"
-    if lineage and splits_manifest.is_file():
+    splits_url = remote.url_of((lineage or {}).get("splits"))
+    if lineage and splits_url:  # splits at a URL: their manifest object, hashed here
+        import hashlib
+        try:
+            data = remote.read_bytes(remote.join(splits_url, "manifest.json"))
+        except FileNotFoundError:
+            report.warnings.append(f"{splits_url}/manifest.json: not found; the run's lineage cannot "
+                                   "be checked here")
+        else:
+            if hashlib.sha256(data).hexdigest() != lineage.get("splits_manifest_sha256"):
+                report.problem(remote.join(splits_url, "manifest.json"), f"changed since the run "
+                               f"{root} was trained on it; evaluate with the splits it was trained on")
+        splits_manifest = None
+    else:
+        splits_manifest = Path((lineage or {}).get("splits", "")) / "manifest.json"
+    if splits_manifest is None:
+        pass
+    elif lineage and splits_manifest.is_file():
         if sha256_file(splits_manifest) != lineage.get("splits_manifest_sha256"):
             report.problem(splits_manifest, f"changed since the run {root} was trained on it; "
                                             "evaluate with the splits it was trained on")

@@ -22,6 +22,7 @@ from ...manifests.features import FeatureStore, manifest_sha256, read_features_m
 from ...manifests.lineage_warnings import emit, features_warnings, warning_fields
 from .sources import SCAN_BOXES, SCAN_CAPS, SCAN_IDS, SCAN_IMS, SCAN_SIZES, SIZES_FILE
 from ...manifests.ownership import releases_locks
+from ...manifests.remote import lineage_location, localize_features, with_remote_folders
 
 EXPORT_FORMATS = ("scan-precomp", "teran", "butd-tsv", "vinvl-tsv", "lmdb")
 # SCAN's loaders read train / dev / test: our val split is their dev.
@@ -118,13 +119,14 @@ def _progress(total, quiet):
     return tqdm(total=total, unit="img", disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
 
 
+@with_remote_folders(inputs=("splits",), outputs={"out": None})
 @releases_locks
 def export_features(features: Path, to: str, out: Path, *, splits: Path | None = None,
                     key_map: Path | None = None, label_map: Path | None = None,
                     quiet: bool = False) -> ExportResult:
     """Writes the images of `features` in format `to` under `out` (see docs/FORMATS.md)."""
     t0 = time.perf_counter()
-    features, out = Path(features), Path(out)
+    features, out = localize_features(features), Path(out)  # features at a URL: their local mirror
     if to not in EXPORT_FORMATS:
         raise PrepError(f"unknown export format {to!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
     if splits is not None and to != "scan-precomp":
@@ -145,9 +147,9 @@ def export_features(features: Path, to: str, out: Path, *, splits: Path | None =
             files, counts = writer(store, features, out, splits, inverse, quiet)
     result = ExportResult(out, to, files, counts, time.perf_counter() - t0)
     atomic_write_json(out / EXPORT_RECORD, {
-        "format": to, "features": str(features.resolve()),
+        "format": to, "features": lineage_location(features),
         "features_manifest_sha256": manifest_sha256(features),
-        "splits": str(Path(splits).resolve()) if splits else None, "counts": counts, "files": files,
+        "splits": lineage_location(splits) if splits else None, "counts": counts, "files": files,
         **warning_fields(warnings),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return result

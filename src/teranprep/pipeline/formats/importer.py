@@ -28,6 +28,7 @@ from ..common.results import FeaturesResult
 from ..common.sharded import PlannedItem, ShardedStage, ShardTask
 from .sources import IMPORT_FORMATS, SourceItem, open_source
 from ...manifests.ownership import releases_locks
+from ...manifests.remote import with_remote_folders
 
 MAX_LISTED_DUPLICATES = 1000
 
@@ -120,6 +121,7 @@ class ImportTask(ShardTask):
                            extra_stats={"items": [list(r) for r in self.records]}, marker=False)
 
 
+@with_remote_folders(outputs={"out": None})
 @releases_locks
 def import_features(fmt: str, src: Path, out: Path, *, key_map: Path | None = None,
                     shard_size: int = 1000, dtype: str = "float32", sizes: Path | None = None,
