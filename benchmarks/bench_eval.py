@@ -3,6 +3,7 @@
     python benchmarks/bench_eval.py [--images 1000 --captions 5000 --regions 36 --words 12 --dim 1024]
         [--precisions fp32 bf16]
     python benchmarks/bench_eval.py --coco5k [--score-blocks 1] [--precisions fp32 bf16]
+    python benchmarks/bench_eval.py --rankings [--repeats 3]
 
 Random unit vectors stand in for encoded regions and words. The floor is the FLOPs of the
 region-word similarities alone, 2*Ni*Nc*R*W*d, divided by the GEMM rate this machine reaches on a
@@ -155,6 +156,54 @@ def measure_coco5k(a) -> dict:
             "top_shape": [list(t.shape) for t in tops]}
 
 
+def measure_rankings(repeats: int) -> None:
+    """The 5K protocol's sorting after scoring, on a random 5,000 x 25,000 float32 score matrix:
+    eval's saved top-10 both ways and NDCG@25's top-25 both ways (its chunks), each by the full
+    stable argsort cut at k (what eval did before) and by metrics.stable_top_k (what it does now),
+    alternated `repeats` times in this one process; medians, and the answers compared."""
+    import os
+    import statistics
+    import numpy as np
+    from teranprep.extractors.precision import cpu_description
+    from teranprep.teran.metrics import RANK_CHUNK, stable_top_k
+    from teranprep.teran.relevance import NDCG_CHUNK_VALUES
+    print(f"CPU {cpu_description()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"load {os.getloadavg()[0]:.2f}")
+    scores = np.random.default_rng(0).standard_normal((5000, 25000), dtype=np.float32)
+    jobs = {"top-10 i2t (5,000 rows of 25,000)": (scores, 10, RANK_CHUNK),
+            "top-10 t2i (25,000 rows of 5,000)": (scores.T, 10, RANK_CHUNK),
+            "NDCG top-25 i2t": (scores, 25, NDCG_CHUNK_VALUES // 25000),
+            "NDCG top-25 t2i": (scores.T, 25, NDCG_CHUNK_VALUES // 5000)}
+
+    def argsort_way(m, k, chunk):
+        return np.concatenate([np.argsort(-m[r:r + chunk], axis=1, kind="stable")[:, :k]
+                               for r in range(0, m.shape[0], chunk)])
+
+    def partition_way(m, k, chunk):
+        return np.concatenate([stable_top_k(-m[r:r + chunk], k) for r in range(0, m.shape[0], chunk)])
+
+    total = {"argsort": 0.0, "partition": 0.0}
+    print("| step | full stable argsort s | partition top-k s | speed-up | same answer |")
+    print("|---|---|---|---|---|")
+    for name, (m, k, chunk) in jobs.items():
+        times = {"argsort": [], "partition": []}
+        answers = {}
+        for _ in range(repeats):
+            for way, fn in (("argsort", argsort_way), ("partition", partition_way)):
+                t0 = time.perf_counter()
+                answers[way] = fn(m, k, chunk)
+                times[way].append(time.perf_counter() - t0)
+        med = {w: statistics.median(t) for w, t in times.items()}
+        for w in med:
+            total[w] += med[w]
+        same = np.array_equal(answers["argsort"], answers["partition"])
+        print(f"| {name} | {med['argsort']:.2f} | {med['partition']:.2f} | "
+              f"{med['argsort'] / med['partition']:.1f}x | {same} |")
+    print(f"| all four | {total['argsort']:.2f} | {total['partition']:.2f} | "
+          f"{total['argsort'] / total['partition']:.1f}x | |")
+    print(f"load at the end {os.getloadavg()[0]:.2f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=1000)
@@ -172,8 +221,14 @@ def main():
     p.add_argument("--score-images", type=int, default=500,
                    help="--coco5k: images the scored blocks are scored against (time x 5000 / this)")
     p.add_argument("--workdir", default="/tmp/bench_eval")
+    p.add_argument("--rankings", action="store_true",
+                   help="time the 5K protocol's top-k sorts: full stable argsort vs partition top-k")
+    p.add_argument("--repeats", type=int, default=3, help="--rankings: alternated repeats (median)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.rankings:
+        measure_rankings(a.repeats)
+        return
     if a.coco5k and not a.child:
         a.images, a.captions = 5000, 25000
     if a.child:

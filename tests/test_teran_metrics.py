@@ -110,3 +110,29 @@ def test_chunked_ranks_and_top_k_equal_the_whole_matrix_computation(chunk):
     for m, k in ((scores, 5), (scores.T, 5), (scores, 40)):
         want = [sorted(range(m.shape[1]), key=lambda j: (-m[i, j], j))[:k] for i in range(m.shape[0])]
         assert top_k_rows(m, k, chunk=chunk).tolist() == want
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_partition_top_k_is_the_stable_argsort_cut_at_k(seed):
+    """stable_top_k (a partition, then a sort of k) against the full stable argsort it replaces,
+    on rows of distinct values, of heavy ties (across the k-th place too), with NaN, +-0 and inf."""
+    from teranprep.teran.metrics import stable_top_k
+    rng = np.random.default_rng(seed)
+    rows = [rng.standard_normal((50, 300)),                       # distinct: the partition path
+            rng.integers(0, 6, (50, 300)).astype(np.float64),      # ties everywhere
+            np.round(rng.standard_normal((50, 300)), 1)]           # some ties at the k-th place
+    odd = rng.standard_normal((6, 300))
+    odd[0, rng.choice(300, 40, replace=False)] = np.nan            # NaN sorts last
+    odd[1, :] = np.nan
+    odd[2, :150] = 0.0
+    odd[2, 150:] = -0.0                                            # -0 == 0: column order decides
+    odd[3, rng.choice(300, 5, replace=False)] = -np.inf
+    odd[4, :] = 1.0                                                # a constant row
+    odd[5, :3] = np.nan
+    rows.append(odd)
+    for keys in rows:
+        for k in (1, 10, 25, 74, 75, 299, 300, 400):
+            want = np.argsort(keys, axis=1, kind="stable")[:, :min(k, keys.shape[1])]
+            got = stable_top_k(keys, k)
+            assert got.dtype == np.int64 and np.array_equal(got, want), k
+    assert stable_top_k(np.empty((0, 5)), 3).shape == (0, 3)

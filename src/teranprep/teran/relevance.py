@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .metrics import stable_top_k
+
 ROUGE_BETA = 1.2
 NDCG_RANK = 25
 MAX_BITS = 64  # candidate tokens one machine word holds in the bit-parallel LCS
@@ -213,10 +215,10 @@ def fold_ndcg(relevance: np.ndarray, scores: np.ndarray, rank: int = NDCG_RANK,
     chunk_t2i = chunk or max(1, NDCG_CHUNK_VALUES // max(n_images, 1))
     for start in range(0, n_images, chunk_i2t):
         part = slice(start, start + chunk_i2t)
-        top = np.argsort(-scores[part], axis=1, kind="stable")[:, :k_caps]
+        top = stable_top_k(-scores[part], k_caps)
         i2t.append(ndcg_many(relevance[:, part].T, top))
     for start in range(0, n_captions, chunk_t2i):
         part = slice(start, start + chunk_t2i)
-        top = np.argsort(-scores[:, part].T, axis=1, kind="stable")[:, :k_imgs]
+        top = stable_top_k(-scores[:, part].T, k_imgs)
         t2i.append(ndcg_many(relevance[part], top))
     return {"i2t": mean_ndcg(np.concatenate(i2t), "i2t"), "t2i": mean_ndcg(np.concatenate(t2i), "t2i")}
