@@ -211,7 +211,6 @@ def child_main(a) -> None:
         r = run_once(Path(setup["splits"]), config, work / f"run-{precision}", a.steps, precision)
         result.update(r)
     else:
-        from teranprep.teran.model import build_model
         batch = torch.load(work / "batch.pt")
         init = torch.load(work / "init.pt", mmap=True)
         if kind == "check":
