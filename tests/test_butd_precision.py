@@ -90,10 +90,10 @@ def test_fullsize_bf16_agrees_with_fp32_on_the_same_boxes():
     ref = fp32.detect(images)[0]
     del fp32
     bf16 = ButdDetector(DetectorSpec(model="butd-r101", random_seed=0, precision="bf16"))
-    own = bf16.detect(images)[0]
-    assert np.isfinite(own.features).all() and np.isfinite(own.boxes).all()
-    assert 10 <= len(own.boxes) <= 100
+    # (bf16's own proposals, their count within the policy and their finite values, are checked
+    # against the reference's outputs by test_butd_golden's bf16 test)
     same = bf16.detect(images, [ref.boxes])[0]
+    assert np.isfinite(same.features).all()
     cos = cosine(ref.features, same.features)
     assert cos.min() > 0.999 and cos.mean() > 0.9995
     assert np.abs(same.features).max() < 2 * np.abs(ref.features).max()
