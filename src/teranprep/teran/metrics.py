@@ -67,6 +67,7 @@ def stable_top_k(keys: np.ndarray, k: int) -> np.ndarray:
     k = min(k, m)
     if k == 0 or n == 0:
         return np.empty((n, k), dtype=np.int64)
+    keys = np.ascontiguousarray(keys)  # a transposed block (t2i) partitions 2-3x faster row-major
     if 4 * k >= m:  # a partition saves little over a sort of a short row
         return np.argsort(keys, axis=1, kind="stable")[:, :k]
     kth = np.partition(keys, k - 1, axis=1)[:, k - 1:k]  # NaN sorts last, as in argsort
