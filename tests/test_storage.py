@@ -533,3 +533,15 @@ def test_a_stage_that_writes_only_locally_refuses_a_url_out_in_one_line(s3, tmp_
     assert lines == [f"error: {s3.url('synthetic')}: this stage writes to a local folder only; pass a "
                      "local path and copy the result up"]
     assert s3.names("synthetic") == []
+
+
+def test_an_index_at_a_url_refuses_a_remote_scheduler_before_connecting(s3, tmp_path):
+    """index writes a URL OUT through this machine's mirror: a scheduler's workers (other
+    machines) could not reach it, so `--scheduler` with a URL OUT is refused in one line, before
+    the scheduler is contacted (nothing listens at this address), leaving no object behind."""
+    result = CliRunner().invoke(main, ["index", str(tmp_path / "run"), "--features", str(tmp_path / "f"),
+                                       "--out", s3.url("index"), "--scheduler", "tcp://127.0.0.1:9"])
+    assert result.exit_code == 2
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {s3.url('index')}: an index at a URL"), lines
+    assert s3.names("index") == []

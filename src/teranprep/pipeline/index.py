@@ -246,6 +246,11 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
 
     t0 = time.perf_counter()
     out = Path(out)
+    from ..manifests.remote import mirror_url
+    if scheduler and mirror_url(out):
+        raise PrepError(f"{mirror_url(out)}: an index at a URL is written through this machine's "
+                        "mirror, which a scheduler's workers cannot reach; use --workers N (a local "
+                        "cluster) or write the index to a shared folder and copy it up")
     workers = check_workers(workers, scheduler, default=0)
     run_device = stage_device(device, scheduler)  # this machine's CUDA, or the workers' report
     checks = [(dtype in ("float16", "float32"), "--dtype must be float16 or float32"),
