@@ -106,6 +106,8 @@ def one_size(a) -> dict:
     searcher.head = ShortlistHead(dim, a.head_dim).eval()
     searcher.alignment = {"mode": "MrSw", "drop_tokens": "reference", "word_max_floor_zero": True}
     searcher.embed_dim, searcher._tokenizer_name, searcher._tokenizer, searcher._captions = dim, "minilm", None, None
+    from teranprep.tokenizers.text import DEFAULT_CAPTION_RULE
+    searcher.caption_rule = DEFAULT_CAPTION_RULE  # as Searcher.__init__ sets it from the index
     searcher.search(QUERIES[0], k=10, shortlist=a.shortlist)  # warm-up: tokenizer, page cache
     phases = {"encode": [], "shortlist": [], "rerank": [], "total": [], "cpu": []}
     for q in range(a.queries):
