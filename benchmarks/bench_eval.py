@@ -244,7 +244,7 @@ def main():
             load0 = os.getloadavg()[0]
             argv = [sys.executable, __file__, "--child", precision] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-                if k not in ("precisions", "child", "coco5k")] + ["--coco5k"]
+                if k not in ("precisions", "child", "coco5k", "rankings", "repeats")] + ["--coco5k"]
             done = subprocess.run(argv, check=True, capture_output=True, text=True)
             r = json.loads(done.stdout.strip().splitlines()[-1])
             print(json.dumps(r))
@@ -263,7 +263,7 @@ def main():
     for precision in a.precisions:
         argv = [sys.executable, __file__, "--child", precision] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-            if k not in ("precisions", "child")]
+            if k not in ("precisions", "child", "rankings", "repeats")]
         done = subprocess.run(argv, check=True, capture_output=True, text=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"machine: {platform.machine()}, {psutil.cpu_count()} cpus, torch {torch.__version__}, "
