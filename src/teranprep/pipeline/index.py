@@ -28,7 +28,7 @@ from ..manifests.shards import Regions
 from ..manifests.splits import run_caption_rule
 from .common.sharded import PlannedItem, ShardedStage, ShardTask
 from ..manifests.ownership import releases_locks
-from ..manifests.remote import lineage_location, with_remote_folders
+from ..manifests.remote import lineage_location, mirror_url, with_remote_folders
 
 RANDOM_FEATURES_WARNING = ("the indexed features came from a detector with random weights: "
                            "search results over them are meaningless")
@@ -246,7 +246,6 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
 
     t0 = time.perf_counter()
     out = Path(out)
-    from ..manifests.remote import mirror_url
     if scheduler and mirror_url(out):
         raise PrepError(f"{mirror_url(out)}: an index at a URL is written through this machine's "
                         "mirror, which a scheduler's workers cannot reach; use --workers N (a local "
@@ -302,9 +301,8 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
     items = [PlannedItem(k, [located[k][0], shard_sha.get(located[k][0], ""), int(located[k][1])])
              for k in keys]
 
-    from ..manifests.remote import url_of, mirror_url
     # features at a URL go to the workers by URL: each reads them through its own cache
-    features_location = url_of(features) or mirror_url(features) or str(Path(features).resolve())
+    features_location = lineage_location(features)
 
     def make_task(index, members):
         return IndexTask(index=index, out=str(out.resolve()), params_fingerprint=params_fp,
@@ -380,7 +378,7 @@ def build_index(run: Path, features: Path, out: Path, *, splits: Path | None = N
                                                          "n": int(len(vectors))},
                       "head": {**head_info, "path": HEAD_NAME}},
         "lineage": {"checkpoint": lineage_location(ckpt_file), "checkpoint_sha256": ckpt_sha,
-                    "features": lineage_location(features),
+                    "features": features_location,
                     "features_manifest_sha256": feat_sha,
                     "features_input_root": features_manifest.get("input", {}).get("root", ""),
                     "splits": lineage_location(splits) if splits else None, "split": split,

@@ -89,9 +89,8 @@ class Searcher:
         self.store = IndexStore(index_dir)
         m = self.store.manifest
         self.root = self.store.root
-        from ..manifests.remote import local_file, url_of
-        recorded = m["lineage"]["checkpoint"]
-        ckpt = local_file(recorded, "checkpoint") if url_of(recorded) else Path(recorded)
+        from ..manifests.remote import local_file
+        ckpt = local_file(m["lineage"]["checkpoint"], "checkpoint")  # a URL: fetched into the cache
         if not ckpt.is_file():
             raise PrepError(f"{ckpt}: the checkpoint this index was built with is gone; rebuild the "
                             f"index or put the checkpoint back")

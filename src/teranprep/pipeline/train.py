@@ -26,7 +26,7 @@ from ..manifests.values import require_finite_scores, tensors_nonfinite
 from ..teran.checkpoint import BEST, CHECKPOINT_FORMAT, LAST
 from ..teran.config import dump_config, load_config
 from ..manifests.ownership import releases_locks
-from ..manifests.remote import with_remote_folders
+from ..manifests.remote import lineage_location, mirror_url, with_remote_folders
 
 CHECKPOINT_VERSION = 1
 
@@ -45,19 +45,12 @@ class TrainResult:
         return f"{self.run_dir}: {self.step} steps, best validation rsum {best}"
 
 
-def _features_location(features_dir) -> str:
-    """Features at a URL (or their local mirror) are named by URL; a local folder by its path."""
-    from ..manifests.remote import lineage_location, mirror_url, url_of
-    return url_of(features_dir) or mirror_url(features_dir) or lineage_location(features_dir)
-
-
 def lineage_of(splits_dir: Path, features_dir: Path) -> dict:
     from ..manifests.features import manifest_sha256
     from ..manifests.splits import caption_rule_of, read_splits_manifest
-    from ..manifests.remote import lineage_location
     return {"splits": lineage_location(splits_dir),
             "splits_manifest_sha256": sha256_file(Path(splits_dir) / "manifest.json"),
-            "features": _features_location(features_dir),
+            "features": lineage_location(features_dir),  # a URL (or its mirror) by its URL
             "features_manifest_sha256": manifest_sha256(features_dir),
             # search normalises queries by the rule these captions were (tokenizers/text.py)
             "caption_rule": caption_rule_of(read_splits_manifest(splits_dir))}
@@ -251,7 +244,6 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    from ..manifests.remote import mirror_url
     if world > 1 and mirror_url(out):
         raise PrepError(f"{mirror_url(out)}: a run under torchrun writes to a local (or shared) "
                         "folder only; train into one and copy the run up")

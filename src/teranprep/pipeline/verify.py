@@ -363,6 +363,21 @@ def verify_splits(root: Path, manifest: dict, report: VerifyReport) -> None:
                                  f"{', '.join(map(repr, absent[:10]))}")
 
 
+def _splits_manifest_digest(splits: str):
+    """(the splits manifest a run's lineage names, its sha256 or None when it is not there): a
+    local file, or the manifest object of splits at a URL."""
+    url = remote.url_of(splits)
+    if url is None:
+        path = Path(splits) / "manifest.json"
+        return path, (sha256_file(path) if path.is_file() else None)
+    import hashlib
+    name = remote.join(url, "manifest.json")
+    try:
+        return name, hashlib.sha256(remote.read_bytes(name)).hexdigest()
+    except FileNotFoundError:
+        return name, None
+
+
 def verify_run(root: Path, report: VerifyReport) -> None:
     """runs/NAME: every checkpoint loads with weights_only and into the model it describes, its
     config is config.yaml's, its lineage is lineage.json's and the splits it names are unchanged."""
@@ -405,29 +420,13 @@ def verify_run(root: Path, report: VerifyReport) -> None:
         lineage = lineage or ckpt.get("lineage")
         report.checked.append(str(path.relative_to(report.root)) if path.is_relative_to(report.root)
                               else str(path))
-    splits_url = remote.url_of((lineage or {}).get("splits"))
-    if lineage and splits_url:  # splits at a URL: their manifest object, hashed here
-        import hashlib
-        try:
-            data = remote.read_bytes(remote.join(splits_url, "manifest.json"))
-        except FileNotFoundError:
-            report.warnings.append(f"{splits_url}/manifest.json: not found; the run's lineage cannot "
-                                   "be checked here")
-        else:
-            if hashlib.sha256(data).hexdigest() != lineage.get("splits_manifest_sha256"):
-                report.problem(remote.join(splits_url, "manifest.json"), f"changed since the run "
-                               f"{root} was trained on it; evaluate with the splits it was trained on")
-        splits_manifest = None
-    else:
-        splits_manifest = Path((lineage or {}).get("splits", "")) / "manifest.json"
-    if splits_manifest is None:
-        pass
-    elif lineage and splits_manifest.is_file():
-        if sha256_file(splits_manifest) != lineage.get("splits_manifest_sha256"):
+    if lineage:
+        splits_manifest, digest = _splits_manifest_digest(lineage.get("splits", ""))
+        if digest is None:
+            report.warnings.append(f"{splits_manifest}: not found; the run's lineage cannot be checked here")
+        elif digest != lineage.get("splits_manifest_sha256"):
             report.problem(splits_manifest, f"changed since the run {root} was trained on it; "
                                             "evaluate with the splits it was trained on")
-    elif lineage:
-        report.warnings.append(f"{splits_manifest}: not found; the run's lineage cannot be checked here")
     metrics = root / "metrics.jsonl"
     if metrics.is_file():
         for number, line in enumerate(metrics.read_text("utf-8").splitlines(), 1):
