@@ -262,6 +262,11 @@ def test_build_splits_train_eval_index_and_search_read_and_write_the_bucket(s3, 
         prep("index", run, "--features", feats, "--out", index, *options, *cache)
         answers[where] = json.loads(prep("search", index, "w3 w5 w7", "-k", 5, "--json", *options, *cache))
         if where == "bucket":
+            # a stage whose default OUT lies in its run (train-shortlist: RUN/shortlist) writes it
+            # beside the run at the URL, not into the run's cached copy
+            said = prep("train-shortlist", run, "--epochs", 1, "--dim", 8, "--batch-size", 4, *options, *cache)
+            assert f"{run}/shortlist" in said, said
+            assert "shortlist/manifest.json" in s3.names("out/run") and "shortlist/head.pt" in s3.names("out/run")
             for folder in (splits, run, index):
                 prep("verify", folder, *options)
             local = tmp_path / "bucket"

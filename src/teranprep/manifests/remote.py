@@ -662,6 +662,19 @@ def lineage_location(path) -> str:
     return str(Path(path).resolve())
 
 
+def beside_run(run, name: str) -> str | None:
+    """RUN_URL/name for a run at a URL (a checkpoint object's folder when RUN names the file):
+    where a stage's default output goes, as it goes into RUN/name on disk. None for a local run."""
+    url = url_of(run)
+    if url is None:
+        return None
+    fs, path = filesystem(url)
+    with remote_errors(url):
+        fs.invalidate_cache(path)
+        one_object = fs.isfile(path)  # a prefix (a folder) is not a file
+    return join(parent(url) if one_object else url, name)
+
+
 def with_remote_folders(*, inputs=(), outputs=None):
     """Decorates a whole-folder stage: each argument named in `inputs` that is a URL becomes its
     local copy (localize_folder); each one named in `outputs` ({name: default}) becomes the
@@ -679,12 +692,12 @@ def with_remote_folders(*, inputs=(), outputs=None):
         def run(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
             given = bound.arguments
-            if not any(url_of(given.get(n)) for n in (*inputs, *outputs)) and not any(
-                    default is not None and default(given) for default in outputs.values()):
-                return stage(*args, **kwargs)
             for name, default in outputs.items():
-                if given.get(name) is None and default is not None:
-                    given[name] = default(given)
+                value = default(given) if given.get(name) is None and default is not None else None
+                if value is not None:
+                    given[name] = value
+            if not any(url_of(given.get(n)) for n in (*inputs, *outputs)):
+                return stage(*bound.args, **bound.kwargs)
             with contextlib.ExitStack() as stack:
                 for name in outputs:
                     if url_of(given.get(name)):

@@ -13,7 +13,7 @@ from ..manifests.lineage_warnings import emit, features_warnings, merge, recorde
 from ..manifests.values import require_finite_scores
 from ..teran.checkpoint import checkpoint_path, load_model
 from ..manifests.ownership import releases_locks
-from ..manifests.remote import join, url_of, with_remote_folders
+from ..manifests.remote import beside_run, with_remote_folders
 
 PROTOCOLS = ("all", "1k", "5k")
 TOP_K_SAVED = 10
@@ -23,19 +23,19 @@ CAPTION_ENCODE_BLOCKS = 4
 NDCG_LABELS = {"ndcg_rougeL": "NDCG@25(ROUGE-L)", "ndcg_spice": "NDCG@25(SPICE)"}
 
 
+def eval_dir_name(split: str, protocol: str, precision: str = "fp32") -> str:
+    return f"eval-{split}-{protocol}" + ("" if precision == "fp32" else f"-{precision}")
+
+
 def default_eval_dir(source: Path, split: str, protocol: str, precision: str = "fp32") -> Path:
     base = Path(source) if Path(source).is_dir() else Path(source).parent
-    return base / (f"eval-{split}-{protocol}" + ("" if precision == "fp32" else f"-{precision}"))
+    return base / eval_dir_name(split, protocol, precision)
 
 
 def _default_eval_url(arguments) -> str | None:
     """eval of a run at a URL writes RUN_URL/eval-SPLIT-PROTOCOL/ by default, as on disk."""
-    url = url_of(arguments.get("source"))
-    if url is None or url.endswith(".pt"):
-        return None
-    return join(url, default_eval_dir(Path("run"), arguments.get("split", "test"),
-                                      arguments.get("protocol", "all"),
-                                      arguments.get("precision", "fp32")).name)
+    return beside_run(arguments.get("source"), eval_dir_name(
+        arguments.get("split", "test"), arguments.get("protocol", "all"), arguments.get("precision", "fp32")))
 
 
 @with_remote_folders(inputs=("source", "splits_dir"), outputs={"out": _default_eval_url})

@@ -20,7 +20,7 @@ from ..errors import PrepError
 from ..manifests.atomic import atomic_write_bytes, canonical_json, commit_temp, sha256_file, temp_path_for
 from ..manifests.fingerprint import fingerprint
 from ..manifests.ownership import releases_locks
-from ..manifests.remote import lineage_location, localize_folder, with_remote_folders
+from ..manifests.remote import beside_run, lineage_location, localize_folder, with_remote_folders
 
 SHORTLIST_FORMAT = "teranprep.shortlist"
 RECALL_SIZES = (10, 20, 50, 100, 500, 1000)  # the issue asks 50..1000; 10, 20 tell on small sets
@@ -109,7 +109,8 @@ def distill(head, model, encoded, caption_image: np.ndarray, *, epochs: int, bat
     return losses
 
 
-@with_remote_folders(inputs=("run", "splits"), outputs={"out": None})
+@with_remote_folders(inputs=("run", "splits"),
+                     outputs={"out": lambda arguments: beside_run(arguments.get("run"), "shortlist")})
 @releases_locks
 def train_shortlist(run: Path, *, splits: Path | None = None, features: Path | None = None,
                     out: Path | None = None, dim: int = 256, hidden: int = 512, epochs: int = 30,
