@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -304,6 +305,42 @@ def _interrupt(cmd, ready, sig=signal.SIGINT, env=None, timeout=240) -> str:
     assert len(lines) == 1, stderr
     assert lines[0].startswith(f"interrupted ({signal.Signals(sig).name})") and "resume with: prep" in lines[0]
     return lines[0]
+
+
+def test_a_signal_landing_in_a_weakref_callback_prints_no_traceback_and_still_interrupts(tmp_path):
+    """A real SIGINT whose handler runs inside a weakref callback (where Python prints "Exception
+    ignored ... Traceback" and drops the exception; seen once when a Ctrl-C met garbage collection
+    in import-features): nothing is printed, and check_interrupted(), which the stages call
+    between items, raises it after the callback."""
+    script = tmp_path / "callback.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, weakref
+        from teranprep.interrupts import Interrupted, check_interrupted, install_signal_handlers
+        install_signal_handlers()
+        class Thing: pass
+        inside = []
+        def callback(_):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode: in here
+            for _ in range(10000):
+                inside.append(1)
+        thing = Thing()
+        ref = weakref.ref(thing, callback)
+        try:
+            del thing
+            print("callback done")
+            check_interrupted()
+            print("not interrupted")
+        except Interrupted as exc:
+            print("interrupted after the callback:", exc.signum, len(inside))
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    first, last = done.stdout.strip().splitlines()
+    assert first == "callback done"
+    said, signum, appended = last.rsplit(" ", 2)
+    assert said == "interrupted after the callback:" and int(signum) == signal.SIGINT
+    assert int(appended) < 10000  # the handler did run inside the callback, and stopped it there
+    assert done.stderr == ""
 
 
 def _files(directory: Path, skip=("manifest.json",)) -> dict:

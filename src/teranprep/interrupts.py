@@ -34,8 +34,8 @@ _undelivered: list[int] = []  # a signal whose Interrupted no `resumable` has se
 
 def _raise_interrupted(signum, frame):
     # The handler runs at whatever bytecode the main thread is at; inside a weakref callback or a
-    # __del__ the exception is printed and dropped, so the signal is also kept here for
-    # check_interrupted() (called between items) to raise again.
+    # __del__ the exception cannot propagate (_quiet_unraisable keeps it from being printed), so
+    # the signal is also kept here for check_interrupted() (called between items) to raise again.
     _undelivered.append(signum)
     raise Interrupted(signum)
 
@@ -46,8 +46,27 @@ def check_interrupted() -> None:
         raise Interrupted(_undelivered[-1])
 
 
+def _quiet_unraisable(unraisable) -> None:
+    """sys.unraisablehook while the handlers are installed. An Interrupted raised inside a weakref
+    callback or a __del__ cannot propagate, and Python would print it as "Exception ignored ...
+    Traceback". It is not printed (a user sees one line, never a traceback): the signal is in
+    _undelivered, and check_interrupted() between items raises it again. (Sending the signal
+    again from here would run its handler inside this hook.) Anything else goes to the hook that
+    was there before."""
+    if isinstance(unraisable.exc_value, Interrupted):
+        return
+    _previous_unraisablehook(unraisable)
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
 def install_signal_handlers() -> dict:
     """SIGINT and SIGTERM raise Interrupted in the main thread; returns the handlers replaced."""
+    global _previous_unraisablehook
+    if sys.unraisablehook is not _quiet_unraisable:
+        _previous_unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _quiet_unraisable
     before = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -59,6 +78,8 @@ def install_signal_handlers() -> dict:
 
 
 def restore_signal_handlers(before: dict) -> None:
+    if sys.unraisablehook is _quiet_unraisable:
+        sys.unraisablehook = _previous_unraisablehook
     for signum, handler in before.items():
         try:
             signal.signal(signum, handler)
