@@ -106,19 +106,31 @@ def measure_coco5k(a) -> dict:
     scores = np.empty((ni, nc), dtype=np.float32)
     rng = np.random.default_rng(0)
     scored, score_s, blocks = 0, 0.0, 0
+    score_split_s, worst_diff, scored_tokens = 0.0, 0.0, 0
     t_all = time.perf_counter()
     for c0 in range(0, nc, step):
         wl = lengths[c0:c0 + step]
         words = unit(len(wl), int(wl.max()), a.dim, seed=3 + c0).to(dtype)  # what encode_captions returns
-        if blocks < a.score_blocks:
-            t0 = time.perf_counter()
+        if a.score_blocks == 0 or blocks < a.score_blocks:
             k = a.score_images
-            scores[:k, c0:c0 + len(wl)] = score_matrix(regions[:k], region_lengths[:k], words, wl, mode="MrSw",
-                                                       drop_tokens="none", image_block=a.image_block,
-                                                       caption_block=a.caption_block, precision=a.child)
+            kwargs = dict(mode="MrSw", drop_tokens="none", image_block=a.image_block,
+                          caption_block=a.caption_block, precision=a.child)
+            # eval's way: the chunk in one call, its captions blocked by length (caption_blocks);
+            # before: blocks in split order, i.e. one call per caption block (same answers).
+            t0 = time.perf_counter()
+            got = score_matrix(regions[:k], region_lengths[:k], words, wl, **kwargs)
             score_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            before = np.concatenate([
+                score_matrix(regions[:k], region_lengths[:k], words[b0:b0 + a.caption_block],
+                             wl[b0:b0 + a.caption_block], **kwargs)
+                for b0 in range(0, len(wl), a.caption_block)], axis=1)
+            score_split_s += time.perf_counter() - t0
+            worst_diff = max(worst_diff, float(np.abs(got - before).max()))
+            scores[:k, c0:c0 + len(wl)] = got
             scores[k:, c0:c0 + len(wl)] = rng.standard_normal((ni - k, len(wl)), dtype=np.float32)
             scored += len(wl)
+            scored_tokens += int(wl.sum())
         else:
             scores[:, c0:c0 + len(wl)] = rng.standard_normal((ni, len(wl)), dtype=np.float32)
         blocks += 1
@@ -145,6 +157,10 @@ def measure_coco5k(a) -> dict:
     rate = gemm_rate(a.image_block * a.regions, a.dim, a.caption_block * 14, dtype=dtype)
     return {"precision": a.child, "scored_captions": scored, "score_s": score_s,
             "score_s_all": score_s * nc / max(scored, 1) * ni / a.score_images,
+            "score_split_s": score_split_s,
+            "score_split_s_all": score_split_s * nc / max(scored, 1) * ni / a.score_images,
+            "split_vs_length_max_abs_diff": worst_diff,
+            "scored_floor_s": 2.0 * a.score_images * scored_tokens * a.regions * a.dim / rate,
             "score_images": a.score_images, "loop_s": loop_s,
             "metrics_s": metrics_s, "ndcg_s": ndcg_s, "rate": rate, "floor_s": flops / rate,
             "peak_rss_mb": peak / 2 ** 20, "start_rss_mb": rss0 / 2 ** 20,
@@ -217,7 +233,8 @@ def main():
     p.add_argument("--coco5k", action="store_true",
                    help="the COCO 5K protocol's shape (5,000 x 25,000, COCO-like caption lengths): "
                         "eval's caption blocks, metrics, rankings and NDCG, time and peak RSS")
-    p.add_argument("--score-blocks", type=int, default=1, help="--coco5k: caption blocks scored for real")
+    p.add_argument("--score-blocks", type=int, default=1,
+                   help="--coco5k: caption chunks (of 4 x --caption-block) scored for real; 0: all")
     p.add_argument("--score-images", type=int, default=500,
                    help="--coco5k: images the scored blocks are scored against (time x 5000 / this)")
     p.add_argument("--workdir", default="/tmp/bench_eval")
@@ -252,7 +269,10 @@ def main():
             print(f"{precision}: 5,000 x 25,000 (caption tokens mean {r['mean_len']:.1f}, max {r['max_len']}): "
                   f"scoring {r['score_s']:.1f} s for {r['score_images']} images x {r['scored_captions']} captions -> "
                   f"{r['score_s_all']:.0f} s "
-                  f"for all (GEMM floor {r['floor_s']:.0f} s at {r['rate'] / 1e9:.0f} GF/s); metrics + "
+                  f"for all (GEMM floor {r['floor_s']:.0f} s at {r['rate'] / 1e9:.0f} GF/s; scored part "
+                  f"{r['score_s'] / r['scored_floor_s']:.2f}x its floor); captions blocked in split order as "
+                  f"before: {r['score_split_s']:.1f} s -> {r['score_split_s_all']:.0f} s "
+                  f"({r['score_split_s'] / r['score_s']:.2f}x; max |diff| {r['split_vs_length_max_abs_diff']:.1e}); metrics + "
                   f"rankings {r['metrics_s']:.1f} s; NDCG {r['ndcg_s']:.1f} s; total {total:.0f} s "
                   f"({total / 60:.1f} min) without encoding; peak RSS {r['peak_rss_mb']:.0f} MB "
                   f"(start {r['start_rss_mb']:.0f}); regions {r['regions_mb']:.0f} MB; all words padded "

@@ -70,6 +70,39 @@ def test_blocked_score_matrix_equals_one_block(mode):
     np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-5)
 
 
+def test_caption_blocks_group_captions_by_length_and_scores_stay_in_their_columns():
+    """One long caption among short ones: blocked in split order, every block it lands in is as
+    wide as it; caption_blocks puts the long ones together, so the GEMM work (sum of block size x
+    width) is the sorted-by-length minimum. The scores still equal the one-block computation and
+    land in each caption's own column."""
+    from teranprep.teran.scoring import caption_blocks
+    g = torch.Generator().manual_seed(7)
+    wlens = torch.randint(6, 9, (40,), generator=g)
+    wlens[[3, 17, 30]] = 30  # three long captions, in three different split-order blocks of 10
+    wmask = word_keep_mask(wlens, 30, "reference")
+    blocks = list(caption_blocks(wmask, 10))
+    covered = torch.cat([torch.arange(40)[cols] for cols, _, _ in blocks])
+    assert sorted(covered.tolist()) == list(range(40))  # every caption once
+    for cols, start, end in blocks:  # each block's columns hold all its kept tokens
+        assert not wmask[cols][:, :start].any() and not wmask[cols][:, end:].any()
+    work = sum(len(torch.arange(40)[cols]) * (end - start) for cols, start, end in blocks)
+    kept_end = (wlens - 2).sort().values  # reference rule: kept tokens 1 .. len-3
+    minimum = sum(len(kept_end[i:i + 10]) * (int(kept_end[i:i + 10].max()) - 1) for i in range(0, 40, 10))
+    assert work == minimum
+    split_order = sum(10 * (int((wlens[i:i + 10] - 2).max()) - 1) for i in range(0, 40, 10))
+    assert work < split_order  # 3 blocks of 27 columns before; one now
+
+    regions, words = _unit(9, 5, 8, seed=8).float(), _unit(40, 30, 8, seed=9).float()
+    rlens = torch.randint(2, 6, (9,), generator=torch.Generator().manual_seed(10))
+    whole = alignment_scores(regions, region_keep_mask(rlens, 5), words, wmask, "symm", True).numpy()
+    blocked = score_matrix(regions, rlens, words, wlens, mode="symm", image_block=4, caption_block=10)
+    np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-5)
+    in_order = torch.argsort(wlens, stable=True)  # already sorted: the same scores, sliced blocks
+    again = score_matrix(regions, rlens, words[in_order], wlens[in_order], mode="symm", image_block=4,
+                         caption_block=10)
+    np.testing.assert_allclose(again, whole[:, in_order.numpy()], rtol=1e-5, atol=1e-5)
+
+
 def test_hinge_loss_matches_hand_computation():
     s = torch.tensor([[0.9, 0.8, 0.1],
                       [0.3, 0.5, 0.6],
