@@ -72,8 +72,9 @@ def test_blocked_score_matrix_equals_one_block(mode):
 
 def test_caption_blocks_group_captions_by_length_and_scores_stay_in_their_columns():
     """One long caption among short ones: blocked in split order, every block it lands in is as
-    wide as it; caption_blocks puts the long ones together, so the GEMM work (sum of block size x
-    width) is the sorted-by-length minimum. The scores still equal the one-block computation and
+    wide as it; caption_blocks sorts by length and bounds each block's padding, so the long ones
+    make a block of their own and the work (sum of block size x width) is below both split order
+    and fixed blocks of the sorted captions. The scores still equal the one-block computation and
     land in each caption's own column."""
     from teranprep.teran.scoring import caption_blocks
     g = torch.Generator().manual_seed(7)
@@ -83,14 +84,19 @@ def test_caption_blocks_group_captions_by_length_and_scores_stay_in_their_column
     blocks = list(caption_blocks(wmask, 10))
     covered = torch.cat([torch.arange(40)[cols] for cols, _, _ in blocks])
     assert sorted(covered.tolist()) == list(range(40))  # every caption once
+    kept = wmask.sum(1)  # reference rule: kept tokens 1 .. len-3, so a caption's width is its count
     for cols, start, end in blocks:  # each block's columns hold all its kept tokens
         assert not wmask[cols][:, :start].any() and not wmask[cols][:, end:].any()
+        n = len(torch.arange(40)[cols])
+        assert 1 <= n <= 10
+        assert n * (end - start) <= 1.25 * int(kept[cols].sum())  # the padding bound
+    long_block = [torch.arange(40)[cols].tolist() for cols, _, _ in blocks if 3 in torch.arange(40)[cols]]
+    assert long_block == [[3, 17, 30]]  # the long ones alone, in split order
     work = sum(len(torch.arange(40)[cols]) * (end - start) for cols, start, end in blocks)
-    kept_end = (wlens - 2).sort().values  # reference rule: kept tokens 1 .. len-3
-    minimum = sum(len(kept_end[i:i + 10]) * (int(kept_end[i:i + 10].max()) - 1) for i in range(0, 40, 10))
-    assert work == minimum
+    kept_end = (wlens - 2).sort().values
+    fixed = sum(len(kept_end[i:i + 10]) * (int(kept_end[i:i + 10].max()) - 1) for i in range(0, 40, 10))
     split_order = sum(10 * (int((wlens[i:i + 10] - 2).max()) - 1) for i in range(0, 40, 10))
-    assert work < split_order  # 3 blocks of 27 columns before; one now
+    assert work <= 1.25 * int(kept.sum()) < fixed < split_order
 
     regions, words = _unit(9, 5, 8, seed=8).float(), _unit(40, 30, 8, seed=9).float()
     rlens = torch.randint(2, 6, (9,), generator=torch.Generator().manual_seed(10))

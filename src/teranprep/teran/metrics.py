@@ -13,9 +13,11 @@ RECALL_KS = (1, 5, 10)
 
 
 # Rows (or columns) of a score matrix handled at a time by the rank functions: their boolean and
-# float temporaries are then chunk x N, not the whole matrix (at COCO 5K: 2048 x 25000 instead
-# of 5000 x 25000, ~0.2 GB instead of ~1 GB per temporary). The results do not depend on it.
-RANK_CHUNK = 2048
+# float temporaries are then chunk x N, not the whole matrix (at COCO 5K: 512 x 25000 instead
+# of 5000 x 25000, ~50 MB instead of ~500 MB per float32 temporary; top_k_rows holds several,
+# and at 2048 rows they put the 5K protocol's fp32 peak over 3 GB). The results do not depend
+# on it.
+RANK_CHUNK = 512
 
 
 def i2t_ranks(scores: np.ndarray, caption_image: np.ndarray, chunk: int = RANK_CHUNK) -> np.ndarray:

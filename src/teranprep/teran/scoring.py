@@ -83,8 +83,9 @@ def encode_captions(model, input_ids, *, batch_size: int = 64, device="cpu", num
 def score_matrix(regions: torch.Tensor, region_lengths: torch.Tensor, words: torch.Tensor,
                  word_lengths: torch.Tensor, *, mode: str = "MrSw", drop_tokens: str = "reference",
                  word_max_floor_zero: bool = True, image_block: int = 100, caption_block: int = 500,
-                 device="cpu", precision: str | None = None) -> np.ndarray:
-    """(Ni, Nc) float32 scores, computed block by block.
+                 device="cpu", precision: str | None = None, max_padding: float = 1.25) -> np.ndarray:
+    """(Ni, Nc) float32 scores, computed block by block (captions grouped as caption_blocks
+    says; `max_padding` inf: fixed blocks of `caption_block` captions sorted by length).
 
     The similarity GEMM runs in the dtype of `precision` (fp32 | bf16; None: the inputs' own
     dtype); the scores are always summed in fp32 (alignment_scores).
@@ -97,7 +98,7 @@ def score_matrix(regions: torch.Tensor, region_lengths: torch.Tensor, words: tor
     out = np.empty((ni, nc), dtype=np.float32)
     rmask_all = region_keep_mask(region_lengths, regions.shape[1])
     wmask_all = word_keep_mask(word_lengths, words.shape[1], drop_tokens)
-    for cols, w0, w1 in caption_blocks(wmask_all, caption_block):
+    for cols, w0, w1 in caption_blocks(wmask_all, caption_block, max_padding):
         out_cols = cols if isinstance(cols, slice) else cols.numpy()
         blk_words = words[cols, w0:w1].to(device, dtype)
         wmask = wmask_all[cols, w0:w1].to(device)
@@ -113,14 +114,17 @@ def score_matrix(regions: torch.Tensor, region_lengths: torch.Tensor, words: tor
     return out
 
 
-def caption_blocks(word_mask: torch.Tensor, caption_block: int):
+def caption_blocks(word_mask: torch.Tensor, caption_block: int, max_padding: float = 1.25):
     """(captions, first, end) of each caption block score_matrix multiplies: `captions` a slice or
     an index tensor, its words' columns first:end (the block's kept tokens).
 
     A block's GEMM is as wide as its longest kept caption, so the captions go into blocks in
-    order of their last kept token: one 40-piece caption among 499 of 12 would otherwise make
-    the whole block 40 wide (COCO's 5K test: mean ~13.5 pieces, a few of 30-50; blocks in split
-    order paid ~2.5x the GEMM work). Captions already in that order keep their slices (no copy).
+    order of their last kept token, and a block ends at `caption_block` captions or before a
+    caption that would make its work (captions x width) more than `max_padding` x its captions'
+    own widths. COCO's 5K test (mean ~13.5 pieces, a few of 30-50 in every 2,000): in split
+    order every 500-block was as wide as its longest caption; sorted into fixed blocks of 500,
+    the last block of each 2,000 still was (~1.7x the work); with the bound, the few long ones
+    make a small block of their own. Captions already in that order keep their slices (no copy).
     """
     nc, w = word_mask.shape
     positions = torch.arange(1, w + 1)
@@ -128,12 +132,20 @@ def caption_blocks(word_mask: torch.Tensor, caption_block: int):
     first = torch.where(word_mask, positions - 1, w).amin(1) if w else last
     order = torch.argsort(last, stable=True)
     in_order = bool((order == torch.arange(nc)).all())
-    for c0 in range(0, nc, caption_block):
-        c1 = min(nc, c0 + caption_block)
+    base = int(first.min()) if nc else 0
+    widths = (last[order] - base).clamp(min=1).tolist()  # ascending
+    c0 = 0
+    while c0 < nc:
+        c1, useful = c0 + 1, widths[c0]
+        while (c1 < nc and c1 - c0 < caption_block
+               and (c1 - c0 + 1) * widths[c1] <= max_padding * (useful + widths[c1])):
+            useful += widths[c1]
+            c1 += 1
         cols = slice(c0, c1) if in_order else order[c0:c1]
         end = int(last[cols].max())
         start = int(first[cols].min())
         yield (cols, start, end) if end > start else (cols, 0, 1)
+        c0 = c1
 
 
 def model_score_matrix(model, encoded: EncodedSplit, **kwargs) -> np.ndarray:
