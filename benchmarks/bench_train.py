@@ -219,7 +219,7 @@ def child_main(a) -> None:
             result.update(time_teranprep_step(config, batch, init, a.steps, precision, a.profile))
         elif kind == "reference":
             result.update(time_reference_step(a.reference, Path(setup["bert_dir"]), batch, init,
-                                              a.steps, precision))
+                                              a.steps, precision, a.profile))
     result["load_start"], result["load_end"] = load0, load_avg()
     import resource
     result["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -301,7 +301,7 @@ def time_teranprep_step(config: dict, batch: dict, init: dict, steps: int, preci
 
 
 def time_reference_step(path: Path, bert_dir: Path, batch: dict, init: dict, steps: int,
-                        precision: str) -> dict:
+                        precision: str, profile: bool = False) -> dict:
     """mesnico/TERAN train.py's step (its train() loop body, logging left out), timed by phase."""
     model, cfg = build_reference(path, bert_dir, init)
     del init
@@ -313,8 +313,8 @@ def time_reference_step(path: Path, bert_dir: Path, batch: dict, init: dict, ste
     model.logger = _Logger()
     inputs = reference_inputs(batch)
     import warnings
-    phases, losses = [], []
-    for _ in range(steps):
+
+    def one_step():
         t0 = time.perf_counter()
         model.train()
         with warnings.catch_warnings():  # scheduler.step(epoch) is deprecated; train.py calls it
@@ -331,10 +331,21 @@ def time_reference_step(path: Path, bert_dir: Path, batch: dict, init: dict, ste
         t3 = time.perf_counter()
         optimizer.step()
         t4 = time.perf_counter()
-        phases.append(dict(forward=t1 - t0, backward=t2 - t1, clip=t3 - t2, optimizer=t4 - t3,
-                           total=t4 - t0))
-        losses.append(float(loss.detach()))
-    return {**_summary(phases), "losses": losses}
+        return (dict(forward=t1 - t0, backward=t2 - t1, clip=t3 - t2, optimizer=t4 - t3, total=t4 - t0),
+                float(loss.detach()))
+
+    phases, losses = [], []
+    for _ in range(steps):
+        times, loss = one_step()
+        phases.append(times)
+        losses.append(loss)
+    out = {**_summary(phases), "losses": losses}
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            one_step()
+        out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    return out
 
 
 def run_child(a, work: Path, kind: str, precision: str) -> dict:
@@ -445,8 +456,8 @@ def main():
                    "training step on the same batch (see the module docstring)")
     p.add_argument("--threads", type=int, help="torch threads in every timed process (default: "
                    "torch's default here)")
-    p.add_argument("--profile", action="store_true", help="with --reference: one more teranprep "
-                   "step under torch.profiler per precision, top ops printed")
+    p.add_argument("--profile", action="store_true", help="with --reference: one more step of "
+                   "teranprep and of the original under torch.profiler per precision, top ops printed")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-work", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--child-precision", help=argparse.SUPPRESS)
