@@ -19,7 +19,8 @@ demo: install
 	$(BIN)/prep demo --out demo-out
 
 test: install
-	$(BIN)/python -m pytest -q
+	# two workers (pytest-xdist); the two tests that share the quick demo's output run in one
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # The full-size BUTD R101 (random weights) on 10 images, end to end on CPU: CI runs it after the tests.
 smoke-fullsize: install

@@ -12,6 +12,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Progress lines off a terminal every 30 s would land in the output tests compare on a loaded
 # machine; the test of those lines sets its own interval.
 os.environ.setdefault("TERANPREP_PROGRESS_SECONDS", "3600")
+# Under pytest-xdist (`make test` runs 2 workers) each worker and the `prep` processes it starts
+# get an equal share of the cores: two workers with 2 OpenMP threads each on 2 cores spin against
+# each other (the quick demo took 3x as long). An OMP_NUM_THREADS already set is kept.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
+                                                     // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ def test_demo_bar_names_each_missed_target_and_passes_at_the_bar():
 
 @pytest.mark.fullsize
 @pytest.mark.threads
+@pytest.mark.xdist_group("quick_demo")  # one worker builds the session's quick demo
 def test_quick_demo_runs_every_stage_and_reaches_its_bar(quick_demo, tmp_path):
     result, lines, settings = quick_demo
     m = result.metrics

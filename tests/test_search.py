@@ -345,6 +345,7 @@ def test_dask_cluster_build_equals_in_process_and_random_features_warn(planted_r
 
 
 @pytest.mark.fullsize
+@pytest.mark.xdist_group("quick_demo")  # one worker builds the session's quick demo
 def test_search_ranks_every_quick_demo_test_caption_as_eval_does(quick_demo, tmp_path):
     """For every caption of the quick demo's test split, typed as its raw text: the query's ids
     are the split's input_ids (one normalisation, the splits' caption rule), exhaustive search
