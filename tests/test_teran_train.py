@@ -42,6 +42,40 @@ def test_train_writes_config_checkpoints_metrics_and_plot(tmp_path, dataset):
     assert [lrs[s] for s in (1, 2, 3, 6, 7, 12)] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 5e-4, 5e-4])
 
 
+def test_load_model_keeps_no_second_copy_of_the_weights_and_the_image_side_can_be_released(tmp_path, dataset):
+    """load_model returns the metadata without the file's weights or the optimizer state (Adam's
+    moments: twice the model, held for a whole eval before); the model equals the checkpoint's
+    weights. release_image_side frees what only encode_images uses; captions encode as before."""
+    import torch
+    from teranprep.teran.checkpoint import WEIGHT_KEYS, load_model
+    splits, features, bert = dataset
+    run = tmp_path / "run"
+    train(splits, tiny_config(bert), run, stop_after=3, echo=lambda *_: None)
+    saved = load_checkpoint(run / LAST)
+    assert set(WEIGHT_KEYS[:2]) <= set(saved)  # the file has them, the metadata must not
+    model, meta = load_model(run / LAST)
+    assert not set(WEIGHT_KEYS) & set(meta)
+    assert meta["config"] == saved["config"] and meta["feature_dim"] == saved["feature_dim"]
+    state = model.state_dict()
+    assert state.keys() == saved["model"].keys()
+    assert all(torch.equal(state[k], saved["model"][k]) for k in state)
+
+    ids = torch.tensor([[2, 7, 9, 11, 3], [2, 8, 3, 0, 0]])
+    lengths = torch.tensor([5, 3])
+    with torch.no_grad():
+        before = model.encode_captions(ids, lengths)
+        count = sum(p.numel() for p in model.parameters())
+        model.release_image_side()
+        after = model.encode_captions(ids, lengths)
+    assert torch.equal(before, after)
+    image_side = sum(p.numel() for p in saved["model"].values()) - sum(
+        v.numel() for k, v in saved["model"].items()
+        if not k.startswith(("image_encoder.", "image_proj.", "image_transformer.")))
+    assert image_side > 0 and sum(p.numel() for p in model.parameters()) == count - image_side
+    with pytest.raises(RuntimeError, match="release_image_side"):
+        model.encode_images(torch.zeros(1, 3, 8), torch.zeros(1, 3, 4), torch.ones(1, 2), torch.tensor([3]))
+
+
 @pytest.mark.threads
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, dataset):
     splits, features, bert = dataset

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -10,9 +11,11 @@ import torch
 from .errors import PrepError
 
 
-def load_torch_file(path, extra_safe_globals=(), expected="a torch checkpoint"):
+def load_torch_file(path, extra_safe_globals=(), expected="a torch checkpoint", mmap: bool = False):
     """torch.load with weights_only=True; a file that needs arbitrary code is refused by name, and
-    anything that is not a torch checkpoint at all (text, truncated, another format) gets one line."""
+    anything that is not a torch checkpoint at all (text, truncated, another format) gets one line.
+    `mmap`: tensors stay pages of the file until read (a zip-format file; a legacy one is read
+    whole), so what a caller never touches (a run's optimizer state) costs no memory."""
     from .filetypes import describe_file
     path = Path(path)
     if path.is_dir():
@@ -21,6 +24,8 @@ def load_torch_file(path, extra_safe_globals=(), expected="a torch checkpoint"):
         raise PrepError(f"{path}: checkpoint not found; pass an existing file to --weights")
     try:
         with torch.serialization.safe_globals(list(extra_safe_globals)):
+            if mmap and zipfile.is_zipfile(path):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
