@@ -2,7 +2,8 @@
 
     python benchmarks/bench_eval.py [--images 1000 --captions 5000 --regions 36 --words 12 --dim 1024]
         [--precisions fp32 bf16]
-    python benchmarks/bench_eval.py --coco5k [--score-blocks 1] [--precisions fp32 bf16]
+    python benchmarks/bench_eval.py --coco5k [--score-blocks 1] [--encode-images 200] [--split-order]
+        [--precisions fp32 bf16]
     python benchmarks/bench_eval.py --rankings [--repeats 3]
 
 Random unit vectors stand in for encoded regions and words. The floor is the FLOPs of the
@@ -42,9 +43,15 @@ def gemm_rate(m: int, k: int, n: int, repeats: int = 5, dtype=torch.float32) -> 
     return 2.0 * m * k * n / best
 
 
-def unit(*shape, seed):
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-    return x / x.norm(dim=-1, keepdim=True)
+def unit(*shape, seed, dtype=torch.float32):
+    """Random unit vectors along the last axis, made 256 rows at a time straight into `dtype`
+    (so the bench's own temporaries do not add to the peak RSS it measures)."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(*shape, dtype=dtype)
+    for r0 in range(0, shape[0], 256):
+        x = torch.randn(min(256, shape[0] - r0), *shape[1:], generator=g)
+        out[r0:r0 + 256] = x / x.norm(dim=-1, keepdim=True)
+    return out
 
 
 def measure(a) -> dict:
@@ -81,8 +88,74 @@ def coco_lengths(n: int, seed: int = 2) -> torch.Tensor:
     return lengths
 
 
+def write_coco_checkpoint(path: Path, workdir: Path) -> None:
+    """A teran_coco checkpoint as `prep train` writes one (train.py's payload: the weights, Adam's
+    two moments per weight, the config), with a random-weight bert-base text encoder: what eval
+    loads, so the 5K figures include the model and its loading."""
+    from bench_train import bert_base_dir  # benchmarks/ is this script's folder
+    from teranprep.pipeline.train import CHECKPOINT_VERSION
+    from teranprep.teran.checkpoint import CHECKPOINT_FORMAT
+    from teranprep.teran.config import load_config
+    from teranprep.teran.model import build_model
+    config = load_config("teran_coco")
+    config["text"].update(encoder=str(bert_base_dir(workdir / "bert-base")), random_init=True)
+    torch.manual_seed(0)
+    model = build_model(config, 2048)
+    state = model.state_dict()
+    moments = {i: {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+               for i, p in enumerate(model.parameters())}
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": state,
+                "optimizer": {"state": moments, "param_groups": []}, "config": config,
+                "feature_dim": 2048, "text_config": model.text_encoder.config.to_dict(),
+                "lineage": None}, path)
+
+
+def measure_encoding(a, precision: str, checkpoint: Path) -> tuple:
+    """load_model(checkpoint), then eval's encoding (batches of 64 under the precision's autocast)
+    of --encode-images images (36 regions + slot 0 x 2048) and 5x as many COCO-length captions,
+    timed; the image side is released as eval releases it. -> (model, figures)."""
+    from teranprep.teran.checkpoint import load_model
+    from teranprep.teran.precision import autocast
+    proc = psutil.Process()
+    t0 = time.perf_counter()
+    model, _meta = load_model(checkpoint)
+    out = {"load_s": time.perf_counter() - t0, "after_load_rss_mb": proc.memory_info().rss / 2 ** 20}
+    g = torch.Generator().manual_seed(5)
+    n, r = a.encode_images, a.regions + 1
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for b0 in range(0, n, 64):
+            b = min(64, n - b0)
+            features = torch.rand(b, r, 2048, generator=g)
+            features[:, 0] = 0
+            xy = torch.rand(b, r, 2, generator=g) * 400
+            boxes = torch.cat([xy, xy + 100], dim=-1)
+            with autocast("cpu", precision):
+                model.encode_images(features, boxes, torch.tensor([[640.0, 480.0]] * b),
+                                    torch.full((b,), r))
+    out["encode_images_s"] = time.perf_counter() - t0
+    model.release_image_side()
+    lengths = coco_lengths(5 * n, seed=9)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for b0 in range(0, len(lengths), 64):
+            wl = lengths[b0:b0 + 64]
+            ids = torch.randint(1000, 30000, (len(wl), int(wl.max())), generator=g)
+            ids[torch.arange(ids.shape[1])[None, :] >= wl[:, None]] = 0
+            with autocast("cpu", precision):
+                model.encode_captions(ids, wl)
+    out["encode_captions_s"] = time.perf_counter() - t0
+    out["encode_s_all"] = (out["encode_images_s"] * a.images / n
+                           + out["encode_captions_s"] * a.captions / (5 * n))
+    out["model_mb_after_release"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
+    from teranprep.pipeline.common.distribute import return_free_memory
+    return_free_memory()  # as eval does once its images are encoded and the image side dropped
+    return model, out
+
+
 def measure_coco5k(a) -> dict:
-    """The 5K protocol's memory and time as `prep eval` spends them after encoding: every image's
+    """The 5K protocol's memory and time as `prep eval` spends them (with --encode-images, its
+    checkpoint loading and encoding too, extrapolated from a sample): every image's
     regions held; captions in blocks of CAPTION_ENCODE_BLOCKS x caption_block, each padded to its
     own longest caption and scored against all images, then dropped; then the metrics, the saved
     top-k rankings and NDCG@25 over a captions x images float32 relevance file (the ROUGE-L cache's
@@ -97,8 +170,16 @@ def measure_coco5k(a) -> dict:
     dtype = compute_dtype(a.child)
     proc = psutil.Process()
     rss0 = proc.memory_info().rss
+    model, encoding = (measure_encoding(a, a.child, Path(a.checkpoint)) if a.checkpoint
+                       else (None, {}))  # the model stays held through the scoring, as in eval
+    peaks = {}  # the process's peak RSS after each phase: which phase sets it
+
+    def phase_done(name):
+        peaks[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    phase_done("load + encoding")
     ni, nc = a.images, a.captions
-    regions = unit(ni, a.regions + 1, a.dim, seed=0).to(dtype)
+    regions = unit(ni, a.regions + 1, a.dim, seed=0, dtype=dtype)
     region_lengths = torch.full((ni,), a.regions + 1)
     lengths = coco_lengths(nc)
     caption_image = np.repeat(np.arange(ni), nc // ni)
@@ -110,7 +191,7 @@ def measure_coco5k(a) -> dict:
     t_all = time.perf_counter()
     for c0 in range(0, nc, step):
         wl = lengths[c0:c0 + step]
-        words = unit(len(wl), int(wl.max()), a.dim, seed=3 + c0).to(dtype)  # what encode_captions returns
+        words = unit(len(wl), int(wl.max()), a.dim, seed=3 + c0, dtype=dtype)  # as encode_captions returns
         if a.score_blocks == 0 or blocks < a.score_blocks:
             k = a.score_images
             kwargs = dict(mode="MrSw", drop_tokens="none", image_block=a.image_block,
@@ -122,7 +203,7 @@ def measure_coco5k(a) -> dict:
             got = score_matrix(regions[:k], region_lengths[:k], words, wl, **kwargs)
             score_s += time.perf_counter() - t0
             t0 = time.perf_counter()
-            before = np.concatenate([
+            before = got if not a.split_order else np.concatenate([
                 score_matrix(regions[:k], region_lengths[:k], words[b0:b0 + a.caption_block],
                              wl[b0:b0 + a.caption_block], max_padding=float("inf"), **kwargs)
                 for b0 in range(0, len(wl), a.caption_block)], axis=1)
@@ -137,6 +218,9 @@ def measure_coco5k(a) -> dict:
         blocks += 1
         del words
     loop_s = time.perf_counter() - t_all
+    regions_mb, element = regions.numel() * regions.element_size() / 2 ** 20, regions.element_size()
+    model = regions = None  # eval drops both once the last block is scored
+    phase_done("scoring")
     scoring_rss = proc.memory_info().rss
     # the relevance cache file: float32 captions x images, opened as eval opens it
     path = Path(a.workdir) / f"relevance-{nc}x{ni}.f32"
@@ -150,9 +234,11 @@ def measure_coco5k(a) -> dict:
     ranks = (i2t_ranks(scores, caption_image), t2i_ranks(scores, caption_image))
     tops = (top_k_rows(scores, 10), top_k_rows(scores.T, 10))
     metrics_s = time.perf_counter() - t0
+    phase_done("metrics + rankings")
     t0 = time.perf_counter()
     ndcg = NdcgScorer({"rougeL": matrix}, np.arange(nc), {}).fold(np.arange(ni), np.arange(nc), scores)
     ndcg_s = time.perf_counter() - t0
+    phase_done("NDCG")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     flops = 2.0 * ni * sum(int(l) for l in lengths) * a.regions * a.dim
     rate = gemm_rate(a.image_block * a.regions, a.dim, a.caption_block * 14, dtype=dtype)
@@ -166,9 +252,10 @@ def measure_coco5k(a) -> dict:
             "metrics_s": metrics_s, "ndcg_s": ndcg_s, "rate": rate, "floor_s": flops / rate,
             "peak_rss_mb": peak / 2 ** 20, "start_rss_mb": rss0 / 2 ** 20,
             "after_scoring_rss_mb": scoring_rss / 2 ** 20,
-            "regions_mb": regions.numel() * regions.element_size() / 2 ** 20,
-            "all_words_padded_mb": nc * int(lengths.max()) * a.dim * regions.element_size() / 2 ** 20,
+            "regions_mb": regions_mb,
+            "all_words_padded_mb": nc * int(lengths.max()) * a.dim * element / 2 ** 20,
             "max_len": int(lengths.max()), "mean_len": float(lengths.float().mean()),
+            "encoding": encoding, "peak_rss_mb_after": peaks,
             "rsum": metrics["rsum"], "ndcg": ndcg, "n_ranks": int(len(ranks[0]) + len(ranks[1])),
             "top_shape": [list(t.shape) for t in tops]}
 
@@ -238,6 +325,14 @@ def main():
                    help="--coco5k: caption chunks (of 4 x --caption-block) scored for real; 0: all")
     p.add_argument("--score-images", type=int, default=500,
                    help="--coco5k: images the scored blocks are scored against (time x 5000 / this)")
+    p.add_argument("--encode-images", type=int, default=0,
+                   help="--coco5k: also load a teran_coco checkpoint (written once into --workdir) "
+                        "and time eval's encoding of this many images and 5x as many captions "
+                        "(time x 5000 / this); the model stays held through the scoring")
+    p.add_argument("--split-order", action="store_true",
+                   help="--coco5k: also time each scored chunk blocked as before caption_blocks "
+                        "(split order, no padding bound); its wide blocks add to the peak RSS")
+    p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--workdir", default="/tmp/bench_eval")
     p.add_argument("--rankings", action="store_true",
                    help="time the 5K protocol's top-k sorts: full stable argsort vs partition top-k")
@@ -258,24 +353,39 @@ def main():
         from teranprep.extractors.precision import cpu_description
         print(f"CPU {cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+        if a.encode_images:
+            a.checkpoint = str(Path(a.workdir) / "teran_coco-checkpoint.pt")
+            if not Path(a.checkpoint).is_file():
+                write_coco_checkpoint(Path(a.checkpoint), Path(a.workdir))
+            print(f"checkpoint {a.checkpoint}: {Path(a.checkpoint).stat().st_size / 2 ** 30:.2f} GiB", flush=True)
         for precision in a.precisions:
             load0 = os.getloadavg()[0]
             argv = [sys.executable, __file__, "--child", precision] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-                if k not in ("precisions", "child", "coco5k", "rankings", "repeats")] + ["--coco5k"]
+                if k not in ("precisions", "child", "coco5k", "rankings", "repeats", "split_order")
+                and v is not None] + ["--coco5k"] + (["--split-order"] if a.split_order else [])
             done = subprocess.run(argv, check=True, capture_output=True, text=True)
             r = json.loads(done.stdout.strip().splitlines()[-1])
             print(json.dumps(r))
-            total = r["score_s_all"] + r["metrics_s"] + r["ndcg_s"]
+            enc = r["encoding"]
+            total = r["score_s_all"] + r["metrics_s"] + r["ndcg_s"] + enc.get("encode_s_all", 0.0)
+            if enc:
+                print(f"{precision}: load_model {enc['load_s']:.1f} s (RSS after {enc['after_load_rss_mb']:.0f} MB); "
+                      f"encoding {enc['encode_images_s']:.1f} s for {a.encode_images} images + "
+                      f"{enc['encode_captions_s']:.1f} s for {5 * a.encode_images} captions -> "
+                      f"{enc['encode_s_all']:.0f} s for 5,000 + 25,000; text side held "
+                      f"{enc['model_mb_after_release']:.0f} MB", flush=True)
             print(f"{precision}: 5,000 x 25,000 (caption tokens mean {r['mean_len']:.1f}, max {r['max_len']}): "
                   f"scoring {r['score_s']:.1f} s for {r['score_images']} images x {r['scored_captions']} captions -> "
                   f"{r['score_s_all']:.0f} s "
                   f"for all (GEMM floor {r['floor_s']:.0f} s at {r['rate'] / 1e9:.0f} GF/s; scored part "
-                  f"{r['score_s'] / r['scored_floor_s']:.2f}x its floor); captions blocked in split order as "
-                  f"before: {r['score_split_s']:.1f} s -> {r['score_split_s_all']:.0f} s "
-                  f"({r['score_split_s'] / r['score_s']:.2f}x; max |diff| {r['split_vs_length_max_abs_diff']:.1e}); metrics + "
+                  f"{r['score_s'] / r['scored_floor_s']:.2f}x its floor); "
+                  + (f"captions blocked in split order as before: {r['score_split_s']:.1f} s -> "
+                     f"{r['score_split_s_all']:.0f} s ({r['score_split_s'] / r['score_s']:.2f}x; max |diff| "
+                     f"{r['split_vs_length_max_abs_diff']:.1e}); " if a.split_order else "")
+                  + f"metrics + "
                   f"rankings {r['metrics_s']:.1f} s; NDCG {r['ndcg_s']:.1f} s; total {total:.0f} s "
-                  f"({total / 60:.1f} min) without encoding; peak RSS {r['peak_rss_mb']:.0f} MB "
+                  f"({total / 60:.1f} min) {'with' if enc else 'without'} encoding; peak RSS {r['peak_rss_mb']:.0f} MB "
                   f"(start {r['start_rss_mb']:.0f}); regions {r['regions_mb']:.0f} MB; all words padded "
                   f"at once would be {r['all_words_padded_mb']:.0f} MB; load {load0:.1f}-{os.getloadavg()[0]:.1f}",
                   flush=True)
