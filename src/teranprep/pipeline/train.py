@@ -454,7 +454,6 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
                 if not _all_finite(loss, distributed):
                     # Nothing of this step was applied: the model still holds `step` good steps.
                     stop_on_nonfinite_loss(batch)
-                optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if t["grad_clip"]:
                     scaler.unscale_(optimizer)
@@ -462,6 +461,9 @@ def train(splits_dir: Path, config, out: Path, *, resume: bool = False, features
                 lr_used = optimizer.param_groups[0]["lr"]
                 scaler.step(optimizer)
                 scaler.update()
+                # Freed now, not before the next backward: the next forward's activations then
+                # reuse the gradients' memory instead of adding to it (teran_coco: 0.85 GB).
+                optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
                 loss_value = float(loss.detach())  # also waits for the device: the step is done
