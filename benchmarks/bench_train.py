@@ -250,6 +250,23 @@ def _summary(phases: list[dict]) -> dict:
             "data_wait_share": 0.0, "all_steps": [p["total"] for p in phases]}
 
 
+def _run_steps(one_step, steps: int, profile: bool) -> dict:
+    """`steps` timed calls of one_step() -> (phase times, loss); with `profile`, one more under
+    torch.profiler, its top ops as a table."""
+    phases, losses = [], []
+    for _ in range(steps):
+        times, loss = one_step()
+        phases.append(times)
+        losses.append(loss)
+    out = {**_summary(phases), "losses": losses}
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            one_step()
+        out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    return out
+
+
 def time_teranprep_step(config: dict, batch: dict, init: dict, steps: int, precision: str,
                         profile: bool) -> dict:
     """pipeline/train.py's step on a CPU (GradScaler disabled there, no torchrun), timed by phase."""
@@ -286,18 +303,7 @@ def time_teranprep_step(config: dict, batch: dict, init: dict, steps: int, preci
         times.update(forward=t1 - t0, backward=t2 - t1, clip=t3 - t2, optimizer=t4 - t3, total=t4 - t0)
         return times, float(loss.detach())
 
-    phases, losses = [], []
-    for _ in range(steps):
-        times, loss = one_step()
-        phases.append(times)
-        losses.append(loss)
-    out = {**_summary(phases), "losses": losses}
-    if profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            one_step()
-        out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-    return out
+    return _run_steps(one_step, steps, profile)
 
 
 def time_reference_step(path: Path, bert_dir: Path, batch: dict, init: dict, steps: int,
@@ -334,18 +340,7 @@ def time_reference_step(path: Path, bert_dir: Path, batch: dict, init: dict, ste
         return (dict(forward=t1 - t0, backward=t2 - t1, clip=t3 - t2, optimizer=t4 - t3, total=t4 - t0),
                 float(loss.detach()))
 
-    phases, losses = [], []
-    for _ in range(steps):
-        times, loss = one_step()
-        phases.append(times)
-        losses.append(loss)
-    out = {**_summary(phases), "losses": losses}
-    if profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            one_step()
-        out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-    return out
+    return _run_steps(one_step, steps, profile)
 
 
 def run_child(a, work: Path, kind: str, precision: str) -> dict:
