@@ -244,9 +244,11 @@ def measure_coco5k(a) -> dict:
     rate = gemm_rate(a.image_block * a.regions, a.dim, a.caption_block * 14, dtype=dtype)
     return {"precision": a.child, "scored_captions": scored, "score_s": score_s,
             "score_s_all": score_s * nc / max(scored, 1) * ni / a.score_images,
-            "score_split_s": score_split_s,
-            "score_split_s_all": score_split_s * nc / max(scored, 1) * ni / a.score_images,
-            "split_vs_length_max_abs_diff": worst_diff,
+            # the old blocking's figures only when it ran (--split-order)
+            "score_split_s": score_split_s if a.split_order else None,
+            "score_split_s_all": (score_split_s * nc / max(scored, 1) * ni / a.score_images
+                                  if a.split_order else None),
+            "split_vs_length_max_abs_diff": worst_diff if a.split_order else None,
             "scored_floor_s": 2.0 * a.score_images * scored_tokens * a.regions * a.dim / rate,
             "score_images": a.score_images, "loop_s": loop_s,
             "metrics_s": metrics_s, "ndcg_s": ndcg_s, "rate": rate, "floor_s": flops / rate,
