@@ -231,3 +231,42 @@ def test_detector_with_merged_blocks_matches_unmerged_on_the_same_boxes(precisio
     b = ButdDetector(DetectorSpec(model="butd-tiny", random_seed=0, precision=precision)).detect([im], [boxes])[0]
     np.testing.assert_allclose(a.features, b.features, rtol=tol, atol=tol * np.abs(b.features).max())
     np.testing.assert_allclose(a.class_scores, b.class_scores, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_adding_into_the_residual_in_place_changes_no_bit_and_no_callers_tensor(precision):
+    """for_inference lets each block's conv3 write into its residual (the shortcut's fresh output,
+    or the previous block's output): the stage outputs are bit-equal to the out-of-place sums,
+    the tensors a caller passes in are left as they were, and the in-place call really reuses
+    the residual's memory."""
+    import dataclasses
+    model = ButdModel(dataclasses.replace(get_config("butd-tiny"), stage_blocks=(2, 1, 3), res5_blocks=2))
+    for block in model.modules():
+        if hasattr(block, "conv3"):
+            _randomize_conv_norms(block)
+    model.for_inference(precision)
+    stages = [model.backbone.res2, model.backbone.res3, model.backbone.res4, model.roi_heads.res5]
+    assert [[b.owns_input for b in s] for s in stages] == [[False, True], [False], [False, True, True],
+                                                          [False, True]]
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    torch.manual_seed(1)
+    img = torch.randn(1, 3, 64, 96)
+    pooled = torch.randn(5, model.roi_heads.res5[0].conv1.in_channels, 14, 14).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    with torch.inference_mode():
+        img_before, pooled_before = img.clone(), pooled.clone()
+        got = (model.backbone(img), model.roi_heads.res5(pooled))
+        assert torch.equal(img, img_before) and torch.equal(pooled, pooled_before)
+        for s in stages:
+            for b in s:
+                b.owns_input = False
+        expected = (model.backbone(img), model.roi_heads.res5(pooled))
+        inner = model.roi_heads.res5[1]
+        x = model.roi_heads.res5[0](pooled)
+        out = inner.conv2(inner.conv1(x, relu=True), relu=True)
+        out_of_place = inner.conv3(out, relu=True, residual=x)
+        into = inner.conv3(out, relu=True, residual=x, into_residual=True)
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and torch.equal(g, e)
+        assert (g.float() != 0).float().mean() > 0.2  # the ReLUs left something to compare
+    assert into.data_ptr() == x.data_ptr() and torch.equal(into, out_of_place)

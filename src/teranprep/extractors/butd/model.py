@@ -27,6 +27,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # the residual add happen on the accumulator while it is in cache, instead of three more passes
 # over a 13-26 MB activation.
 _FUSED_CONV = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+_FUSED_CONV_INTO = getattr(torch.ops.mkldnn, "_convolution_pointwise_", None)
 
 
 def _channels_last(weight: torch.Tensor) -> bool:
@@ -43,14 +44,21 @@ class ConvNorm(nn.Conv2d):
         self.norm = FrozenBatchNorm2d(cout, eps=eps)
         self._packed = None  # (key, weight in oneDNN's blocked layout), made at the first fused call
 
-    def forward(self, x, relu: bool = False, residual: torch.Tensor | None = None):
+    def forward(self, x, relu: bool = False, residual: torch.Tensor | None = None, into_residual: bool = False):
         """conv, norm, then `+ residual` and ReLU when asked. For inference on CPU with the norm
-        folded, one oneDNN call does all of it (the same maths; the sum is rounded once)."""
+        folded, one oneDNN call does all of it (the same maths; the sum is rounded once).
+        `into_residual`: the caller no longer needs `residual`, so that call may write its result
+        into it (bit for bit the same values; no fresh 13-26 MB output to fault in, one stream of
+        memory traffic less)."""
         if self._fusable(x):
             args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
             weight = self._blocked_weight(x, args)
             if residual is None:
                 return _FUSED_CONV(x, weight, self.bias, *args, "relu" if relu else "none", [], None)
+            if into_residual and _FUSED_CONV_INTO is not None and residual.dtype == x.dtype \
+                    and residual.is_contiguous(memory_format=torch.channels_last):
+                return _FUSED_CONV_INTO.binary(residual, x, weight, self.bias, *args, "add", 1.0,
+                                               "relu" if relu else None, [], None)
             return _FUSED_CONV.binary(x, residual, weight, self.bias, *args, "add", 1.0,
                                       "relu" if relu else None, [], None)
         out = self.norm(super().forward(x))
@@ -104,6 +112,9 @@ class Bottleneck(nn.Module):
                               dilation=dilation, eps=eps, groups=groups)
         self.conv3 = ConvNorm(bottleneck, cout, 1, eps=eps)
         self.conv1_shortcut = None  # merge_conv1_shortcut(): conv1 and the shortcut as one conv
+        # for_inference(): set on every block after a stage's first, whose input only the previous
+        # block's output is (nobody else holds it), so conv3 may add into it in place
+        self.owns_input = False
 
     def forward(self, x):
         if self.conv1_shortcut is not None:
@@ -115,7 +126,9 @@ class Bottleneck(nn.Module):
             out = F.relu(out) if torch.is_grad_enabled() else F.relu_(out)
             return self.conv3(self.conv2(out, relu=True), relu=True, residual=both[:, b:])
         out = self.conv2(self.conv1(x, relu=True), relu=True)
-        return self.conv3(out, relu=True, residual=self.shortcut(x) if self.shortcut is not None else x)
+        if self.shortcut is not None:
+            return self.conv3(out, relu=True, residual=self.shortcut(x), into_residual=True)
+        return self.conv3(out, relu=True, residual=x, into_residual=self.owns_input)
 
     def mergeable(self) -> bool:
         """conv1 and the projection shortcut read the same input with the same stride (BUTD's
@@ -394,7 +407,8 @@ class ButdModel(nn.Module):
         convs (then bias, ReLU and residual adds run fused with them on CPU), the conv trunks (backbone, RPN 3x3 conv, res5) cast to the precision
         and channels-last; the RPN logit/delta convs, predictors and anchors stay fp32, so
         proposals, class scores and NMS are computed from fp32 arithmetic. Casting in place
-        leaves no fp32 copy of the trunk's weights behind. `merge_shortcuts`: every block whose
+        leaves no fp32 copy of the trunk's weights behind. Each block's last conv adds into its
+        residual in place where nothing else holds that tensor (Bottleneck.owns_input). `merge_shortcuts`: every block whose
         conv1 and projection shortcut share input and stride runs them as one conv
         (Bottleneck.merge_conv1_shortcut); off by default, because it measured slower on the
         CPUs it could be timed on (benchmarks/README.md, 2026-12-07: the split halves are strided
@@ -410,6 +424,11 @@ class ButdModel(nn.Module):
             trunk.to(dtype=PRECISIONS[precision])
             if channels_last:
                 trunk.to(memory_format=torch.channels_last)
+        for stage in self.modules():  # see Bottleneck.owns_input
+            if isinstance(stage, nn.Sequential):
+                for block in list(stage)[1:]:
+                    if isinstance(block, Bottleneck):
+                        block.owns_input = True
         if merge_shortcuts:
             for m in self.modules():
                 if isinstance(m, Bottleneck):
