@@ -29,7 +29,7 @@ import psutil
 import torch
 
 from teranprep.teran.precision import compute_dtype
-from teranprep.teran.scoring import score_matrix
+from teranprep.teran.scoring import padded_runs, score_matrix
 
 
 def gemm_rate(m: int, k: int, n: int, repeats: int = 5, dtype=torch.float32) -> float:
@@ -135,7 +135,7 @@ def measure_encoding(a, precision: str, checkpoint: Path) -> tuple:
                                     torch.full((b,), r))
     out["encode_images_s"] = time.perf_counter() - t0
     model.release_image_side()
-    lengths = coco_lengths(5 * n, seed=9)
+    lengths = coco_lengths(5 * n, seed=9).sort().values  # eval encodes captions by length
     t0 = time.perf_counter()
     with torch.no_grad():
         for b0 in range(0, len(lengths), 64):
@@ -150,6 +150,7 @@ def measure_encoding(a, precision: str, checkpoint: Path) -> tuple:
     out["model_mb_after_release"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
     from teranprep.pipeline.common.distribute import return_free_memory
     return_free_memory()  # as eval does once its images are encoded and the image side dropped
+    out["after_encoding_rss_mb"] = proc.memory_info().rss / 2 ** 20
     return model, out
 
 
@@ -181,16 +182,19 @@ def measure_coco5k(a) -> dict:
     ni, nc = a.images, a.captions
     regions = unit(ni, a.regions + 1, a.dim, seed=0, dtype=dtype)
     region_lengths = torch.full((ni,), a.regions + 1)
-    lengths = coco_lengths(nc)
+    # eval takes the captions in chunks in order of length (which caption belongs to which image
+    # does not change the work); the metrics below use caption_image as is
+    lengths = coco_lengths(nc).sort().values
     caption_image = np.repeat(np.arange(ni), nc // ni)
     step = CAPTION_ENCODE_BLOCKS * a.caption_block
     scores = np.empty((ni, nc), dtype=np.float32)
     rng = np.random.default_rng(0)
+    before_scoring_rss = proc.memory_info().rss  # the model's text side, the regions
     scored, score_s, blocks = 0, 0.0, 0
     score_split_s, worst_diff, scored_tokens = 0.0, 0.0, 0
     t_all = time.perf_counter()
-    for c0 in range(0, nc, step):
-        wl = lengths[c0:c0 + step]
+    for c0, c1 in padded_runs(lengths.tolist(), step):  # eval's chunks
+        wl = lengths[c0:c1]
         words = unit(len(wl), int(wl.max()), a.dim, seed=3 + c0, dtype=dtype)  # as encode_captions returns
         if a.score_blocks == 0 or blocks < a.score_blocks:
             k = a.score_images
@@ -243,16 +247,18 @@ def measure_coco5k(a) -> dict:
     flops = 2.0 * ni * sum(int(l) for l in lengths) * a.regions * a.dim
     rate = gemm_rate(a.image_block * a.regions, a.dim, a.caption_block * 14, dtype=dtype)
     return {"precision": a.child, "scored_captions": scored, "score_s": score_s,
-            "score_s_all": score_s * nc / max(scored, 1) * ni / a.score_images,
+            # chunks differ in length now (sorted): extrapolated by tokens, not by captions
+            "score_s_all": score_s * int(lengths.sum()) / max(scored_tokens, 1) * ni / a.score_images,
             # the old blocking's figures only when it ran (--split-order)
             "score_split_s": score_split_s if a.split_order else None,
-            "score_split_s_all": (score_split_s * nc / max(scored, 1) * ni / a.score_images
+            "score_split_s_all": (score_split_s * int(lengths.sum()) / max(scored_tokens, 1) * ni / a.score_images
                                   if a.split_order else None),
             "split_vs_length_max_abs_diff": worst_diff if a.split_order else None,
             "scored_floor_s": 2.0 * a.score_images * scored_tokens * a.regions * a.dim / rate,
             "score_images": a.score_images, "loop_s": loop_s,
             "metrics_s": metrics_s, "ndcg_s": ndcg_s, "rate": rate, "floor_s": flops / rate,
             "peak_rss_mb": peak / 2 ** 20, "start_rss_mb": rss0 / 2 ** 20,
+            "before_scoring_rss_mb": before_scoring_rss / 2 ** 20,
             "after_scoring_rss_mb": scoring_rss / 2 ** 20,
             "regions_mb": regions_mb,
             "all_words_padded_mb": nc * int(lengths.max()) * a.dim * element / 2 ** 20,

@@ -126,3 +126,36 @@ def test_hinge_loss_gradient_reaches_only_hardest_negatives():
                          [0.0, -2.0, 2.0],     # s12 hardest for row 1 and column 2
                          [0.0, 0.0, -1.0]])
     assert torch.equal(s.grad, want)
+
+
+def test_padded_rows_equal_the_batches_zero_padded_and_stacked_even_when_a_later_batch_is_wider():
+    """encode_images/encode_captions write each batch into one padded tensor (_PaddedRows): the
+    result is the batches zero-padded to the widest and stacked, in order and in the target
+    dtype, whether the width was known up front or a later batch widens it."""
+    from teranprep.teran.scoring import _PaddedRows
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, w, 4, generator=g) for w in (3, 5, 2)]
+    expected = torch.zeros(6, 5, 4)
+    for i, b in enumerate(batches):
+        expected[2 * i:2 * i + 2, :b.shape[1]] = b
+    for width, dtype in ((0, torch.float32), (5, torch.float32), (0, torch.bfloat16)):
+        rows = _PaddedRows(6, dtype, width=width)
+        for b in batches:
+            rows.put(b)
+        got = rows.result()
+        assert got.dtype == dtype and torch.equal(got, expected.to(dtype))
+    assert _PaddedRows(0, torch.float32, width=2).result().shape == (0, 2, 0)
+
+
+def test_padded_runs_cover_every_item_once_within_the_count_and_padding_bounds():
+    """padded_runs (eval's caption chunks, caption_blocks' blocks): consecutive runs covering
+    every item once, at most `most` long, each padded to its widest within max_padding x its
+    own widths; a long item makes a run of its own."""
+    from teranprep.teran.scoring import padded_runs
+    assert list(padded_runs([10] * 5 + [50], 4)) == [(0, 4), (4, 5), (5, 6)]
+    widths = sorted(np.random.default_rng(0).integers(8, 20, 500).tolist() + [35, 48, 50])
+    runs = list(padded_runs(widths, 64, 1.25))
+    assert [r[0] for r in runs[1:]] == [r[1] for r in runs[:-1]] and runs[0][0] == 0 and runs[-1][1] == 503
+    for a, b in runs:
+        assert b - a <= 64 and (b - a) * max(widths[a:b]) <= 1.25 * sum(widths[a:b])
+    assert not any(min(widths[a:b]) < 20 <= 35 <= max(widths[a:b]) for a, b in runs)  # the long tail is apart

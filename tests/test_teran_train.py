@@ -59,6 +59,8 @@ def test_load_model_keeps_no_second_copy_of_the_weights_and_the_image_side_can_b
     state = model.state_dict()
     assert state.keys() == saved["model"].keys()
     assert all(torch.equal(state[k], saved["model"][k]) for k in state)
+    # ...and in memory of its own: nothing of the file stays mapped
+    assert not any(line.rstrip().endswith(str((run / LAST).resolve())) for line in open("/proc/self/maps"))
 
     ids = torch.tensor([[2, 7, 9, 11, 3], [2, 8, 3, 0, 0]])
     lengths = torch.tensor([5, 3])
@@ -74,6 +76,77 @@ def test_load_model_keeps_no_second_copy_of_the_weights_and_the_image_side_can_b
     assert image_side > 0 and sum(p.numel() for p in model.parameters()) == count - image_side
     with pytest.raises(RuntimeError, match="release_image_side"):
         model.encode_images(torch.zeros(1, 3, 8), torch.zeros(1, 3, 4), torch.ones(1, 2), torch.tensor([3]))
+
+
+def test_loading_refuses_weights_that_do_not_fit_in_one_line(tmp_path, dataset):
+    """A checkpoint whose weights miss a key or have another shape is refused with the file
+    named, before anything is copied (a copy_ would broadcast a wrong shape silently)."""
+    import torch
+    from teranprep.teran.checkpoint import load_model
+    splits, features, bert = dataset
+    run = tmp_path / "run"
+    train(splits, tiny_config(bert), run, stop_after=1, echo=lambda *_: None)
+    saved = load_checkpoint(run / LAST)
+    name = next(k for k, v in saved["model"].items() if v.dim() == 2)
+    for change, word in ((lambda m: m.pop(name), "missing"),
+                         (lambda m: m.__setitem__(name, m[name][:1].clone()), "wrong shape")):
+        broken = dict(saved, model=dict(saved["model"]))
+        change(broken["model"])
+        torch.save(broken, tmp_path / "broken.pt")
+        with pytest.raises(PrepError, match=rf"broken.pt: its weights do not fit .*{word} {name}"):
+            load_model(tmp_path / "broken.pt")
+
+
+def test_copying_weights_in_hands_back_the_mapped_files_pages(tmp_path):
+    """load_model reads the checkpoint memory-mapped: each tensor's pages are returned once it is
+    copied in (resident KB of the file's mapping, from /proc/self/smaps, falls to about nothing),
+    and the values can still be read (the pages come back from the file)."""
+    import torch
+    from teranprep.teran.checkpoint import _drop_pages, _mapped_ranges
+
+    def resident_kb(path):
+        total, inside = 0, False
+        for line in open("/proc/self/smaps"):
+            if "-" in line.split()[0] and len(line.split()) >= 5:
+                inside = line.rstrip().endswith(str(path.resolve()))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+        return total
+
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.arange(4 << 20, dtype=torch.float32)}, path)  # 16 MB
+    loaded = torch.load(path, mmap=True, weights_only=True)["w"]
+    assert float(loaded.sum()) > 0 and resident_kb(path) >= 15 << 10  # read in: all resident
+    _drop_pages(loaded, _mapped_ranges(path))
+    assert resident_kb(path) < 64
+    assert torch.equal(loaded, torch.arange(4 << 20, dtype=torch.float32))
+    anonymous = torch.arange(4 << 20, dtype=torch.float32)
+    _drop_pages(anonymous, _mapped_ranges(path))  # not in the file's mapping: left alone
+    assert torch.equal(anonymous, torch.arange(4 << 20, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_encoding_captions_in_batches_equals_one_at_a_time_padded(tmp_path, dataset, precision):
+    """scoring.encode_captions writes each batch into the padded result: every caption's rows
+    equal the model run on that caption alone (under the same autocast, cast once to the
+    precision's dtype), and the width is the longest caption's."""
+    import torch
+    from teranprep.teran.checkpoint import load_model
+    from teranprep.teran.precision import autocast
+    from teranprep.teran.scoring import encode_captions
+    splits, features, bert = dataset
+    train(splits, tiny_config(bert), tmp_path / "run", stop_after=1, echo=lambda *_: None)
+    model, _ = load_model(tmp_path / "run" / LAST)
+    ids = [[2, 5, 3], [2, 7, 9, 11, 12, 3], [2, 4, 3], [2, 6, 8, 10, 3], [2, 9, 9, 3], [2, 13, 14, 15, 16, 17, 3]]
+    words, lengths = encode_captions(model, ids, batch_size=4, precision=precision)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert words.dtype == dtype and words.shape[:2] == (6, 7) and lengths.tolist() == [len(x) for x in ids]
+    with torch.no_grad(), autocast("cpu", precision):
+        for row, caption in enumerate(ids):
+            t = torch.tensor([caption])
+            alone = model.encode_captions(t, torch.tensor([len(caption)]))[0].to(dtype)
+            tol = 1e-5 if precision == "fp32" else 2e-2  # batch shape changes the GEMMs' rounding
+            torch.testing.assert_close(words[row, :len(caption)].float(), alone.float(), rtol=tol, atol=tol)
 
 
 @pytest.mark.threads
