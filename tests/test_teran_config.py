@@ -69,3 +69,47 @@ def test_teran_small_builds_on_the_offline_minilm():
         words = model.encode_captions(torch.tensor(ids), torch.tensor([len(ids[0])]))
     assert words.shape == (1, len(ids[0]), 256)
     torch.testing.assert_close(words.norm(dim=-1), torch.ones(1, len(ids[0])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encoder_layer_equals_torchs_transformer_layer_with_the_same_weights(dtype):
+    """teran.model.EncoderLayer (attention through scaled_dot_product_attention) against
+    nn.TransformerEncoderLayer: the same parameter names and initial values from the same seed,
+    and with dropout off the same outputs and gradients on padded batches, in fp32 and under bf16
+    autocast; padded keys are never attended to (changing them changes no unpadded output)."""
+    from torch import nn
+    from teranprep.teran.model import EncoderLayer
+    kwargs = dict(d_model=32, nhead=4, dim_feedforward=48, dropout=0.1, activation="relu", batch_first=True)
+    torch.manual_seed(3)
+    theirs = nn.TransformerEncoder(nn.TransformerEncoderLayer(**kwargs), 2, enable_nested_tensor=False)
+    torch.manual_seed(3)
+    ours = nn.TransformerEncoder(EncoderLayer(**kwargs), 2, enable_nested_tensor=False)
+    a, b = theirs.state_dict(), ours.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 9, 32, generator=g)
+    pad = torch.arange(9)[None, :] >= torch.tensor([9, 4, 1, 7, 2])[:, None]
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for module in (theirs, ours):
+        module.train()
+        for m in module.modules():  # dropout off: the draws differ, not the formula
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        module.layers[0].self_attn.dropout = module.layers[1].self_attn.dropout = 0.0
+    outs, grads = [], []
+    for module in (theirs, ours):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = module(xi, src_key_padding_mask=pad)
+        (y.float() * torch.linspace(-1, 1, 32)).sum().backward()
+        outs.append(y.float())
+        grads.append([xi.grad] + [p.grad for p in module.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=tol, atol=tol)
+    for g_ours, g_theirs in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_ours.float(), g_theirs.float(), rtol=tol * 10, atol=tol * 10)
+    ours.eval()
+    changed = x.clone()
+    changed[pad] = 100.0
+    with torch.no_grad():
+        same = ours(x, src_key_padding_mask=pad), ours(changed, src_key_padding_mask=pad)
+    assert torch.equal(same[0][~pad], same[1][~pad])
