@@ -9,7 +9,7 @@ bert-base-sized config (speed does not depend on the weights); other configs kee
 Steps/s comes from the step times train() logs in metrics.jsonl (log_every 1), the first step
 (warm-up, worker start) left out; the data-wait share is waited / total over the same steps.
 
-    python benchmarks/bench_train.py --reference /tmp/teran-orig [--steps 4 --threads 2 --profile]
+    python benchmarks/bench_train.py --reference /tmp/teran-orig [--steps 4 --threads 2 --profile --rounds 3]
 
 With --reference PATH (a checkout of mesnico/TERAN, never part of this repository) the run also
 times the STEP on one fixed batch, each variant in its own child process (so peak RSS, sampled
@@ -25,6 +25,8 @@ with psutil every 50 ms, is that variant's alone), one child at a time:
     __init__ but never used by the forward pass; it would need a vocab file) is a stub.
     torch.cuda.is_available() is False here, so its .cuda() calls are never reached;
   - teranprep train(): the whole loop above (DataLoader included), for the data-wait share.
+--rounds N runs those three N times per precision, interleaved, and prints each round's ratio
+(its children ran back to back) and their median: this VM's speed drifts by 10-30% over minutes.
 Both step variants get the same batch (train()'s first batch: same features, boxes normalised by
 image size for the original, same word-piece ids and lengths), the same initial weights (the
 teranprep model built from the config's seed, saved once and copied into the original through
@@ -410,34 +412,40 @@ def reference_main(a) -> None:
               f"original {check['loss_original']:.6f}", flush=True)
         rows = []
         for precision in a.precisions:
-            for kind in ("reference", "step", "train"):
-                r = run_child(a, work, kind, precision)
-                rows.append(r)
-                ph = r.get("phases")
-                print(f"  {kind:>9} {precision}: {r['step_s']:.2f} s/step"
-                      + (f" (fwd {ph['forward']:.2f}, bwd {ph['backward']:.2f}, clip {ph['clip']:.2f}, "
-                         f"opt {ph['optimizer']:.2f})" if ph else "")
-                      + f", load {r['load_min']:.1f}-{r['load_max']:.1f}", flush=True)
-                if r.get("profile"):
-                    print(r["profile"], flush=True)
+            for round_ in range(1, a.rounds + 1):
+                for kind in ("reference", "step", "train"):
+                    r = run_child(a, work, kind, precision)
+                    r["round"] = round_
+                    rows.append(r)
+                    ph = r.get("phases")
+                    print(f"  {kind:>9} {precision} (round {round_}): {r['step_s']:.2f} s/step"
+                          + (f" (fwd {ph['forward']:.2f}, bwd {ph['backward']:.2f}, clip {ph['clip']:.2f}, "
+                             f"opt {ph['optimizer']:.2f})" if ph else "")
+                          + f", load {r['load_min']:.1f}-{r['load_max']:.1f}", flush=True)
+                    if r.get("profile"):
+                        print(r["profile"], flush=True)
         names = {"reference": "original TERAN step", "step": "teranprep step",
                  "train": f"teranprep train() ({workers} workers)"}
-        print(f"\n| implementation | precision | s/step | steps/s | data wait | peak RSS | load |")
-        print("|---|---|---|---|---|---|---|")
+        print(f"\n| round | implementation | precision | s/step | steps/s | data wait | peak RSS | load |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             tree = (f" ({r['peak_tree_rss_mb'] / 1024:.2f} with workers)"
                     if r["peak_tree_rss_mb"] > r["peak_rss_mb"] * 1.01 else "")
-            print(f"| {names[r['kind']]} | {r['precision']} | {r['step_s']:.2f} | {r['steps_per_s']:.3f} | "
-                  f"{100 * r['data_wait_share']:.1f}% | {r['peak_rss_mb'] / 1024:.2f} GB{tree} | "
-                  f"{r['load_min']:.1f}-{r['load_max']:.1f} |")
-        by = {(r["kind"], r["precision"]): r for r in rows}
+            print(f"| {r['round']} | {names[r['kind']]} | {r['precision']} | {r['step_s']:.2f} | "
+                  f"{r['steps_per_s']:.3f} | {100 * r['data_wait_share']:.1f}% | "
+                  f"{r['peak_rss_mb'] / 1024:.2f} GB{tree} | {r['load_min']:.1f}-{r['load_max']:.1f} |")
+        # each round's ratio is taken between children run back to back (the VM's speed drifts
+        # by 10-30% over minutes); with --rounds > 1 their median too
+        by = {(r["kind"], r["precision"], r["round"]): r for r in rows}
         for precision in a.precisions:
-            ref = by.get(("reference", precision))
-            if ref:
-                for kind in ("step", "train"):
-                    if (kind, precision) in by:
-                        print(f"{names[kind]} / original, {precision}: "
-                              f"{by[(kind, precision)]['steps_per_s'] / ref['steps_per_s']:.2f}x steps/s")
+            for kind in ("step", "train"):
+                ratios = [by[(kind, precision, n)]["steps_per_s"] / by[("reference", precision, n)]["steps_per_s"]
+                          for n in range(1, a.rounds + 1)
+                          if (kind, precision, n) in by and ("reference", precision, n) in by]
+                if ratios:
+                    print(f"{names[kind]} / original, {precision}: "
+                          + ", ".join(f"{x:.2f}x" for x in ratios) + " steps/s"
+                          + (f" (median {float(np.median(ratios)):.2f}x)" if len(ratios) > 1 else ""))
         print(f"eval-mode fp32 loss on the batch: teranprep {check['loss_teranprep']:.6f}, original "
               f"{check['loss_original']:.6f}")
         print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -451,6 +459,9 @@ def main():
                    "training step on the same batch (see the module docstring)")
     p.add_argument("--threads", type=int, help="torch threads in every timed process (default: "
                    "torch's default here)")
+    p.add_argument("--rounds", type=int, default=1, help="with --reference: the original, the "
+                   "step and train() run this many times per precision, interleaved; a ratio per "
+                   "round (children back to back) and their median")
     p.add_argument("--profile", action="store_true", help="with --reference: one more step of "
                    "teranprep and of the original under torch.profiler per precision, top ops printed")
     p.add_argument("--child", help=argparse.SUPPRESS)
