@@ -157,13 +157,14 @@ def measure_encoding(a, precision: str, checkpoint: Path) -> tuple:
 def measure_coco5k(a) -> dict:
     """The 5K protocol's memory and time as `prep eval` spends them (with --encode-images, its
     checkpoint loading and encoding too, extrapolated from a sample): every image's
-    regions held; captions in blocks of CAPTION_ENCODE_BLOCKS x caption_block, each padded to its
-    own longest caption and scored against all images, then dropped; then the metrics, the saved
+    regions held; captions in order of length, in chunks of at most CAPTION_ENCODE_BLOCKS x
+    caption_block cut by padded_runs as eval cuts them, each padded to its own longest caption
+    and scored against all images, then dropped; then the metrics, the saved
     top-k rankings and NDCG@25 over a captions x images float32 relevance file (the ROUGE-L cache's
     layout; its build is bench_relevance.py's). Scoring every block would take hours on 2 cores,
     so --score-blocks blocks are scored for real against the first --score-images images and
     timed, the rest are allocated like them and filled with random scores; the scoring time is
-    extrapolated linearly (the work per image and per caption token is the same)."""
+    extrapolated by images and caption tokens (the work per image and per token is the same)."""
     import numpy as np
     from teranprep.pipeline.evaluate import CAPTION_ENCODE_BLOCKS
     from teranprep.pipeline.relevance import NdcgScorer

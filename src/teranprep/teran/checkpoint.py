@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from ..errors import PrepError
@@ -110,12 +111,21 @@ def _drop_pages(t, mapped: list[tuple[int, int]]) -> None:
     lo, hi = -(-start // page) * page, (start + t.numel() * t.element_size()) // page * page
     if hi <= lo or not any(a <= lo and hi <= b for a, b in mapped):
         return
+    libc = _libc()
+    if libc is not None:
+        import ctypes
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """The C library, loaded once (not once per tensor); None where there is none."""
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
-    except (OSError, AttributeError):
-        pass
+        return libc if hasattr(libc, "madvise") else None
+    except OSError:
+        return None
 
 
 # What load_model drops from the checkpoint it returns (the model holds the weights).
