@@ -25,7 +25,7 @@ extract-regions stage.
 
 Random weights (calibrated, so activations are realistic in scale): speed does not depend on them.
 Usage: python benchmarks/bench_detector.py [--images 4] [--precisions fp32,bf16] [--skip-stage] [--gpu]
-       [--models butd-r101,vinvl-x152c4] [--merge on|off|both] [--repeats 1]
+       [--models butd-r101,vinvl-x152c4] [--merge on|off|both] [--malloc default|keep|both] [--repeats 1]
 The first lines name the CPU model, its bf16 hardware (AMX / AVX512-BF16 / none, from
 /proc/cpuinfo's flags) and the load average; bf16 on "none" is converted to fp32 arithmetic by
 oneDNN, so its floor is that CPU's (slow) bf16 conv rate, measured like the others.
@@ -96,9 +96,12 @@ def count_flops(cfg, image_hw=(600, 1000), proposals=300):
     return counts
 
 
-def _detector_alone(precision, n, threads, device, queue, model="butd-r101", options=()):
+def _detector_alone(precision, n, threads, device, queue, model="butd-r101", options=(), keep=False):
     from teranprep.extractors import build_detector
     from teranprep.extractors.base import DetectorSpec
+    if keep:  # as a CPU `prep train` does (tried for extraction: not kept, benchmarks/README.md)
+        from teranprep.pipeline.common.distribute import keep_freed_buffers
+        keep_freed_buffers()
     torch.set_num_threads(threads)
     images = test_images(n)
     t = time.perf_counter()
@@ -116,11 +119,11 @@ def _detector_alone(precision, n, threads, device, queue, model="butd-r101", opt
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20})
 
 
-def detector_alone(precision, n, threads, device="cpu", model="butd-r101", options=()):
+def detector_alone(precision, n, threads, device="cpu", model="butd-r101", options=(), keep=False):
     """Runs in a fresh spawned process, so its peak RSS is the detector's own."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_detector_alone, args=(precision, n, threads, device, queue, model, options))
+    proc = ctx.Process(target=_detector_alone, args=(precision, n, threads, device, queue, model, options, keep))
     proc.start()
     result = queue.get()
     proc.join()
@@ -153,6 +156,10 @@ def main():
     p.add_argument("--models", default="butd-r101", help="comma-separated: butd-r101, vinvl-x152c4")
     p.add_argument("--merge", choices=("on", "off", "both"), default="on")
     p.add_argument("--repeats", type=int, default=1, help="detector-alone rows per setting (interleaved)")
+    p.add_argument("--malloc", choices=("default", "keep", "both"), default="default",
+                   help="default: glibc's own settings, as extract-regions runs (buffers over 32 MB "
+                        "mapped afresh); keep: glibc keeps freed buffers for reuse, as a CPU `prep "
+                        "train` sets it (keep_freed_buffers); both: alternately, like --merge both")
     args = p.parse_args()
     from teranprep.extractors.vinvl.config import get_config as vinvl_config
     models = args.models.split(",")
@@ -173,21 +180,24 @@ def main():
               + "; at 600x1000 + 300 proposals: "
               + ", ".join(f"{m} {f / 1e12:.2f} TFLOP/image" for m, f in model_flops.items()))
         alone = {}
-        print(f"\n{'setting':34s}{'s/image':>9s}{'floor':>8s}{'ratio':>7s}  notes")
+        print(f"\n{'setting':48s}{'s/image':>9s}{'floor':>8s}{'ratio':>7s}  notes")
         merges = {"on": (True,), "off": (False,), "both": (False, True)}[args.merge]
+        keeps = {"default": (False,), "keep": (True,), "both": (False, True)}[args.malloc]
         for m in models:
             for pr in precisions:
                 floor = model_flops[m] / rates[pr]
                 for _ in range(args.repeats):
-                    for merge in merges:
-                        r = detector_alone(pr, n, cores, model=m, options=(("merge_shortcuts", merge),))
+                    for merge, keep in [(mg, k) for mg in merges for k in keeps]:
+                        r = detector_alone(pr, n, cores, model=m, options=(("merge_shortcuts", merge),),
+                                           keep=keep)
                         if m == "butd-r101":  # the stage rows compare with the last (merged when both)
                             alone[pr] = r
                         parts = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r["parts"].items())
                         roi = r["parts"]["roi_head_s"] / (part_flops[m]["roi_head"] / rates[pr])
                         back = r["parts"]["backbone_s"] / (part_flops[m]["backbone"] / rates[pr])
-                        name = f"{m} {pr} alone" + ("" if args.merge == "on" else f" merge {'on' if merge else 'off'}")
-                        print(f"{name:34s}{r['s_per_image']:9.2f}{floor:8.2f}"
+                        name = (f"{m} {pr} alone" + ("" if args.merge == "on" else f" merge {'on' if merge else 'off'}")
+                                + ("" if args.malloc == "default" else f" malloc {'keep' if keep else 'default'}"))
+                        print(f"{name:48s}{r['s_per_image']:9.2f}{floor:8.2f}"
                               f"{r['s_per_image'] / floor:7.2f}  {parts}; ratio to own floor: ROI head "
                               f"{roi:.2f}, backbone {back:.2f}; peak RSS {r['peak_rss_gb']:.2f} GB; "
                               f"build {r['build_s']:.0f} s; load {os.getloadavg()[0]:.1f}", flush=True)
@@ -214,7 +224,7 @@ def main():
                     per = (r["wall"] - r0["wall"]) / n
                     whole = (r["wall"] - r["build"]) / r["n"]
                     fixed = r0["wall"] - small * per
-                    print(f"{pr + ' stage ' + name:34s}{per:9.2f}{floor:8.2f}{per / floor:7.2f}  "
+                    print(f"{pr + ' stage ' + name:48s}{per:9.2f}{floor:8.2f}{per / floor:7.2f}  "
                           f"{r['tasks']} task(s) x {r['threads']} threads; stage / detector alone "
                           f"{per / alone[pr]['s_per_image']:.2f}; whole {whole:.2f} s/image; fixed cost "
                           f"{fixed:.0f} s (build {r['build']:.0f} s)", flush=True)

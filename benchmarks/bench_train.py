@@ -13,7 +13,9 @@ Steps/s comes from the step times train() logs in metrics.jsonl (log_every 1), t
 
 With --reference PATH (a checkout of mesnico/TERAN, never part of this repository) the run also
 times the STEP on one fixed batch, each variant in its own child process (so peak RSS, sampled
-with psutil every 50 ms, is that variant's alone), one child at a time:
+with psutil every 50 ms, is that variant's alone; with DataLoader workers also the tree's RSS,
+which counts the pages they share with the parent once per process, and its proportional set
+size, PSS, once a second, which does not), one child at a time:
   - teranprep step: build_model(teran_coco) + exactly the step of pipeline/train.py's loop
     (forward under the run's autocast, hinge_loss, backward, grad clip, optimizer, scheduler);
   - original step: mesnico/TERAN's TERAN(configs/teran_coco_MrSw.yaml) and train.py's step
@@ -27,6 +29,10 @@ with psutil every 50 ms, is that variant's alone), one child at a time:
   - teranprep train(): the whole loop above (DataLoader included), for the data-wait share.
 --rounds N runs those three N times per precision, interleaved, and prints each round's ratio
 (its children ran back to back) and their median: this VM's speed drifts by 10-30% over minutes.
+--malloc: teranprep's children run as `prep train` does on a CPU, keeping freed buffers for reuse
+(pipeline.common.distribute.keep_freed_buffers), the original on glibc's defaults as its train.py
+runs (ours, the default); every child on glibc's defaults (default); or every child keeping its
+buffers, the original through MALLOC_MMAP_MAX_=0 / MALLOC_TRIM_THRESHOLD_ (all).
 Both step variants get the same batch (train()'s first batch: same features, boxes normalised by
 image size for the original, same word-piece ids and lengths), the same initial weights (the
 teranprep model built from the config's seed, saved once and copied into the original through
@@ -278,6 +284,8 @@ def time_teranprep_step(config: dict, batch: dict, init: dict, steps: int, preci
     from teranprep.teran.precision import autocast
     t = config["training"]
     torch.manual_seed(t["seed"])
+    from teranprep.pipeline.common.distribute import keep_freed_buffers
+    keep_freed_buffers()  # as train() does on a CPU (steps aside under --malloc default)
     model = build_model(config, batch["features"].shape[-1])
     model.load_state_dict(init)
     del init
@@ -357,22 +365,34 @@ def run_child(a, work: Path, kind: str, precision: str) -> dict:
         cmd += ["--reference", str(a.reference)]
     if a.profile:
         cmd += ["--profile"]
-    proc = subprocess.Popen(cmd)
+    env = dict(os.environ)
+    if a.malloc == "default":  # train()'s keep_freed_buffers steps aside (any MALLOC_* would not
+        env["TERANPREP_MALLOC"] = "default"  # be glibc's default: setting one fixes its thresholds)
+    elif a.malloc == "all":  # every child, the original too, keeps its freed buffers
+        env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2 ** 62))
+    proc = subprocess.Popen(cmd, env=env)
     ps = psutil.Process(proc.pid)
-    peak, peak_tree, loads = 0, 0, []
+    peak, peak_tree, peak_pss, loads, n = 0, 0, 0, [], 0
     while proc.poll() is None:
         try:
             rss = ps.memory_info().rss
-            tree = rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+            children = ps.children(recursive=True)
+            tree = rss + sum(c.memory_info().rss for c in children)
+            # forked DataLoader workers share the parent's pages (RSS counts them in each):
+            # proportional set size, once a second (reading smaps costs more than RSS)
+            if children and n % 20 == 0:
+                peak_pss = max(peak_pss, sum(q.memory_full_info().pss for q in [ps] + children))
         except psutil.Error:
             rss = tree = 0
         peak, peak_tree = max(peak, rss), max(peak_tree, tree)
         loads.append(load_avg())
+        n += 1
         time.sleep(0.05)
     if proc.returncode:
         raise SystemExit(f"child {kind} {precision} failed ({proc.returncode})")
     r = json.loads((work / f"result-{kind}-{precision}.json").read_text())
     r.update(peak_rss_mb=peak / 2 ** 20, peak_tree_rss_mb=peak_tree / 2 ** 20,
+             peak_tree_pss_mb=peak_pss / 2 ** 20,
              load_min=min(loads, default=0.0), load_max=max(loads, default=0.0))
     return r
 
@@ -405,7 +425,7 @@ def reference_main(a) -> None:
         threads = a.threads or torch.get_num_threads()
         print(f"CPU: {cpu_model()}, {psutil.cpu_count()} cpus; torch {torch.__version__}, "
               f"{threads} threads; {a.config} at batch {t['batch_size']}, 36 regions x 2048; "
-              f"{a.steps} steps per variant (first not timed); load average at start "
+              f"{a.steps} steps per variant (first not timed); malloc {a.malloc}; load average at start "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
         check = run_child(a, work, "check", "fp32")
         print(f"same weights, same batch, eval mode, fp32: loss teranprep {check['loss_teranprep']:.6f}, "
@@ -429,7 +449,8 @@ def reference_main(a) -> None:
         print(f"\n| round | implementation | precision | s/step | steps/s | data wait | peak RSS | load |")
         print("|---|---|---|---|---|---|---|---|")
         for r in rows:
-            tree = (f" ({r['peak_tree_rss_mb'] / 1024:.2f} with workers)"
+            tree = (f" ({r['peak_tree_rss_mb'] / 1024:.2f} with workers, PSS "
+                    f"{r['peak_tree_pss_mb'] / 1024:.2f})"
                     if r["peak_tree_rss_mb"] > r["peak_rss_mb"] * 1.01 else "")
             print(f"| {r['round']} | {names[r['kind']]} | {r['precision']} | {r['step_s']:.2f} | "
                   f"{r['steps_per_s']:.3f} | {100 * r['data_wait_share']:.1f}% | "
@@ -462,6 +483,11 @@ def main():
     p.add_argument("--rounds", type=int, default=1, help="with --reference: the original, the "
                    "step and train() run this many times per precision, interleaved; a ratio per "
                    "round (children back to back) and their median")
+    p.add_argument("--malloc", choices=("ours", "default", "all"), default="ours",
+                   help="with --reference: ours = teranprep's children keep freed buffers for reuse "
+                        "(keep_freed_buffers, as prep train does on a CPU), the original runs on "
+                        "glibc's defaults, as its train.py does; default = every child on glibc's "
+                        "defaults; all = every child keeps them (the original too, through MALLOC_*)")
     p.add_argument("--profile", action="store_true", help="with --reference: one more step of "
                    "teranprep and of the original under torch.profiler per precision, top ops printed")
     p.add_argument("--child", help=argparse.SUPPRESS)

@@ -74,3 +74,51 @@ def test_dask_malloc_environment_is_undone_so_buffers_are_reused():
     if faults["plain"] < 100 * 100:  # the kernel sometimes maps these without faulting each page
         pytest.skip(f"only {faults['plain']} page faults without tuning: nothing to compare")
     assert faults["tuned"] < faults["plain"] / 20
+
+
+_BIG_FAULTS = """
+import json, resource, sys
+import numpy as np
+from teranprep.pipeline.common.distribute import keep_freed_buffers
+made = keep_freed_buffers() if sys.argv[1] == "keep" else None
+np.ones(8 << 20)  # warm-up: 64 MiB, above glibc's highest mmap threshold
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    a = np.ones(8 << 20)
+    del a
+print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, made]))
+"""
+
+
+def _big_faults(mode, **env):
+    import json
+    import os
+    import subprocess
+    import sys
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", _BIG_FAULTS, mode], env=dict(clean, **env),
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def test_keep_freed_buffers_reuses_buffers_above_the_mmap_threshold():
+    """A 64 MiB buffer freed and asked for again: glibc maps and faults in a fresh one each time
+    (~540 faults per buffer on this kernel, which faults some runs of pages in at once); after
+    keep_freed_buffers the heap hands the same, already present pages back (0 faults here)."""
+    plain, _ = _big_faults("plain")
+    kept, made = _big_faults("keep")
+    assert made == {"allocator": "glibc", "mmap_max": 0, "trim_threshold": -1}
+    if plain < 20 * 100:  # huge pages: the kernel faulted 2 MiB at a time, nothing to compare
+        pytest.skip(f"only {plain} page faults without the setting: nothing to compare")
+    assert kept < plain / 20
+
+
+@pytest.mark.parametrize("env", [{"TERANPREP_MALLOC": "default"}, {"MALLOC_MMAP_MAX_": "65536"},
+                                 {"MALLOC_TRIM_THRESHOLD_": "131072"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}])
+def test_keep_freed_buffers_leaves_a_users_malloc_settings_alone(env):
+    plain, _ = _big_faults("plain", **env)
+    kept, made = _big_faults("keep", **env)
+    assert made is None
+    if plain >= 20 * 100:  # the user's settings still map each buffer afresh
+        assert kept > plain / 2

@@ -110,7 +110,33 @@ def stage_device(device: str, scheduler: str | None = None) -> str:
     return resolve_device(device, cuda_available=env["cuda"], where=f" on the workers of {scheduler}")
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc mallopt parameters
+_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def keep_freed_buffers() -> dict | None:
+    """Makes glibc keep every freed buffer in the heap for the next one, for a process that runs
+    the same large tensor shapes over and over (a training loop) and can hold its peak memory.
+
+    glibc serves each allocation above 32 MiB (its highest mmap threshold) with a fresh mmap and
+    unmaps it on free: a teran_coco step allocates tens of such activations and gradients, and
+    the kernel zero-fills them page by page on every step. With mmap off (M_MMAP_MAX 0) and
+    trimming off (M_TRIM_THRESHOLD -1, see mallopt(3)), they come from the heap and are reused;
+    the process stays at its peak RSS. Returns the settings made, or None where malloc is not
+    glibc's, TERANPREP_MALLOC=default asks for glibc's defaults, or the user set MALLOC_* /
+    GLIBC_TUNABLES malloc settings, which are then left alone.
+    """
+    if (os.environ.get("TERANPREP_MALLOC") == "default" or any(k in os.environ for k in _MALLOC_ENV)
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
+        return None
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, -1)):
+            return None
+    except (OSError, AttributeError):
+        return None
+    return {"allocator": "glibc", "mmap_max": 0, "trim_threshold": -1}
 
 
 def tune_malloc_for_tensors() -> None:
