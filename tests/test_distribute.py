@@ -95,7 +95,8 @@ def _big_faults(mode, **env):
     import os
     import subprocess
     import sys
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "TERANPREP_MALLOC")}
     out = subprocess.run([sys.executable, "-c", _BIG_FAULTS, mode], env=dict(clean, **env),
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out)
