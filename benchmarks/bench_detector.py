@@ -34,6 +34,7 @@ oneDNN, so its floor is that CPU's (slow) bf16 conv rate, measured like the othe
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -187,7 +188,7 @@ def main():
             for pr in precisions:
                 floor = model_flops[m] / rates[pr]
                 for _ in range(args.repeats):
-                    for merge, keep in [(mg, k) for mg in merges for k in keeps]:
+                    for merge, keep in itertools.product(merges, keeps):
                         r = detector_alone(pr, n, cores, model=m, options=(("merge_shortcuts", merge),),
                                            keep=keep)
                         if m == "butd-r101":  # the stage rows compare with the last (merged when both)

@@ -282,10 +282,10 @@ def time_teranprep_step(config: dict, batch: dict, init: dict, steps: int, preci
     from teranprep.teran.alignment import hinge_loss
     from teranprep.teran.model import build_model
     from teranprep.teran.precision import autocast
-    t = config["training"]
-    torch.manual_seed(t["seed"])
     from teranprep.pipeline.common.distribute import keep_freed_buffers
     keep_freed_buffers()  # as train() does on a CPU (steps aside under --malloc default)
+    t = config["training"]
+    torch.manual_seed(t["seed"])
     model = build_model(config, batch["features"].shape[-1])
     model.load_state_dict(init)
     del init

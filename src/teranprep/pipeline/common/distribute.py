@@ -6,6 +6,7 @@ ran its tasks. Tasks are plain picklable objects; workers build heavy things (mo
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -111,6 +112,18 @@ def stage_device(device: str, scheduler: str | None = None) -> str:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc mallopt parameters
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    """glibc (for mallopt and malloc_trim), loaded once; None where the C library is another."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
 _MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
@@ -129,12 +142,8 @@ def keep_freed_buffers() -> dict | None:
     if (os.environ.get("TERANPREP_MALLOC") == "default" or any(k in os.environ for k in _MALLOC_ENV)
             or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
         return None
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, -1)):
-            return None
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None or not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, -1)):
         return None
     return {"allocator": "glibc", "mmap_max": 0, "trim_threshold": -1}
 
@@ -149,13 +158,11 @@ def tune_malloc_for_tensors() -> None:
     """
     if "MALLOC_TRIM_THRESHOLD_" not in os.environ or getattr(tune_malloc_for_tensors, "done", False):
         return
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum
-        libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return
+    libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum
+    libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
     tune_malloc_for_tensors.done = True
 
 
@@ -164,11 +171,9 @@ def return_free_memory() -> None:
     Freed tensor buffers below the mmap threshold stay in the process's heap, counted in its
     RSS: after eval encodes a split's images and drops the image side, ~0.5 GB at teran_coco's
     size, which the big buffers that follow (the regions, the score matrix) do not reuse."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def run_tasks(fn: Callable, tasks: Iterable, *, workers: int = 1, scheduler: str | None = None,
