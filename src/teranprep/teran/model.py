@@ -18,6 +18,45 @@ import torch.nn.functional as F
 
 from .alignment import alignment_scores, region_keep_mask, word_keep_mask
 
+DROP_LEVELS = 1 << 16  # a CPU dropout's keep test compares a uniform 16-bit draw
+
+
+def cpu_dropout(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tensor:
+    """Training-mode dropout of a CPU tensor: each element kept with probability 1 - p', scaled
+    by 1 / (1 - p'), where p' is p rounded to a multiple of 2^-16 (0.1 -> 0.100006), so every
+    output's expectation is its input exactly. The draws are 16-bit slices of random_() int64
+    words from torch's generator (seeded, checkpointed and resumed like any other draw): ~1.2
+    ns an element here against ~6.5 for bernoulli_, which draws one float per element, and the
+    mask kept for backward is bool (1 byte an element, not a 4-byte float). A p too small or too
+    close to 1 for 16 bits goes to F.dropout."""
+    drop = round(p * DROP_LEVELS)
+    if not 0 < drop < DROP_LEVELS:
+        return F.dropout(x, p, True, inplace)
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)
+    keep = words.view(torch.int16)[:n].view(x.shape) >= drop - DROP_LEVELS // 2
+    scale = DROP_LEVELS / (DROP_LEVELS - drop)
+    return x.mul_(keep).mul_(scale) if inplace else x.mul(keep).mul_(scale)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (same p, inplace and no parameters) through cpu_dropout on CPU tensors; CUDA's
+    fused kernel and eval mode are nn.Dropout's own."""
+
+    def forward(self, x):
+        if self.training and x.device.type == "cpu" and self.p > 0:
+            return cpu_dropout(x, self.p, self.inplace)
+        return super().forward(x)
+
+
+def use_cpu_dropout(module: nn.Module) -> nn.Module:
+    """Every plain nn.Dropout inside `module` replaced by Dropout (a text encoder's too)."""
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.Dropout:
+                setattr(parent, name, Dropout(child.p, child.inplace))
+    return module
+
 
 class EncoderLayer(nn.TransformerEncoderLayer):
     """nn.TransformerEncoderLayer (post-norm, ReLU, batch-first: the same parameters, names and
@@ -26,7 +65,13 @@ class EncoderLayer(nn.TransformerEncoderLayer):
     transposed copy of that projection: in backward each select filled a zero tensor of all
     three (3 x 37 x 40 x 2048 at teran_coco's batch), ~1 s of a 6.5 s fp32 CPU step. Same
     formula (softmax(q k^T / sqrt(d) + mask) v, dropout on the attention weights when
-    training); only the rounding and the dropout draws' order differ."""
+    training); only the rounding and the dropout draws' order differ. Its dropout modules are
+    Dropout (cpu_dropout on a CPU), the attention weights' dropout is scaled_dot_product_attention's
+    own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        use_cpu_dropout(self)
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
         if src_mask is not None or is_causal:
@@ -88,7 +133,7 @@ class TERAN(nn.Module):
         self.config = config
         self.image_encoder = ImageEncoder(feature_dim, hidden, im["layers"], im["heads"], im["ffn"],
                                           im["dropout"])
-        self.text_encoder = text_encoder
+        self.text_encoder = use_cpu_dropout(text_encoder)
         word_dim = text_encoder.config.hidden_size
         self.image_proj = nn.Linear(hidden, embed)
         self.text_proj = nn.Linear(word_dim, embed)
