@@ -7,7 +7,11 @@ images of 36 x 2048 float16 regions in shards of 100 and 5 captions of 12-16 ran
 each. teran_coco's text encoder (bert-base-uncased) is built with random weights from a
 bert-base-sized config (speed does not depend on the weights); other configs keep their own.
 Steps/s comes from the step times train() logs in metrics.jsonl (log_every 1), the first step
-(warm-up, worker start) left out; the data-wait share is waited / total over the same steps.
+(warm-up, worker start) left out (--warmup N: the first N); the data-wait share is waited /
+total over the same steps. The first steps after DataLoader workers fork run slower for a while
+(the parent's heap pages are shared with the workers copy-on-write until it writes each once:
+measured 10.4, 6.9, 6.0, 5.9, 5.6 s against 6.6, 7.0, 5.8, 5.8, 5.7 s with no worker, 2026-12-08),
+so --warmup 3 measures the steady state a long run spends its epochs in.
 
     python benchmarks/bench_train.py --reference /tmp/teran-orig [--steps 4 --threads 2 --profile --rounds 3]
 
@@ -39,7 +43,7 @@ teranprep model built from the config's seed, saved once and copied into the ori
 reference_import's key map; BERT is a random-weight bert-base whose first 6 layers both use),
 and the same torch thread count. A check child first runs both in eval mode (no dropout) in
 fp32 and prints the two losses. The data wait of an isolated step is 0 by construction (the
-batch is in memory before the step starts). Steps/s is over steps 2..N (the first is warm-up).
+batch is in memory before the step starts). Steps/s is over steps warmup+1..N in every variant.
 """
 
 from __future__ import annotations
@@ -104,12 +108,12 @@ def bert_base_dir(directory: Path) -> Path:
     return directory
 
 
-def run_once(splits: Path, config: dict, out: Path, steps: int, precision: str) -> dict:
+def run_once(splits: Path, config: dict, out: Path, steps: int, precision: str, warmup: int = 1) -> dict:
     t0 = time.perf_counter()
     train(splits, config, out, stop_after=steps, precision=precision, device="cpu", echo=lambda *_: None)
     wall = time.perf_counter() - t0
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in records if r["kind"] == "train" and r["step"] > 1]
+    timed = [r for r in records if r["kind"] == "train" and r["step"] > warmup]
     step_s = sum(r["step_s"] for r in timed) / len(timed)
     wait = sum(r["data_wait_share"] * r["step_s"] for r in timed) / sum(r["step_s"] for r in timed)
     shutil.rmtree(out)  # the checkpoint of a teran_coco-sized model is ~2 GB
@@ -216,7 +220,7 @@ def child_main(a) -> None:
     result = {"kind": kind, "precision": precision, "threads": torch.get_num_threads()}
     if kind == "train":
         t["num_workers"] = setup["workers"]
-        r = run_once(Path(setup["splits"]), config, work / f"run-{precision}", a.steps, precision)
+        r = run_once(Path(setup["splits"]), config, work / f"run-{precision}", a.steps, precision, a.warmup)
         result.update(r)
     else:
         batch = torch.load(work / "batch.pt")
@@ -224,10 +228,10 @@ def child_main(a) -> None:
         if kind == "check":
             result.update(check_losses(a, setup, batch, init))
         elif kind == "step":
-            result.update(time_teranprep_step(config, batch, init, a.steps, precision, a.profile))
+            result.update(time_teranprep_step(config, batch, init, a.steps, precision, a.profile, a.warmup))
         elif kind == "reference":
             result.update(time_reference_step(a.reference, Path(setup["bert_dir"]), batch, init,
-                                              a.steps, precision, a.profile))
+                                              a.steps, precision, a.profile, a.warmup))
     result["load_start"], result["load_end"] = load0, load_avg()
     import resource
     result["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -251,14 +255,14 @@ def check_losses(a, setup, batch, init) -> dict:
     return {"loss_teranprep": loss_ours, "loss_original": loss_ref}
 
 
-def _summary(phases: list[dict]) -> dict:
-    timed = phases[1:]  # the first step is warm-up
+def _summary(phases: list[dict], warmup: int = 1) -> dict:
+    timed = phases[warmup:]
     mean = {k: sum(p[k] for p in timed) / len(timed) for k in timed[0]}
     return {"step_s": mean["total"], "steps_per_s": 1.0 / mean["total"], "phases": mean,
             "data_wait_share": 0.0, "all_steps": [p["total"] for p in phases]}
 
 
-def _run_steps(one_step, steps: int, profile: bool) -> dict:
+def _run_steps(one_step, steps: int, profile: bool, warmup: int = 1) -> dict:
     """`steps` timed calls of one_step() -> (phase times, loss); with `profile`, one more under
     torch.profiler, its top ops as a table."""
     phases, losses = [], []
@@ -266,7 +270,7 @@ def _run_steps(one_step, steps: int, profile: bool) -> dict:
         times, loss = one_step()
         phases.append(times)
         losses.append(loss)
-    out = {**_summary(phases), "losses": losses}
+    out = {**_summary(phases, warmup), "losses": losses}
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -276,7 +280,7 @@ def _run_steps(one_step, steps: int, profile: bool) -> dict:
 
 
 def time_teranprep_step(config: dict, batch: dict, init: dict, steps: int, precision: str,
-                        profile: bool) -> dict:
+                        profile: bool, warmup: int = 1) -> dict:
     """pipeline/train.py's step on a CPU (GradScaler disabled there, no torchrun), timed by phase."""
     from teranprep.pipeline.train import _all_finite, lr_factor, make_optimizer
     from teranprep.teran.alignment import hinge_loss
@@ -313,11 +317,11 @@ def time_teranprep_step(config: dict, batch: dict, init: dict, steps: int, preci
         times.update(forward=t1 - t0, backward=t2 - t1, clip=t3 - t2, optimizer=t4 - t3, total=t4 - t0)
         return times, float(loss.detach())
 
-    return _run_steps(one_step, steps, profile)
+    return _run_steps(one_step, steps, profile, warmup)
 
 
 def time_reference_step(path: Path, bert_dir: Path, batch: dict, init: dict, steps: int,
-                        precision: str, profile: bool = False) -> dict:
+                        precision: str, profile: bool = False, warmup: int = 1) -> dict:
     """mesnico/TERAN train.py's step (its train() loop body, logging left out), timed by phase."""
     model, cfg = build_reference(path, bert_dir, init)
     del init
@@ -350,7 +354,7 @@ def time_reference_step(path: Path, bert_dir: Path, batch: dict, init: dict, ste
         return (dict(forward=t1 - t0, backward=t2 - t1, clip=t3 - t2, optimizer=t4 - t3, total=t4 - t0),
                 float(loss.detach()))
 
-    return _run_steps(one_step, steps, profile)
+    return _run_steps(one_step, steps, profile, warmup)
 
 
 def run_child(a, work: Path, kind: str, precision: str) -> dict:
@@ -358,7 +362,7 @@ def run_child(a, work: Path, kind: str, precision: str) -> dict:
     import subprocess
     import sys
     cmd = [sys.executable, __file__, "--child", kind, "--child-work", str(work),
-           "--child-precision", precision, "--steps", str(a.steps)]
+           "--child-precision", precision, "--steps", str(a.steps), "--warmup", str(a.warmup)]
     if a.threads:
         cmd += ["--threads", str(a.threads)]
     if a.reference:
@@ -425,7 +429,7 @@ def reference_main(a) -> None:
         threads = a.threads or torch.get_num_threads()
         print(f"CPU: {cpu_model()}, {psutil.cpu_count()} cpus; torch {torch.__version__}, "
               f"{threads} threads; {a.config} at batch {t['batch_size']}, 36 regions x 2048; "
-              f"{a.steps} steps per variant (first not timed); malloc {a.malloc}; load average at start "
+              f"{a.steps} steps per variant (first {a.warmup} not timed); malloc {a.malloc}; load average at start "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
         check = run_child(a, work, "check", "fp32")
         print(f"same weights, same batch, eval mode, fp32: loss teranprep {check['loss_teranprep']:.6f}, "
@@ -495,12 +499,16 @@ def main():
     p.add_argument("--child-precision", help=argparse.SUPPRESS)
     p.add_argument("--config", default="teran_coco")
     p.add_argument("--batch-size", type=int, help="default: the config's (teran_coco: 40)")
-    p.add_argument("--steps", type=int, default=4, help="steps per precision (the first is warm-up)")
+    p.add_argument("--steps", type=int, default=4, help="steps per precision (the first --warmup not timed)")
+    p.add_argument("--warmup", type=int, default=1, help="steps left out of the timing in every variant "
+                   "(3 for the steady state after DataLoader workers fork)")
     p.add_argument("--images", type=int, default=400)
     p.add_argument("--workers", type=int, nargs="+", help="num_workers values to run (default: the config's)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--workdir", type=Path)
     a = p.parse_args()
+    if a.steps <= a.warmup:
+        p.error(f"--steps {a.steps} leaves no timed step after --warmup {a.warmup}")
     if a.child:
         return child_main(a)
     if a.reference:
@@ -518,13 +526,13 @@ def main():
         splits = make_data(work, a.images, 36, 2048, 30000)
         print(f"machine: {platform.machine()}, {psutil.cpu_count()} cpus, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads; {a.config} at batch {t['batch_size']}, 36 regions "
-              f"x 2048 float16, {a.steps} steps each (first one not timed)")
+              f"x 2048 float16, {a.steps} steps each (first {a.warmup} not timed)")
         print(f"{'precision':>9} {'workers':>7} | {'steps/s':>8} {'s/step':>7} {'data wait':>9}")
         results = {}
         for workers in a.workers or [t["num_workers"]]:
             for precision in a.precisions:
                 t["num_workers"] = workers
-                r = run_once(splits, config, work / f"run-{precision}-{workers}", a.steps, precision)
+                r = run_once(splits, config, work / f"run-{precision}-{workers}", a.steps, precision, a.warmup)
                 results[(precision, workers)] = r
                 print(f"{precision:>9} {workers:>7} | {r['steps_per_s']:>8.3f} {r['step_s']:>7.2f} "
                       f"{100 * r['data_wait_share']:>8.1f}%", flush=True)
