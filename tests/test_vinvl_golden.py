@@ -26,7 +26,9 @@ GOLDEN = Path(__file__).resolve().parent / "data" / "vinvl_golden"
 IMAGES = GOLDEN.parent / "butd_golden" / "images"  # the same 3 images as the BUTD golden test
 NAMES = ("scene-small", "scene-tall", "scene-wide")
 
-pytestmark = pytest.mark.fullsize
+# one worker extracts the three images once (~75 s) and runs every test of this file on them;
+# spread over two workers, each built the session fixture itself
+pytestmark = [pytest.mark.fullsize, pytest.mark.xdist_group("vinvl_golden")]
 
 
 def recipe_tensor(key: str, shape: tuple, rule: str) -> np.ndarray:
