@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,16 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+import bench_train as bt  # noqa: E402  (its data, batch and model helpers, and cpu_model)
 
 
 def per_element(precision: str, reps: int = 7) -> dict:
@@ -57,7 +47,6 @@ def per_element(precision: str, reps: int = 7) -> dict:
 
 
 def step_ab(precision: str, rounds: int) -> dict:
-    import bench_train as bt
     from teranprep.pipeline.common.distribute import keep_freed_buffers
     from teranprep.pipeline.train import make_optimizer
     from teranprep.teran import model as M
@@ -108,7 +97,7 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cpus; torch {torch.__version__}, "
+    print(f"CPU: {bt.cpu_model()}, {os.cpu_count()} cpus; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}", flush=True)
     for precision in a.precisions:
         e = per_element(precision)

@@ -124,6 +124,7 @@ def _glibc():
         return None
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
+
 _MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
