@@ -40,6 +40,7 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -205,30 +206,33 @@ def main():
         if not args.skip_stage and "butd-r101" in models:
             from PIL import Image
             root = Path(tempfile.mkdtemp(prefix="bench-detector-"))
-            small = 2  # the short run: its wall is the fixed cost (start-up, build, manifest) + 2 images
-            for folder, count in (("images", small + n), ("images-small", small)):
-                (root / folder).mkdir()
-                for i, im in enumerate(test_images(count)):
-                    Image.fromarray(im).save(root / folder / f"{i:03d}.png")  # lossless: same pixels
-            settings = {"defaults": ({}, {}),
-                        "1 worker x 1 thread": ({"workers": 1, "threads_per_worker": 1},) * 2,
-                        "2 workers": ({"workers": 2, "shard_size": max(1, (small + n) // 2)},
-                                      {"workers": 2, "shard_size": 1})}
-            print(f"\nstage: s/image = (wall of {small + n} images - wall of {small}) / {n}, the cost of each "
-                  "further image (start-up, model build and manifest cancel); whole = (wall - build) / images "
-                  f"of the {small + n}-image run")
-            for pr in precisions:
-                floor = flops / rates[pr]
-                for name, (options, small_options) in settings.items():
-                    r = stage(root / "images", root / f"out-{pr}", pr, **options)
-                    r0 = stage(root / "images-small", root / f"out-{pr}-small", pr, **small_options)
-                    per = (r["wall"] - r0["wall"]) / n
-                    whole = (r["wall"] - r["build"]) / r["n"]
-                    fixed = r0["wall"] - small * per
-                    print(f"{pr + ' stage ' + name:48s}{per:9.2f}{floor:8.2f}{per / floor:7.2f}  "
-                          f"{r['tasks']} task(s) x {r['threads']} threads; stage / detector alone "
-                          f"{per / alone[pr]['s_per_image']:.2f}; whole {whole:.2f} s/image; fixed cost "
-                          f"{fixed:.0f} s (build {r['build']:.0f} s)", flush=True)
+            try:
+                small = 2  # the short run: its wall is the fixed cost (start-up, build, manifest) + 2 images
+                for folder, count in (("images", small + n), ("images-small", small)):
+                    (root / folder).mkdir()
+                    for i, im in enumerate(test_images(count)):
+                        Image.fromarray(im).save(root / folder / f"{i:03d}.png")  # lossless: same pixels
+                settings = {"defaults": ({}, {}),
+                            "1 worker x 1 thread": ({"workers": 1, "threads_per_worker": 1},) * 2,
+                            "2 workers": ({"workers": 2, "shard_size": max(1, (small + n) // 2)},
+                                          {"workers": 2, "shard_size": 1})}
+                print(f"\nstage: s/image = (wall of {small + n} images - wall of {small}) / {n}, the cost of each "
+                      "further image (start-up, model build and manifest cancel); whole = (wall - build) / images "
+                      f"of the {small + n}-image run")
+                for pr in precisions:
+                    floor = flops / rates[pr]
+                    for name, (options, small_options) in settings.items():
+                        r = stage(root / "images", root / f"out-{pr}", pr, **options)
+                        r0 = stage(root / "images-small", root / f"out-{pr}-small", pr, **small_options)
+                        per = (r["wall"] - r0["wall"]) / n
+                        whole = (r["wall"] - r["build"]) / r["n"]
+                        fixed = r0["wall"] - small * per
+                        print(f"{pr + ' stage ' + name:48s}{per:9.2f}{floor:8.2f}{per / floor:7.2f}  "
+                              f"{r['tasks']} task(s) x {r['threads']} threads; stage / detector alone "
+                              f"{per / alone[pr]['s_per_image']:.2f}; whole {whole:.2f} s/image; fixed cost "
+                              f"{fixed:.0f} s (build {r['build']:.0f} s)", flush=True)
+            finally:
+                shutil.rmtree(root, ignore_errors=True)  # the stage's outputs
     if args.gpu:
         if not torch.cuda.is_available():
             print("\n--gpu: torch sees no CUDA device here, so GPU images/s cannot be measured on this machine")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -86,6 +87,7 @@ def step_ab(precision: str, rounds: int) -> dict:
                 times[name] += [step(), step()]
     finally:
         M.Dropout.forward = ours
+        shutil.rmtree(work, ignore_errors=True)
     return {k: statistics.median(v) for k, v in times.items()} | {"all": times}
 
 

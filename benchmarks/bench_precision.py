@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -145,7 +146,12 @@ def main():
         print(f"  same boxes:    {fmt(d['given_boxes'])}")
     if not args.skip_demo:
         t = time.perf_counter()
-        d = demo_drift(args.demo_dir or Path(tempfile.mkdtemp(prefix="bench-precision-")), args.full_demo)
+        own = None if args.demo_dir else Path(tempfile.mkdtemp(prefix="bench-precision-"))
+        try:
+            d = demo_drift(args.demo_dir or own, args.full_demo)
+        finally:
+            if own is not None:
+                shutil.rmtree(own, ignore_errors=True)
         kind = "full" if args.full_demo else "quick"
         print(f"\n{kind} demo (trained butd-tiny, 60 of its synthetic images; {time.perf_counter() - t:.0f} s):")
         print(f"  own selection: {fmt(d['selection'])}")

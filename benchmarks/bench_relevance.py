@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -153,6 +154,9 @@ def main():
           + (f", {python_total / dask['seconds']:.0f}x (dask)" if args.workers else ""))
     print(f"sample vs matrix: max |difference| {worst:.2e}"
           + (f"; dask matrix byte-identical to the in-process one: {same}" if args.workers else ""))
+    if not args.workdir:  # a folder of its own: the matrices are ~n_captions x n_images x 4 bytes each
+        del matrix
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
