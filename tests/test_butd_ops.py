@@ -184,3 +184,27 @@ def test_roi_max_pool_equals_torchvision_bit_for_bit(dtype, nonnegative):
         assert torch.equal(got, expected)
     assert (expected[3] == 0).all() and (expected[4] == 0).all()  # outside the map: empty bins
     assert roi_max_pool(fmap, boxes[:0], 7, 1 / 16).shape == (0, 24, 7, 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_roi_max_pool_tables_every_bin_size_and_chunks(dtype):
+    """The sparse-table pooling over bins of 1..9 rows and columns (levels 0..3), with a
+    tall-narrow and a wide-short box so that row level 3 needs only column level 0 and the
+    level (3, 3) is left unset (a read of it would show): bit for bit torchvision's roi_pool, on a ReLU map (integer
+    compare) and a signed one; pooling in chunks (as res5's ROI chunks ask) gives the same rows."""
+    from teranprep.extractors.butd.ops import RoiMaxPool
+    gen = torch.Generator().manual_seed(5)
+    boxes = [[0, 0, k * 7 * 16 - 1, k * 7 * 16 - 1] for k in range(1, 10)]  # bins of k x k cells
+    boxes += [[16, 0, 16 + 7 * 16 - 1, 63 * 16 - 1], [0, 32, 63 * 16 - 1, 32 + 7 * 16 - 1],  # 9 x 1, 1 x 9
+              [5, 9, 300, 120], [100, 200, 104, 203]]
+    boxes = torch.tensor(boxes, dtype=torch.float32)
+    for signed in (False, True):
+        fmap = torch.randn(1, 8, 64, 66, generator=gen)
+        fmap = (fmap if signed else fmap.relu()).to(dtype).contiguous(memory_format=torch.channels_last)
+        expected = torchvision.ops.roi_pool(fmap.float(), [boxes], (7, 7), 1 / 16).to(dtype)
+        pool = RoiMaxPool(fmap, boxes, 7, 1 / 16)
+        levels_a, levels_b = 4, 4
+        assert pool.tables.shape[0] == levels_a * levels_b * 64 * 66
+        assert torch.equal(pool(), expected)
+        assert torch.equal(torch.cat([pool(i, i + 3) for i in range(0, len(boxes), 3)]), expected)
+        assert pool(5, 5).shape == (0, 8, 7, 7)

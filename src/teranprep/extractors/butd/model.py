@@ -17,8 +17,8 @@ from torchvision.ops import roi_pool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .config import ButdConfig
-from .ops import (caffe_cell_anchors, caffe_nms, clip_boxes, decode_boxes, descending_order, grid_anchors,
-                  roi_max_pool)
+from .ops import (RoiMaxPool, caffe_cell_anchors, caffe_nms, clip_boxes, decode_boxes, descending_order,
+                  grid_anchors)
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -337,13 +337,20 @@ class ButdModel(nn.Module):
 
     def pool_rois(self, res4: torch.Tensor, boxes: torch.Tensor, nonnegative: bool | None = None) -> torch.Tensor:
         """ROIPool 14x14 of `boxes` (resized-image pixels, fp32: a bf16 box corner at x = 1000
-        would be off by up to 4 px) on res4 -> (R, C4, 14, 14). For inference, ops.roi_max_pool
+        would be off by up to 4 px) on res4 -> (R, C4, 14, 14). For inference on a CPU, ops.RoiMaxPool
         in res4's own dtype and layout (a max of bf16 values is exact, so the values are those of
         fp32 pooling); with gradients, torchvision's roi_pool (same values, with a backward)."""
+        return self.roi_pooler(res4, boxes, nonnegative)(0, len(boxes))
+
+    def roi_pooler(self, res4: torch.Tensor, boxes: torch.Tensor, nonnegative: bool | None = None):
+        """-> pool(start, stop): boxes[start:stop] pooled as pool_rois does. For inference on a
+        CPU, one ops.RoiMaxPool for all of the image's boxes, so its max tables are built once
+        for the chunks of an image."""
         r, scale = self.cfg.pooler_resolution, 1.0 / self.cfg.feature_stride
         if not torch.is_grad_enabled() and res4.device.type == "cpu":
-            return roi_max_pool(res4, boxes.float(), r, scale, nonnegative)
-        return roi_pool(res4.float(), [boxes.float()], output_size=(r, r), spatial_scale=scale)
+            return RoiMaxPool(res4, boxes.float(), r, scale, nonnegative)
+        return lambda start, stop: roi_pool(res4.float(), [boxes[start:stop].float()], output_size=(r, r),
+                                            spatial_scale=scale)
 
     def res5_features(self, pooled: torch.Tensor) -> torch.Tensor:
         """res5 on pooled ROIs in its weights' dtype and layout, then the fp32 mean -> (R, D)."""
@@ -369,15 +376,16 @@ class ButdModel(nn.Module):
         signs = {id(res4): bool(res4.min() >= 0) if inference and len(b) else None for res4, b in parts}
 
         def flush():
-            pooled = [self.pool_rois(res4, b, signs[id(res4)]) for res4, b in pending]
+            pooled = [pool(a, b) for pool, a, b in pending]
             outs.append(self.res5_features(pooled[0] if len(pooled) == 1 else torch.cat(pooled)))
             pending.clear()
 
         for res4, boxes in parts:
             start = 0
+            pool = self.roi_pooler(res4, boxes, signs[id(res4)]) if len(boxes) else None
             while start < len(boxes):
                 take = len(boxes) - start if chunk is None else min(chunk - count, len(boxes) - start)
-                pending.append((res4, boxes[start:start + take]))
+                pending.append((pool, start, start + take))
                 start, count = start + take, count + take
                 if chunk is not None and count == chunk:
                     flush()

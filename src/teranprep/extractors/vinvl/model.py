@@ -144,6 +144,9 @@ class VinvlModel(ButdModel):
         return roi_align(res4.float(), [boxes.float()], output_size=(r, r), spatial_scale=scale,
                          sampling_ratio=self.cfg.pooler_sampling_ratio, aligned=False)
 
+    def roi_pooler(self, res4: torch.Tensor, boxes: torch.Tensor, nonnegative: bool | None = None):
+        return lambda start, stop: self.pool_rois(res4, boxes[start:stop], nonnegative)
+
     def class_logits(self, features):
         return self.roi_heads.box_predictor.class_logits(features).float()
 
