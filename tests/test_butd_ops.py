@@ -197,13 +197,15 @@ def test_roi_max_pool_tables_every_bin_size_and_chunks(dtype):
     boxes = [[0, 0, k * 7 * 16 - 1, k * 7 * 16 - 1] for k in range(1, 10)]  # bins of k x k cells
     boxes += [[16, 0, 16 + 7 * 16 - 1, 63 * 16 - 1], [0, 32, 63 * 16 - 1, 32 + 7 * 16 - 1],  # 9 x 1, 1 x 9
               [5, 9, 300, 120], [100, 200, 104, 203]]
+    # a given box far larger than the map (bins of up to the whole map) and broken ones
+    boxes += [[-9000, -9000, 20000, 20000], [float("nan"), 0, 50, 50], [0, 0, float("inf"), 40]]
     boxes = torch.tensor(boxes, dtype=torch.float32)
     for signed in (False, True):
         fmap = torch.randn(1, 8, 64, 66, generator=gen)
         fmap = (fmap if signed else fmap.relu()).to(dtype).contiguous(memory_format=torch.channels_last)
         expected = torchvision.ops.roi_pool(fmap.float(), [boxes], (7, 7), 1 / 16).to(dtype)
         pool = RoiMaxPool(fmap, boxes, 7, 1 / 16)
-        levels_a, levels_b = 4, 4
+        levels_a, levels_b = 7, 7  # a bin of all 64 rows, one of all 66 columns: floor(log2) + 1 each
         assert pool.tables.shape[0] == levels_a * levels_b * 64 * 66
         assert torch.equal(pool(), expected)
         assert torch.equal(torch.cat([pool(i, i + 3) for i in range(0, len(boxes), 3)]), expected)
