@@ -51,6 +51,29 @@ def test_caffe_nms_equals_the_kernel_loop(raw, data, thr):
     assert kept.tolist() == nms_loop(boxes, scores, thr)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_caffe_nms_numpy_and_torch_loops_agree_on_fractional_boxes(seed):
+    """caffe_nms runs its loop in NumPy on a CPU and in torch elsewhere: on decoded-like boxes
+    (fractional float32 corners, 1,000 of them, clustered so that many overlap near the
+    threshold, with tied scores) both keep exactly what the kernel loop keeps."""
+    from teranprep.extractors.butd.ops import _nms_sorted, descending_order
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.rand(40, 2, generator=gen) * torch.tensor([900.0, 500.0])
+    xy = centres[torch.randint(0, 40, (1000,), generator=gen)] + torch.randn(1000, 2, generator=gen) * 12
+    wh = torch.rand(1000, 2, generator=gen) * 120 + 4
+    boxes = torch.cat([xy, xy + wh], 1)
+    scores = torch.randint(0, 200, (1000,), generator=gen).float() / 200  # many exact ties
+    for thr, max_keep in ((0.7, 300), (0.3, None)):
+        kept = caffe_nms(boxes, scores, thr, max_keep=max_keep)
+        expected = nms_loop(boxes.tolist(), scores.tolist(), thr)
+        if max_keep is not None:  # the first max_keep keeps in score order, then ascending
+            rank = {int(i): r for r, i in enumerate(descending_order(scores))}
+            expected = sorted(sorted(expected, key=rank.get)[:max_keep])
+        assert kept.tolist() == expected
+        b = boxes[descending_order(scores)]
+        assert _nms_sorted(b.t(), thr, max_keep, torch) == _nms_sorted(b.numpy().T.copy(), thr, max_keep, np)
+
+
 def test_caffe_nms_suppresses_at_equal_iou_where_torchvision_keeps():
     # +1 widths: areas 100 and 50, overlap 50 -> IoU exactly 0.5
     boxes = torch.tensor([[0, 0, 9, 9], [0, 0, 9, 4]], dtype=torch.float32)

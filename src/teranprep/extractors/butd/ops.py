@@ -137,15 +137,29 @@ def caffe_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float,
 
     One vectorised IoU row per kept box (never an N x N matrix). With `max_keep`, stops after that
     many keeps: the same as truncating the full result when boxes arrive sorted by score.
+    On a CPU the loop runs in NumPy: the same IEEE operations in the boxes' dtype in the same
+    order, so the same keeps, at a fraction of torch's per-call cost (the RPN's 6000 -> 300: 34
+    -> 8-10 ms an image here).
     """
     n = boxes.shape[0]
     if n == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     order = descending_order(scores)
     b = boxes[order]
-    x1, y1, x2, y2 = b.unbind(1)
+    if b.device.type == "cpu":
+        kept = _nms_sorted(np.ascontiguousarray(b.numpy().T), threshold, max_keep, np)
+    else:
+        kept = _nms_sorted(b.t(), threshold, max_keep, torch)
+    return torch.sort(order[torch.tensor(kept, dtype=torch.long, device=boxes.device)]).values
+
+
+def _nms_sorted(coords, threshold: float, max_keep: int | None, xp) -> list[int]:
+    """Caffe NMS over boxes sorted by descending score, given as their 4 coordinate rows (x1,
+    y1, x2, y2); `xp`: numpy or torch, whichever holds them. -> kept positions, in order."""
+    x1, y1, x2, y2 = coords
+    n = x1.shape[0]
     areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    suppressed = torch.zeros(n, dtype=torch.bool, device=boxes.device)
+    suppressed = np.zeros(n, dtype=bool) if xp is np else torch.zeros(n, dtype=torch.bool, device=x1.device)
     kept = []
     pos = 0
     while pos < n:
@@ -154,15 +168,20 @@ def caffe_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float,
         if max_keep is not None and len(kept) >= max_keep:
             break
         rest = slice(i + 1, n)
-        w = (torch.minimum(x2[i], x2[rest]) - torch.maximum(x1[i], x1[rest]) + 1).clamp(min=0)
-        h = (torch.minimum(y2[i], y2[rest]) - torch.maximum(y1[i], y1[rest]) + 1).clamp(min=0)
-        inter = w * h
+        w = xp.minimum(x2[i], x2[rest]) - xp.maximum(x1[i], x1[rest]) + 1
+        h = xp.minimum(y2[i], y2[rest]) - xp.maximum(y1[i], y1[rest]) + 1
+        inter = _clamp0(w, xp) * _clamp0(h, xp)
         suppressed[rest] |= inter / (areas[i] + areas[rest] - inter) >= threshold
-        alive = (~suppressed[i + 1:]).nonzero()
-        if alive.numel() == 0:
+        later = ~suppressed[i + 1:]
+        alive = later.nonzero()[0] if xp is np else later.nonzero(as_tuple=True)[0]
+        if len(alive) == 0:
             break
         pos = i + 1 + int(alive[0])
-    return torch.sort(order[torch.tensor(kept, dtype=torch.long, device=boxes.device)]).values
+    return kept
+
+
+def _clamp0(t, xp):
+    return xp.maximum(t, xp.zeros((), dtype=t.dtype)) if xp is np else t.clamp(min=0)
 
 
 def roi_pool_bins(boxes: torch.Tensor, height: int, width: int, output: int, spatial_scale: float):
