@@ -233,3 +233,16 @@ def test_roi_max_pool_tables_every_bin_size_and_chunks(dtype):
         assert torch.equal(pool(), expected)
         assert torch.equal(torch.cat([pool(i, i + 3) for i in range(0, len(boxes), 3)]), expected)
         assert pool(5, 5).shape == (0, 8, 7, 7)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_is_nonnegative_reads_any_layout_and_fails_on_nan_or_a_negative(layout):
+    """The check that sends a ReLU map to the integer-compare pooling: a NaN or one negative
+    element anywhere (the last channel of the last cell too) must fail it, in either layout."""
+    from teranprep.extractors.butd.ops import is_nonnegative
+    fmap = torch.randn(1, 16, 5, 7, generator=torch.Generator().manual_seed(0)).relu().bfloat16()
+    assert is_nonnegative(fmap.contiguous(memory_format=layout))
+    for where, value in (((0, 15, 4, 6), -1e-3), ((0, 3, 2, 1), float("nan")), ((0, 0, 0, 0), -5.0)):
+        bad = fmap.clone()
+        bad[where] = value
+        assert not is_nonnegative(bad.contiguous(memory_format=layout))

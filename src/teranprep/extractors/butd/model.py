@@ -18,7 +18,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .config import ButdConfig
 from .ops import (RoiMaxPool, caffe_cell_anchors, caffe_nms, clip_boxes, decode_boxes, descending_order,
-                  grid_anchors)
+                  grid_anchors, is_nonnegative)
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -373,7 +373,7 @@ class ButdModel(nn.Module):
         call change no formula, only the kernel's blocking."""
         pending, count, outs = [], 0, []
         inference = not torch.is_grad_enabled()
-        signs = {id(res4): bool(res4.min() >= 0) if inference and len(b) else None for res4, b in parts}
+        signs = {id(res4): is_nonnegative(res4) if inference and len(b) else None for res4, b in parts}
 
         def flush():
             pooled = [pool(a, b) for pool, a, b in pending]
