@@ -187,7 +187,7 @@ def test_roi_max_pool_equals_torchvision_bit_for_bit(dtype, nonnegative):
     against torchvision's Caffe kernel on the fp32 map: a max rounds nothing, so equal exactly.
     Boxes cover the map's edges, boxes partly and wholly outside it, one-cell and half-cell
     corners (C round) and boxes smaller than a bin (repeated cells)."""
-    from teranprep.extractors.butd.ops import roi_max_pool
+    from teranprep.extractors.butd.ops import RoiMaxPool
     gen = torch.Generator().manual_seed(3)
     fmap = torch.randn(1, 24, 19, 31, generator=gen)
     if nonnegative:
@@ -202,11 +202,11 @@ def test_roi_max_pool_equals_torchvision_bit_for_bit(dtype, nonnegative):
                               [900, 900, 990, 990], [-90, -90, -40, -40], [100, 50, 101, 51]])
     expected = torchvision.ops.roi_pool(fmap.float(), [boxes], (7, 7), 1 / 16).to(dtype)
     for layout in (torch.contiguous_format, torch.channels_last):
-        got = roi_max_pool(fmap.contiguous(memory_format=layout), boxes, 7, 1 / 16)
+        got = RoiMaxPool(fmap.contiguous(memory_format=layout), boxes, 7, 1 / 16)()
         assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(got, expected)
     assert (expected[3] == 0).all() and (expected[4] == 0).all()  # outside the map: empty bins
-    assert roi_max_pool(fmap, boxes[:0], 7, 1 / 16).shape == (0, 24, 7, 7)
+    assert RoiMaxPool(fmap, boxes[:0], 7, 1 / 16)().shape == (0, 24, 7, 7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -335,17 +335,13 @@ class ButdModel(nn.Module):
         kept = caffe_nms(boxes, scores, cfg.rpn_nms, max_keep=cfg.post_nms_topk)
         return boxes[kept], scores[kept]
 
-    def pool_rois(self, res4: torch.Tensor, boxes: torch.Tensor, nonnegative: bool | None = None) -> torch.Tensor:
-        """ROIPool 14x14 of `boxes` (resized-image pixels, fp32: a bf16 box corner at x = 1000
-        would be off by up to 4 px) on res4 -> (R, C4, 14, 14). For inference on a CPU, ops.RoiMaxPool
-        in res4's own dtype and layout (a max of bf16 values is exact, so the values are those of
-        fp32 pooling); with gradients, torchvision's roi_pool (same values, with a backward)."""
-        return self.roi_pooler(res4, boxes, nonnegative)(0, len(boxes))
-
     def roi_pooler(self, res4: torch.Tensor, boxes: torch.Tensor, nonnegative: bool | None = None):
-        """-> pool(start, stop): boxes[start:stop] pooled as pool_rois does. For inference on a
-        CPU, one ops.RoiMaxPool for all of the image's boxes, so its max tables are built once
-        for the chunks of an image."""
+        """-> pool(start, stop): ROIPool 14x14 of boxes[start:stop] (resized-image pixels, fp32: a
+        bf16 box corner at x = 1000 would be off by up to 4 px) on res4 -> (R, C4, 14, 14). For
+        inference on a CPU, one ops.RoiMaxPool for all of the image's boxes (its max tables built
+        once for the chunks of an image), in res4's own dtype and layout (a max of bf16 values is
+        exact, so the values are those of fp32 pooling); with gradients, torchvision's roi_pool
+        (same values, with a backward)."""
         r, scale = self.cfg.pooler_resolution, 1.0 / self.cfg.feature_stride
         if not torch.is_grad_enabled() and res4.device.type == "cpu":
             return RoiMaxPool(res4, boxes.float(), r, scale, nonnegative)

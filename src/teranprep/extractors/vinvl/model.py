@@ -137,15 +137,14 @@ class VinvlModel(ButdModel):
         kept = nms(boxes, scores, cfg.rpn_nms)[:cfg.post_nms_topk]  # torchvision's, as the reference (ops.py)
         return boxes[kept], scores[kept]
 
-    def pool_rois(self, res4: torch.Tensor, boxes: torch.Tensor, nonnegative: bool | None = None) -> torch.Tensor:
-        """ROIAlign 14x14 (sampling ratio 0 = adaptive, aligned=False: maskrcnn_benchmark's
-        kernel) in fp32 on fp32 boxes, returned in res5's dtype by the caller's cast."""
-        r, scale = self.cfg.pooler_resolution, 1.0 / self.cfg.feature_stride
-        return roi_align(res4.float(), [boxes.float()], output_size=(r, r), spatial_scale=scale,
-                         sampling_ratio=self.cfg.pooler_sampling_ratio, aligned=False)
-
     def roi_pooler(self, res4: torch.Tensor, boxes: torch.Tensor, nonnegative: bool | None = None):
-        return lambda start, stop: self.pool_rois(res4, boxes[start:stop], nonnegative)
+        """-> pool(start, stop): ROIAlign 14x14 of boxes[start:stop] (sampling ratio 0 = adaptive,
+        aligned=False: maskrcnn_benchmark's kernel) in fp32 on fp32 boxes, returned in res5's
+        dtype by the caller's cast. `nonnegative` is BUTD's max-pooling hint, unused here."""
+        r, scale = self.cfg.pooler_resolution, 1.0 / self.cfg.feature_stride
+        return lambda start, stop: roi_align(res4.float(), [boxes[start:stop].float()], output_size=(r, r),
+                                             spatial_scale=scale, sampling_ratio=self.cfg.pooler_sampling_ratio,
+                                             aligned=False)
 
     def class_logits(self, features):
         return self.roi_heads.box_predictor.class_logits(features).float()
